@@ -1,0 +1,27 @@
+# sgctl: the two commands a newcomer needs are `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.sgctl-installed
+
+.PHONY: setup demo test test-unit test-kernel lint typecheck clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+# The whole suite: lint, types, unit, kernel (BPF_PROG_TEST_RUN), differential, end-to-end.
+test: setup
+	$(VENV)/bin/ruff check controller tests
+	$(VENV)/bin/mypy controller
+	$(PY) -m pytest -q -ra tests
+
+test-unit: setup
+	$(PY) -m pytest -q -ra -m "not kernel and not netns" tests
+
+lint: setup
+	$(VENV)/bin/ruff check controller tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,103 @@
+/* Connection tracking (1.4): one table for all endpoints, keyed per endpoint,
+ * never evicting a live entry. */
+#ifndef SG_CONNTRACK_H
+#define SG_CONNTRACK_H
+
+#include "maps.h"
+#include "parse.h"
+
+static __always_inline void ct_key_of(struct sg_ct_key *k, __u32 ep_id, __u8 dir,
+				      struct sg_flow *f)
+{
+	k->ep_id = ep_id;
+	k->family = f->family;
+	k->proto = f->proto;
+	int in = dir == SG_DIR_INGRESS;
+	__builtin_memcpy(k->local, in ? f->dst : f->src, 16);
+	__builtin_memcpy(k->remote, in ? f->src : f->dst, 16);
+	if (f->proto == SG_IPPROTO_TCP || f->proto == SG_IPPROTO_UDP) {
+		k->lport = in ? f->dport : f->sport;
+		k->rport = in ? f->sport : f->dport;
+	} else if (sg_is_echo(f->proto, f->icmp_type)) {
+		k->lport = f->echo_id;
+	}
+}
+
+static __always_inline __u32 ct_timeout(struct sg_endpoint *ep, __u8 proto, __u8 state)
+{
+	if (proto == SG_IPPROTO_TCP) {
+		if (state == SG_CT_NEW)
+			return ep->timeouts[SG_TO_TCP_SYN];
+		if (state == SG_CT_CLOSING)
+			return ep->timeouts[SG_TO_TCP_CLOSING];
+		return ep->timeouts[SG_TO_TCP_ESTABLISHED];
+	}
+	if (proto == SG_IPPROTO_UDP)
+		return ep->timeouts[state == SG_CT_STREAM ? SG_TO_UDP_STREAM : SG_TO_UDP_OTHER];
+	if (proto == SG_IPPROTO_ICMP || proto == SG_IPPROTO_ICMPV6)
+		return ep->timeouts[SG_TO_ICMP];
+	return ep->timeouts[SG_TO_OTHER];
+}
+
+static __always_inline int ct_expired(struct sg_endpoint *ep, struct sg_ct_key *k,
+				      struct sg_ct_entry *e, __u64 now)
+{
+	return now > e->last_seen && now - e->last_seen > ct_timeout(ep, k->proto, e->state);
+}
+
+/* State transitions for one packet. Plain stores: two CPUs racing on one
+ * flow can at worst lose a transition that the flow's next packet redoes. */
+static __always_inline void ct_update(struct sg_ct_entry *e, __u8 dir, struct sg_pkt *p, __u64 now)
+{
+	int reply = dir != e->origin;
+	__u8 state = e->state;
+	if (p->f.proto == SG_IPPROTO_TCP) {
+		if (p->tcp_flags & TCP_F_RST) {
+			state = SG_CT_CLOSING;
+		} else if (state != SG_CT_CLOSING) {
+			__u8 fin = e->fin;
+			if (p->tcp_flags & TCP_F_FIN)
+				fin |= reply ? 2 : 1;
+			if (fin != e->fin)
+				e->fin = fin;
+			if (fin == 3)
+				state = SG_CT_CLOSING;
+			else if (reply && state == SG_CT_NEW)
+				state = SG_CT_ESTABLISHED;
+		}
+	} else if (reply && state == SG_CT_NEW) {
+		state = SG_CT_ESTABLISHED;
+	} else if (state == SG_CT_ESTABLISHED && p->f.proto == SG_IPPROTO_UDP) {
+		state = SG_CT_STREAM;
+	}
+	if (state != e->state)
+		e->state = state;
+	if (e->last_seen != now)  /* at most one write a second for an idle-free flow */
+		e->last_seen = now;
+}
+
+/* A SYN (without ACK) on a closing entry starts a fresh connection. */
+static __always_inline int ct_fresh_syn(struct sg_pkt *p, struct sg_ct_entry *e)
+{
+	return p->f.proto == SG_IPPROTO_TCP && e->state == SG_CT_CLOSING &&
+	       (p->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN;
+}
+
+/* Create (or reuse an expired/closing) entry. Returns 0 or SG_DROP_CT_FULL. */
+static __always_inline int ct_create(struct sg_ct_key *k, int exists, __u8 dir, struct sg_pkt *p,
+				     struct sg_endpoint *ep, __u32 rule_index, __u64 now)
+{
+	struct sg_ct_entry e = {};
+	e.origin = dir;
+	e.state = SG_CT_NEW;
+	e.last_seen = now;
+	e.rule_index = rule_index;
+	e.policy_id = ep->policy_id;
+	ct_update(&e, dir, p, now);
+	int err = exists ? sg_conntrack.update(k, &e) : sg_conntrack.insert(k, &e);
+	if (err && err != -17 /* EEXIST: another CPU created it first */)
+		return SG_DROP_CT_FULL;
+	return 0;
+}
+
+#endif

@@ -1,0 +1,18 @@
+/* Verdict counters: per CPU, per (endpoint slot, direction, reason). */
+#ifndef SG_COUNTERS_H
+#define SG_COUNTERS_H
+
+#include "maps.h"
+
+static __always_inline void count_verdict(__u32 ep_id, __u8 dir, int reason, __u32 bytes)
+{
+	__u32 slot = ep_id < SG_COUNTER_SLOTS ? ep_id : 0;
+	__u32 idx = (slot * 2 + (dir & 1)) * SG_REASON_MAX + (reason & (SG_REASON_MAX - 1));
+	struct sg_counter *c = sg_verdicts.lookup(&idx);
+	if (c) {
+		c->packets += 1;
+		c->bytes += bytes;
+	}
+}
+
+#endif

@@ -1,0 +1,55 @@
+/* Map definitions. All maps are pinned under SG_PIN_DIR so that a later
+ * `sgctl` process (or a restarted daemon) finds them, and so that programs
+ * reloaded with new code keep their state. Sizes can be overridden with -D. */
+#ifndef SG_MAPS_H
+#define SG_MAPS_H
+
+#include "types.h"
+#include "reasons.h"
+
+#ifndef SG_PIN_DIR
+#error "SG_PIN_DIR must be defined (the bpffs directory of the maps)"
+#endif
+#ifndef SG_CT_MAX
+#define SG_CT_MAX 1048576
+#endif
+#ifndef SG_ENDPOINTS_MAX
+#define SG_ENDPOINTS_MAX 4096
+#endif
+#ifndef SG_PEER_MAX
+#define SG_PEER_MAX 2097152
+#endif
+#ifndef SG_PORT_MAX
+#define SG_PORT_MAX 4194304
+#endif
+#ifndef SG_FRAG_MAX
+#define SG_FRAG_MAX 65536
+#endif
+#define SG_COUNTER_SLOTS 1024 /* endpoint ids 1..1023 get their own counters; 0 = other */
+#define SG_EXEMPT_MAX 1024
+
+/* bound devices: ifindex -> endpoint, policy and timeouts */
+BPF_TABLE_PINNED("hash", __u32, struct sg_endpoint, sg_endpoints, SG_ENDPOINTS_MAX,
+		 SG_PIN_DIR "/sg_endpoints");
+/* stage 1 of classification: (policy, dir, family, remote address) -> peer class */
+BPF_TABLE_PINNED("lpm_trie", struct sg_peer_key, __u32, sg_peer_lpm, SG_PEER_MAX,
+		 SG_PIN_DIR "/sg_peer_lpm", BPF_F_NO_PREALLOC);
+/* stage 2: (policy, class, protocol, port or type/code) -> rule index + flags */
+BPF_TABLE_PINNED("lpm_trie", struct sg_port_key, struct sg_port_val, sg_port_lpm, SG_PORT_MAX,
+		 SG_PIN_DIR "/sg_port_lpm", BPF_F_NO_PREALLOC);
+/* tracked connections of every endpoint; never evicted while live (1.4) */
+BPF_TABLE_PINNED("hash", struct sg_ct_key, struct sg_ct_entry, sg_conntrack, SG_CT_MAX,
+		 SG_PIN_DIR "/sg_conntrack");
+/* first fragments that were allowed: (endpoint, addresses, proto, IP id) -> seconds */
+BPF_TABLE_PINNED("lru_hash", struct sg_frag_key, __u64, sg_frags, SG_FRAG_MAX,
+		 SG_PIN_DIR "/sg_frags");
+/* infrastructure addresses security groups never filter (1.3) */
+BPF_TABLE_PINNED("lpm_trie", struct sg_exempt_key, __u8, sg_exempt_lpm, SG_EXEMPT_MAX,
+		 SG_PIN_DIR "/sg_exempt_lpm", BPF_F_NO_PREALLOC);
+/* global switches and the test clock */
+BPF_TABLE_PINNED("array", __u32, struct sg_config, sg_config, 1, SG_PIN_DIR "/sg_config");
+/* packets/bytes per (endpoint slot, direction, reason) */
+BPF_TABLE_PINNED("percpu_array", __u32, struct sg_counter, sg_verdicts,
+		 SG_COUNTER_SLOTS * 2 * SG_REASON_MAX, SG_PIN_DIR "/sg_verdicts");
+
+#endif

@@ -1,0 +1,124 @@
+/* Every struct that crosses the kernel/user boundary, and nothing else.
+ * Mirrored field by field in controller/abi.py; tests/test_abi.py compares
+ * the mirror with the layout bcc derives from this header. */
+#ifndef SG_TYPES_H
+#define SG_TYPES_H
+
+#define SG_DIR_INGRESS 0   /* towards the instance */
+#define SG_DIR_EGRESS  1   /* from the instance */
+
+#define SG_MODE_WORKLOAD 0 /* device = host end of an instance's veth/tap */
+#define SG_MODE_HOST     1 /* device = this host's own interface */
+
+#define SG_PROTO_ANY 256   /* port-table key for rules of protocol -1 */
+#define SG_FLAG_WORLD 0x1  /* segment has a rule with peer 0.0.0.0/0 or ::/0 */
+
+#define SG_CFG_EXEMPT_DHCP 0x1
+
+/* conntrack states */
+#define SG_CT_NEW         1 /* one direction seen */
+#define SG_CT_ESTABLISHED 2 /* reply seen */
+#define SG_CT_STREAM      3 /* UDP: traffic after the reply (stream timeout) */
+#define SG_CT_CLOSING     4 /* TCP: RST, or FIN both ways */
+
+/* indexes of sg_endpoint.timeouts */
+enum sg_timeout {
+	SG_TO_TCP_ESTABLISHED = 0,
+	SG_TO_UDP_STREAM      = 1,
+	SG_TO_UDP_OTHER       = 2,
+	SG_TO_TCP_SYN         = 3,
+	SG_TO_TCP_CLOSING     = 4,
+	SG_TO_ICMP            = 5,
+	SG_TO_OTHER           = 6,
+	SG_TO_MAX             = 7,
+};
+
+/* sg_endpoints value. Written by the controller in one map update, which is
+ * what makes a policy switch atomic (DESIGN 2.3): policy_id, open_all and
+ * world_class always belong to the same compiled policy. */
+struct sg_endpoint {
+	__u32 ep_id;          /* conntrack and counter identity; never reused while bound */
+	__u32 policy_id;      /* generation-unique id of the compiled group set */
+	__u8  mode;           /* SG_MODE_* */
+	__u8  flags;
+	__u16 open_all;       /* bit ((dir*2+fam)*2 + is_udp): world-open on all ports */
+	__u32 world_class[4]; /* [dir*2+fam]: class of the 0/0 rules, 0 = none */
+	__u32 timeouts[SG_TO_MAX]; /* seconds */
+};
+
+/* sg_peer_lpm key: prefixlen = 64 + address prefix length */
+struct sg_peer_key {
+	__u32 prefixlen;
+	__u32 policy_id;
+	__u8  dir;
+	__u8  family;         /* 4 or 6 */
+	__u16 pad;
+	__be32 addr[4];       /* IPv4 in addr[0] */
+};
+
+/* sg_port_lpm key: prefixlen = 80 + port prefix length */
+struct sg_port_key {
+	__u32 prefixlen;
+	__u32 policy_id;
+	__u32 cls;
+	__u16 proto;          /* 0-255 or SG_PROTO_ANY */
+	__be16 port;          /* port, or ICMP type<<8|code, network order */
+};
+
+struct sg_port_val {
+	__u32 rule_index;     /* lowest rule index of the segment (counters) */
+	__u32 flags;          /* SG_FLAG_* */
+};
+
+/* Connection key: always (instance side, remote side), so both directions
+ * of a flow find the same entry without comparing addresses. */
+struct sg_ct_key {
+	__u32 ep_id;
+	__u8  family;
+	__u8  proto;
+	__u16 pad;
+	__be32 local[4];
+	__be32 remote[4];
+	__be16 lport;         /* TCP/UDP port, ICMP echo id; 0 otherwise */
+	__be16 rport;
+};
+
+struct sg_ct_entry {
+	__u64 last_seen;      /* seconds; written at most once a second */
+	__u32 rule_index;     /* rule that admitted the connection */
+	__u32 policy_id;      /* policy that admitted it */
+	__u8  state;          /* SG_CT_* */
+	__u8  origin;         /* SG_DIR_* of the first packet */
+	__u8  fin;            /* bit 0: FIN from origin, bit 1: FIN from reply side */
+	__u8  pad;
+	__u32 pad2;
+};
+
+struct sg_frag_key {
+	__u32 ep_id;
+	__u8  family;
+	__u8  proto;
+	__u16 pad;
+	__be32 src[4];
+	__be32 dst[4];
+	__u32 id;
+};
+
+struct sg_exempt_key {
+	__u32 prefixlen;      /* 32 + address prefix length */
+	__u32 family;
+	__be32 addr[4];
+};
+
+struct sg_config {
+	__u64 now_override;   /* seconds; 0 = use the kernel clock (tests set it) */
+	__u32 flags;          /* SG_CFG_* */
+	__u32 pad;
+};
+
+struct sg_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif

@@ -1,0 +1,93 @@
+"""ctypes mirror of bpf/lib/types.h -- every struct that crosses the boundary.
+
+``tests/test_abi.py`` compares each struct here with the layout bcc derives
+from the C header (sizes, field names, offsets), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+DIR_INGRESS, DIR_EGRESS = 0, 1
+MODE_WORKLOAD, MODE_HOST = 0, 1
+PROTO_ANY = 256
+FLAG_WORLD = 0x1
+CFG_EXEMPT_DHCP = 0x1
+CT_NEW, CT_ESTABLISHED, CT_STREAM, CT_CLOSING = 1, 2, 3, 4
+TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
+            "other")  # order of enum sg_timeout
+COUNTER_SLOTS = 1024
+REASON_MAX = 32
+
+u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
+Addr = ct.c_uint32 * 4  # __be32[4]
+
+
+class Endpoint(ct.Structure):
+    _fields_ = [("ep_id", u32), ("policy_id", u32), ("mode", u8), ("flags", u8),
+                ("open_all", u16), ("world_class", u32 * 4), ("timeouts", u32 * 7)]
+
+
+class PeerKey(ct.Structure):
+    _fields_ = [("prefixlen", u32), ("policy_id", u32), ("dir", u8), ("family", u8),
+                ("pad", u16), ("addr", Addr)]
+
+
+class PortKey(ct.Structure):
+    _fields_ = [("prefixlen", u32), ("policy_id", u32), ("cls", u32), ("proto", u16),
+                ("port", u16)]
+
+
+class PortVal(ct.Structure):
+    _fields_ = [("rule_index", u32), ("flags", u32)]
+
+
+class CtKey(ct.Structure):
+    _fields_ = [("ep_id", u32), ("family", u8), ("proto", u8), ("pad", u16),
+                ("local", Addr), ("remote", Addr), ("lport", u16), ("rport", u16)]
+
+
+class CtEntry(ct.Structure):
+    _fields_ = [("last_seen", u64), ("rule_index", u32), ("policy_id", u32), ("state", u8),
+                ("origin", u8), ("fin", u8), ("pad", u8), ("pad2", u32)]
+
+
+class FragKey(ct.Structure):
+    _fields_ = [("ep_id", u32), ("family", u8), ("proto", u8), ("pad", u16),
+                ("src", Addr), ("dst", Addr), ("id", u32)]
+
+
+class ExemptKey(ct.Structure):
+    _fields_ = [("prefixlen", u32), ("family", u32), ("addr", Addr)]
+
+
+class Config(ct.Structure):
+    _fields_ = [("now_override", u64), ("flags", u32), ("pad", u32)]
+
+
+class Counter(ct.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+# map name -> (key type, value type); the C side is bpf/lib/maps.h
+MAPS = {
+    "sg_endpoints": (u32, Endpoint),
+    "sg_peer_lpm": (PeerKey, u32),
+    "sg_port_lpm": (PortKey, PortVal),
+    "sg_conntrack": (CtKey, CtEntry),
+    "sg_frags": (FragKey, u64),
+    "sg_exempt_lpm": (ExemptKey, u8),
+    "sg_config": (u32, Config),
+    "sg_verdicts": (u32, Counter),
+}
+PERCPU_MAPS = {"sg_verdicts"}
+
+
+def addr_words(packed: bytes) -> Addr:
+    """4 or 16 address bytes (network order) -> the __be32[4] field."""
+    raw = packed.ljust(16, b"\0")
+    return Addr.from_buffer_copy(raw)
+
+
+def words_bytes(words: Addr, family: int) -> bytes:
+    return bytes(words)[: 4 if family == 4 else 16]

@@ -1,0 +1,170 @@
+"""Thin ctypes layer over the system libbpf (libbpf1): pinned objects, map
+operations and BPF_PROG_TEST_RUN. No compilation here; see dataplane.py."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ctypes.util
+import errno
+import os
+from typing import Iterator, List, Optional, Tuple, Type
+
+_lib: Optional[ct.CDLL] = None
+
+
+def lib() -> ct.CDLL:
+    global _lib
+    if _lib is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        _lib = ct.CDLL(name, use_errno=True)
+        _lib.bpf_obj_get.argtypes = [ct.c_char_p]
+        _lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+        for fn in ("bpf_map_update_elem",):
+            getattr(_lib, fn).argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+        for fn in ("bpf_map_lookup_elem", "bpf_map_get_next_key"):
+            getattr(_lib, fn).argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        _lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+        _lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.c_void_p]
+        _lib.libbpf_num_possible_cpus.argtypes = []
+    return _lib
+
+
+class BpfError(OSError):
+    pass
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = ct.get_errno() or -rc
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+def obj_get(path: str) -> int:
+    return _check(lib().bpf_obj_get(path.encode()), f"open pinned {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def prog_id(fd: int) -> int:
+    """The kernel id of a loaded program (struct bpf_prog_info.id)."""
+    info = ct.create_string_buffer(256)
+    size = ct.c_uint32(256)
+    fn = lib().bpf_obj_get_info_by_fd
+    fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    _check(fn(fd, info, ct.byref(size)), "bpf_obj_get_info_by_fd")
+    return int.from_bytes(info.raw[4:8], "little")
+
+
+def num_cpus() -> int:
+    return int(lib().libbpf_num_possible_cpus())
+
+
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+
+
+class Map:
+    """A map opened from its pin, with typed keys and values."""
+
+    def __init__(self, path: str, key_t: Type, val_t: Type, percpu: bool = False) -> None:
+        self.path = path
+        self.fd = obj_get(path)
+        self.key_t = key_t
+        self.val_t = val_t
+        self.percpu = percpu
+        self.ncpu = num_cpus() if percpu else 1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Map":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, key: object, val: object, flags: int = BPF_ANY) -> None:
+        _check(lib().bpf_map_update_elem(self.fd, ct.byref(key), ct.byref(val), flags),
+               f"update {os.path.basename(self.path)}")
+
+    def lookup(self, key: object) -> Optional[object]:
+        val = (self.val_t * self.ncpu)() if self.percpu else self.val_t()
+        rc = lib().bpf_map_lookup_elem(self.fd, ct.byref(key), ct.byref(val))
+        if rc < 0:
+            if ct.get_errno() == errno.ENOENT:
+                return None
+            _check(rc, f"lookup {os.path.basename(self.path)}")
+        return val
+
+    def delete(self, key: object) -> bool:
+        rc = lib().bpf_map_delete_elem(self.fd, ct.byref(key))
+        if rc < 0:
+            if ct.get_errno() == errno.ENOENT:
+                return False
+            _check(rc, f"delete {os.path.basename(self.path)}")
+        return True
+
+    def keys(self) -> List[object]:
+        out = []
+        cur: Optional[object] = None
+        while True:
+            nxt = self.key_t()
+            rc = lib().bpf_map_get_next_key(self.fd, None if cur is None else ct.byref(cur),
+                                            ct.byref(nxt))
+            if rc < 0:
+                if ct.get_errno() == errno.ENOENT:
+                    return out
+                _check(rc, f"iterate {os.path.basename(self.path)}")
+            out.append(nxt)
+            cur = nxt
+
+    def items(self) -> Iterator[Tuple[object, object]]:
+        for k in self.keys():
+            v = self.lookup(k)
+            if v is not None:
+                yield k, v
+
+
+class TestRunOpts(ct.Structure):
+    _fields_ = [("sz", ct.c_size_t), ("data_in", ct.c_void_p), ("data_out", ct.c_void_p),
+                ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+                ("ctx_in", ct.c_void_p), ("ctx_out", ct.c_void_p),
+                ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+                ("retval", ct.c_uint32), ("repeat", ct.c_int), ("duration", ct.c_uint32),
+                ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32)]
+
+
+class XdpMd(ct.Structure):
+    _fields_ = [("data", ct.c_uint32), ("data_end", ct.c_uint32), ("data_meta", ct.c_uint32),
+                ("ingress_ifindex", ct.c_uint32), ("rx_queue_index", ct.c_uint32),
+                ("egress_ifindex", ct.c_uint32)]
+
+
+SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff)
+SKB_IFINDEX_OFFSET = 40
+
+
+def test_run(prog_fd: int, frame: bytes, ifindex: int, xdp: bool,
+             repeat: int = 1) -> Tuple[int, int]:
+    """BPF_PROG_TEST_RUN one frame as if received (XDP) or sent (tc) on ifindex.
+    Returns (program return value, mean duration in ns)."""
+    data = ct.create_string_buffer(frame, len(frame))
+    out = ct.create_string_buffer(len(frame) + 512)
+    opts = TestRunOpts(sz=ct.sizeof(TestRunOpts), data_in=ct.cast(data, ct.c_void_p),
+                       data_out=ct.cast(out, ct.c_void_p), data_size_in=len(frame),
+                       data_size_out=len(out), repeat=repeat)
+    if xdp:
+        ctx = XdpMd(data=0, data_end=len(frame), ingress_ifindex=ifindex)
+        ctx_buf: ct.Array = ct.create_string_buffer(bytes(ctx), ct.sizeof(ctx))
+    else:
+        raw = bytearray(SKB_CTX_SIZE)
+        raw[SKB_IFINDEX_OFFSET:SKB_IFINDEX_OFFSET + 4] = ifindex.to_bytes(4, "little")
+        ctx_buf = ct.create_string_buffer(bytes(raw), len(raw))
+    opts.ctx_in = ct.cast(ctx_buf, ct.c_void_p)
+    opts.ctx_size_in = len(ctx_buf)
+    _check(lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
+    return int(opts.retval), int(opts.duration)

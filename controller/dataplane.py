@@ -1,0 +1,384 @@
+"""The dataplane adapter: compile/load the programs with bcc, keep them and
+the maps pinned, write compiled policy into the maps, attach with pyroute2.
+
+Policy switch (DESIGN 2.3): a changed group set gets a fresh ``policy_id``;
+its peer/port entries are written first, then each endpoint's value is
+replaced in one map update, then entries of unused policy ids are deleted.
+Unchanged group sets keep their id and are not rewritten.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from . import abi, bpfsys
+from .compiler import DIR_INDEX, FAMILY_INDEX, Compiled, Policy, compile_state, network_bytes
+from .model import MODE_HOST, State
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+DEFAULT_PIN_DIR = "/sys/fs/bpf/sgctl"
+DEFAULT_STATE_DIR = "/var/lib/sgctl"
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
+TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress
+TC_PRIO, TC_HANDLE = 49152, 1
+
+
+class DataplaneError(RuntimeError):
+    pass
+
+
+def program_source() -> str:
+    """bpf/sgctl.c with its local includes inlined (bcc rewrites one file)."""
+    seen: set = set()
+
+    def expand(path: Path) -> str:
+        out = [f'#line 1 "{path.relative_to(BPF_DIR)}"']
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            m = re.match(r'#include "([^"]+)"', line.strip())
+            if m:
+                inc = (path.parent / m.group(1)).resolve()
+                if inc not in seen:
+                    seen.add(inc)
+                    out.append(expand(inc))
+                out.append(f'#line {n + 1} "{path.relative_to(BPF_DIR)}"')
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    return expand(BPF_DIR / "sgctl.c")
+
+
+@dataclass
+class Programs:
+    xdp_fd: int
+    tc_fd: int
+    tag: str
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename, fsynced: a crash leaves the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass
+class Applied:
+    """What was last written to the kernel (the controller's memory)."""
+
+    endpoints: Dict[str, dict] = field(default_factory=dict)  # eni -> {ifindex, ep_id, device, ...}
+    policies: Dict[str, dict] = field(default_factory=dict)  # "sg-a,sg-b" -> {policy_id, fp}
+    next_policy_id: int = 1
+    next_ep_id: int = 1
+    prog_ids: List[int] = field(default_factory=list)
+    summary: Dict[str, dict] = field(default_factory=dict)  # eni -> status info
+    desired: Optional[dict] = None  # native dump of the desired state
+
+
+class Dataplane:
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, state_dir: str = DEFAULT_STATE_DIR,
+                 ct_max: int = 1 << 20) -> None:
+        self.pin_dir = pin_dir
+        self.state_dir = Path(state_dir)
+        self.ct_max = ct_max
+        self._maps: Dict[str, bpfsys.Map] = {}
+        self._progs: Optional[Programs] = None
+
+    # ------------------------------------------------------------ programs
+
+    def cflags(self) -> List[str]:
+        return [f'-DSG_PIN_DIR="{self.pin_dir}"', f"-DSG_CT_MAX={self.ct_max}",
+                "-Wno-unused-function"]
+
+    def source_tag(self) -> str:
+        h = hashlib.sha256(program_source().encode() + " ".join(self.cflags()).encode())
+        return h.hexdigest()[:12]
+
+    def ensure_bpffs(self) -> None:
+        if not os.path.ismount("/sys/fs/bpf"):
+            os.makedirs("/sys/fs/bpf", exist_ok=True)
+            if os.system("mount -t bpf bpf /sys/fs/bpf") != 0:
+                raise DataplaneError("/sys/fs/bpf is not a bpffs mount and mounting it failed")
+        os.makedirs(self.pin_dir, exist_ok=True)
+
+    def programs(self) -> Programs:
+        """Load (compile only when the code changed) and pin both programs."""
+        if self._progs is not None:
+            return self._progs
+        self.ensure_bpffs()
+        tag = self.source_tag()
+        xdp_pin = f"{self.pin_dir}/prog_xdp_{tag}"
+        tc_pin = f"{self.pin_dir}/prog_tc_{tag}"
+        if os.path.exists(xdp_pin) and os.path.exists(tc_pin):
+            self._progs = Programs(bpfsys.obj_get(xdp_pin), bpfsys.obj_get(tc_pin), tag)
+            return self._progs
+        from bcc import BPF  # imported late: only needed to compile
+
+        try:
+            b = BPF(text=program_source(), cflags=self.cflags())
+            xdp = b.load_func("xdp_sg", BPF.XDP)
+            tc = b.load_func("tc_sg", BPF.SCHED_CLS)
+        except Exception as exc:  # bcc raises plain Exception on compile/verify errors
+            raise DataplaneError(f"loading the BPF programs failed: {exc}") from exc
+        for fd, pin in ((xdp.fd, xdp_pin), (tc.fd, tc_pin)):
+            if os.path.exists(pin):
+                os.unlink(pin)
+            bpfsys.obj_pin(fd, pin)
+        self._progs = Programs(os.dup(xdp.fd), os.dup(tc.fd), tag)
+        self._bcc = b  # keep alive while this object lives
+        return self._progs
+
+    def map(self, name: str) -> bpfsys.Map:
+        if name not in self._maps:
+            path = f"{self.pin_dir}/{name}"
+            if not os.path.exists(path):
+                self.programs()  # creates the pinned maps
+            key_t, val_t = abi.MAPS[name]
+            self._maps[name] = bpfsys.Map(path, key_t, val_t, name in abi.PERCPU_MAPS)
+        return self._maps[name]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        if self._progs is not None:
+            os.close(self._progs.xdp_fd)
+            os.close(self._progs.tc_fd)
+            self._progs = None
+
+    # ------------------------------------------------------------ applied state
+
+    @property
+    def applied_path(self) -> Path:
+        return self.state_dir / "applied.json"
+
+    def load_applied(self) -> Applied:
+        try:
+            raw = json.loads(self.applied_path.read_text())
+            applied = Applied(**raw)
+        except (OSError, ValueError, TypeError):
+            applied = Applied()
+        # never reuse ids that the maps still hold
+        if os.path.exists(f"{self.pin_dir}/sg_endpoints"):
+            for _, ep in self.map("sg_endpoints").items():
+                applied.next_policy_id = max(applied.next_policy_id, ep.policy_id + 1)
+                applied.next_ep_id = max(applied.next_ep_id, ep.ep_id + 1)
+        return applied
+
+    def save_applied(self, applied: Applied) -> None:
+        write_atomic(self.applied_path, json.dumps(applied.__dict__, indent=1, sort_keys=True))
+
+    # ------------------------------------------------------------ policy writes
+
+    def write_policy(self, policy_id: int, pol: Policy) -> None:
+        peers, ports = self.map("sg_peer_lpm"), self.map("sg_port_lpm")
+        for pe in pol.peers:
+            key = abi.PeerKey(prefixlen=64 + pe.network.prefixlen, policy_id=policy_id,
+                              dir=DIR_INDEX[pe.direction], family=pe.family,
+                              addr=abi.addr_words(network_bytes(pe.network)))
+            peers.update(key, ct.c_uint32(pe.cls))
+        for po in pol.ports:
+            key = abi.PortKey(prefixlen=80 + po.plen, policy_id=policy_id, cls=po.cls,
+                              proto=po.proto, port=socket.htons(po.port))
+            ports.update(key, abi.PortVal(rule_index=po.rule_index, flags=po.flags))
+
+    def gc_policies(self, live: set) -> int:
+        removed = 0
+        for name in ("sg_peer_lpm", "sg_port_lpm"):
+            m = self.map(name)
+            for key in m.keys():
+                if key.policy_id not in live:  # type: ignore[attr-defined]
+                    removed += m.delete(key)
+        return removed
+
+    def sync_exempt(self, state: State) -> None:
+        m = self.map("sg_exempt_lpm")
+        want = {}
+        for net in state.settings.exempt:
+            key = abi.ExemptKey(prefixlen=32 + net.prefixlen, family=net.version,
+                                addr=abi.addr_words(network_bytes(net)))
+            want[bytes(key)] = key
+        for key in m.keys():
+            if bytes(key) not in want:  # type: ignore[call-overload]
+                m.delete(key)
+        for key in want.values():
+            m.update(key, ct.c_uint8(1))
+        cfg = abi.Config(flags=abi.CFG_EXEMPT_DHCP if state.settings.exempt_dhcp else 0)
+        old = self.map("sg_config").lookup(ct.c_uint32(0))
+        if old is not None:
+            cfg.now_override = old.now_override  # type: ignore[attr-defined]
+        self.map("sg_config").update(ct.c_uint32(0), cfg)
+
+    def flush_conntrack(self, ep_ids: set) -> int:
+        m = self.map("sg_conntrack")
+        return sum(m.delete(k) for k in m.keys() if k.ep_id in ep_ids)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ apply
+
+    def apply(self, state: State, attach: bool = True) -> Applied:
+        """Make the kernel enforce ``state``. Everything that can fail on the
+        input fails before the first map write."""
+        from . import netlink
+
+        compiled: Compiled = compile_state(state)
+        ifindexes: Dict[str, int] = {}
+        for eni in state.bound_interfaces():
+            assert eni.device
+            idx = netlink.ifindex(eni.device)
+            if idx is None:
+                raise DataplaneError(f"{eni.eni_id}: host-interface: device {eni.device!r} "
+                                     "does not exist on this host")
+            ifindexes[eni.eni_id] = idx
+        progs = self.programs() if attach else None
+        applied = self.load_applied()
+        eps = self.map("sg_endpoints")
+
+        # 1. policies: reuse unchanged group sets, write changed ones under new ids
+        policies: Dict[str, dict] = {}
+        for groups, pol in compiled.policies.items():
+            name = ",".join(groups)
+            fp = pol.fingerprint()
+            old = applied.policies.get(name)
+            if old and old["fingerprint"] == fp:
+                policies[name] = old
+                continue
+            pid = applied.next_policy_id
+            applied.next_policy_id += 1
+            self.write_policy(pid, pol)
+            policies[name] = {"policy_id": pid, "fingerprint": fp,
+                              "peers": len(pol.peers), "ports": len(pol.ports),
+                              "classes": pol.nclasses}
+        # 2. endpoints: one update each switches to the new policy
+        endpoints: Dict[str, dict] = {}
+        for eni in state.bound_interfaces():
+            name = ",".join(eni.groups)
+            pol = compiled.policies[tuple(eni.groups)]
+            idx = ifindexes[eni.eni_id]
+            old = applied.endpoints.get(eni.eni_id)
+            if old and old["ifindex"] == idx:
+                ep_id = old["ep_id"]
+            else:
+                ep_id = applied.next_ep_id
+                applied.next_ep_id += 1
+            val = abi.Endpoint(ep_id=ep_id, policy_id=policies[name]["policy_id"],
+                               mode=abi.MODE_HOST if eni.mode == MODE_HOST else abi.MODE_WORKLOAD,
+                               open_all=pol.open_all)
+            for (direction, family), cls in pol.world_class.items():
+                val.world_class[DIR_INDEX[direction] * 2 + FAMILY_INDEX[family]] = cls
+            for i, tname in enumerate(abi.TO_NAMES):
+                val.timeouts[i] = getattr(eni.timeouts, tname)
+            eps.update(ct.c_uint32(idx), val)
+            endpoints[eni.eni_id] = {"ifindex": idx, "ep_id": ep_id, "device": eni.device,
+                                     "mode": eni.mode, "policy": name}
+        self.sync_exempt(state)
+        if attach and progs is not None:
+            for eni_id, ep in endpoints.items():
+                netlink.attach(ep["ifindex"], progs.xdp_fd, progs.tc_fd, self.known_prog_ids(applied))
+            applied.prog_ids = sorted(set(applied.prog_ids) | {bpfsys.prog_id(progs.xdp_fd),
+                                                               bpfsys.prog_id(progs.tc_fd)})
+        # 3. endpoints that went away: detach, forget, flush their connections
+        gone = {e: ep for e, ep in applied.endpoints.items()
+                if e not in endpoints or endpoints[e]["ifindex"] != ep["ifindex"]}
+        live_idx = {ep["ifindex"] for ep in endpoints.values()}
+        for ep in gone.values():
+            if ep["ifindex"] not in live_idx:
+                netlink.detach(ep["ifindex"], self.known_prog_ids(applied))
+                eps.delete(ct.c_uint32(ep["ifindex"]))
+        if gone:
+            self.flush_conntrack({ep["ep_id"] for ep in gone.values()})
+        # 4. delete entries of policy ids nobody uses any more
+        live = {p["policy_id"] for p in policies.values()}
+        self.gc_policies(live)
+        applied.endpoints = endpoints
+        applied.policies = policies
+        applied.summary = {
+            eni.eni_id: {"device": eni.device, "mode": eni.mode, "groups": list(eni.groups),
+                         "rules_ingress": len(state.rules_of(eni, "ingress")),
+                         "rules_egress": len(state.rules_of(eni, "egress")),
+                         "policy_id": policies[",".join(eni.groups)]["policy_id"],
+                         "addresses": [str(a) for a in eni.addresses()]}
+            for eni in state.bound_interfaces()}
+        from .formats.native import dump
+
+        applied.desired = dump(state)
+        applied.desired["stale_rules"] = [r.rule_id for r in state.stale_rules]
+        self.save_applied(applied)
+        return applied
+
+    def known_prog_ids(self, applied: Applied) -> set:
+        ids = set(applied.prog_ids)
+        if self._progs is not None:
+            ids |= {bpfsys.prog_id(self._progs.xdp_fd), bpfsys.prog_id(self._progs.tc_fd)}
+        return ids
+
+    def set_clock(self, now: int) -> None:
+        """Tests: freeze the datapath clock at ``now`` seconds (0 = real clock)."""
+        m = self.map("sg_config")
+        cfg = m.lookup(ct.c_uint32(0)) or abi.Config()
+        cfg.now_override = now  # type: ignore[attr-defined]
+        m.update(ct.c_uint32(0), cfg)
+
+    def reset(self) -> List[str]:
+        """Detach from every bound device and remove pins and applied state."""
+        from . import netlink
+
+        done = []
+        applied = self.load_applied() if os.path.exists(self.pin_dir) else Applied()
+        ids = self.known_prog_ids(applied)
+        for ep in applied.endpoints.values():
+            netlink.detach(ep["ifindex"], ids)
+            done.append(ep.get("device") or str(ep["ifindex"]))
+        if os.path.exists(f"{self.pin_dir}/sg_endpoints"):
+            for key in self.map("sg_endpoints").keys():
+                netlink.detach(int(key.value), ids)  # type: ignore[attr-defined]
+        self.close()
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+        try:
+            self.applied_path.unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        return done
+
+
+def ip_text(words: "ct.Array", family: int) -> str:
+    return str(ipaddress.ip_address(abi.words_bytes(words, family)))
+
+
+def endpoint_counters(dp: Dataplane, ep_id: int) -> Dict[Tuple[str, str], Tuple[int, int]]:
+    """(direction, reason) -> (packets, bytes) summed over CPUs."""
+    from .reasons import Reason
+
+    out = {}
+    m = dp.map("sg_verdicts")
+    slot = ep_id if ep_id < abi.COUNTER_SLOTS else 0
+    for d, dname in ((abi.DIR_INGRESS, "ingress"), (abi.DIR_EGRESS, "egress")):
+        for r in Reason:
+            vals = m.lookup(ct.c_uint32((slot * 2 + d) * abi.REASON_MAX + r.value))
+            if vals is None:
+                continue
+            pk = sum(v.packets for v in vals)  # type: ignore[attr-defined]
+            by = sum(v.bytes for v in vals)  # type: ignore[attr-defined]
+            if pk:
+                out[(dname, r.label)] = (pk, by)
+    return out

@@ -1,0 +1,503 @@
+"""Validated security-group objects (DESIGN.md section 1.1-1.2).
+
+Everything here is pure Python. Every error names the object and the field
+that is wrong: ``ValidationError("sg-123 ingress[2]", "FromPort", "...")``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+INGRESS = "ingress"
+EGRESS = "egress"
+DIRECTIONS = (INGRESS, EGRESS)
+
+PROTO_ALL = -1
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+
+PROTOCOL_NAMES = {
+    "all": PROTO_ALL,
+    "-1": PROTO_ALL,
+    "icmp": PROTO_ICMP,
+    "tcp": PROTO_TCP,
+    "udp": PROTO_UDP,
+    "icmpv6": PROTO_ICMPV6,
+    "ipv6-icmp": PROTO_ICMPV6,
+}
+PROTOCOL_LABELS = {PROTO_ALL: "all", PROTO_ICMP: "icmp", PROTO_TCP: "tcp",
+                   PROTO_UDP: "udp", PROTO_ICMPV6: "icmpv6"}
+
+MODE_WORKLOAD = "workload"
+MODE_HOST = "host"
+MODES = (MODE_WORKLOAD, MODE_HOST)
+
+DEFAULT_GROUP_NAME = "default"
+DEFAULT_GROUP_ID = "sg-default"
+
+WORLD4 = ipaddress.ip_network("0.0.0.0/0")
+WORLD6 = ipaddress.ip_network("::/0")
+
+_ID_RE = {
+    "sg": re.compile(r"^sg-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
+    "sgr": re.compile(r"^sgr-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
+    "pl": re.compile(r"^pl-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
+    "eni": re.compile(r"^eni-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
+}
+_DEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+
+
+class ValidationError(ValueError):
+    """Bad input. ``obj`` names the object, ``fieldname`` the field."""
+
+    def __init__(self, obj: str, fieldname: str, message: str) -> None:
+        self.obj = obj
+        self.fieldname = fieldname
+        self.message = message
+        super().__init__(f"{obj}: {fieldname}: {message}")
+
+
+def check_id(kind: str, value: object, obj: str, fieldname: str) -> str:
+    if not isinstance(value, str) or not _ID_RE[kind].match(value):
+        raise ValidationError(obj, fieldname, f"{value!r} is not a valid {kind}- id")
+    return value
+
+
+def parse_protocol(value: object, obj: str, fieldname: str = "IpProtocol") -> int:
+    """``tcp``/``6``/``"6"`` -> 6, ``-1``/``all`` -> -1; anything else is an error."""
+    if isinstance(value, bool):
+        raise ValidationError(obj, fieldname, f"{value!r} is not a protocol")
+    if isinstance(value, int):
+        num = value
+    elif isinstance(value, str):
+        key = value.strip().lower()
+        if key in PROTOCOL_NAMES:
+            return PROTOCOL_NAMES[key]
+        if not re.fullmatch(r"-?\d+", key):
+            raise ValidationError(obj, fieldname, f"unknown protocol name {value!r}")
+        num = int(key)
+    else:
+        raise ValidationError(obj, fieldname, f"{value!r} is not a protocol")
+    if num == PROTO_ALL or 0 <= num <= 255:
+        return num
+    raise ValidationError(obj, fieldname, f"protocol number {num} is outside 0-255 (or -1)")
+
+
+def protocol_label(proto: int) -> str:
+    return PROTOCOL_LABELS.get(proto, str(proto))
+
+
+def parse_cidr(value: object, obj: str, fieldname: str, family: Optional[int] = None) -> IPNetwork:
+    """Canonical network: ``10.1.2.3/16`` -> ``10.1.0.0/16``."""
+    if not isinstance(value, str):
+        raise ValidationError(obj, fieldname, f"{value!r} is not a CIDR")
+    try:
+        net = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError as exc:
+        raise ValidationError(obj, fieldname, f"bad CIDR {value!r}: {exc}") from None
+    if family is not None and net.version != family:
+        raise ValidationError(obj, fieldname, f"{value!r} is not an IPv{family} CIDR")
+    return net
+
+
+def parse_address(value: object, obj: str, fieldname: str, family: Optional[int] = None) -> IPAddress:
+    if not isinstance(value, str):
+        raise ValidationError(obj, fieldname, f"{value!r} is not an IP address")
+    try:
+        addr = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise ValidationError(obj, fieldname, f"bad IP address {value!r}") from None
+    if family is not None and addr.version != family:
+        raise ValidationError(obj, fieldname, f"{value!r} is not an IPv{family} address")
+    return addr
+
+
+def _int_field(value: object, obj: str, fieldname: str) -> int:
+    if isinstance(value, bool):
+        raise ValidationError(obj, fieldname, f"{value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    raise ValidationError(obj, fieldname, f"{value!r} is not an integer")
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True, order=True)
+class Peer:
+    """Exactly one of: a CIDR, a managed prefix list, a security group."""
+
+    kind: str  # "cidr" | "pl" | "sg"
+    value: str  # canonical CIDR text, pl- id or sg- id
+
+    @staticmethod
+    def cidr(net: IPNetwork) -> "Peer":
+        return Peer("cidr", str(net))
+
+    @property
+    def network(self) -> IPNetwork:
+        assert self.kind == "cidr"
+        return ipaddress.ip_network(self.value)
+
+    def is_world(self) -> bool:
+        """True for the literal peers 0.0.0.0/0 and ::/0 (untracked eligibility, 1.4)."""
+        return self.kind == "cidr" and self.network.prefixlen == 0
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One allow rule with one peer. Ports are canonical (see ``make_rule``)."""
+
+    group_id: str
+    direction: str
+    protocol: int
+    from_port: int
+    to_port: int
+    peer: Peer
+    description: str = ""
+    rule_id: str = ""
+
+    def identity(self) -> Tuple[str, str, int, int, int, Peer]:
+        """What makes two rules duplicates (1.1)."""
+        return (self.group_id, self.direction, self.protocol, self.from_port, self.to_port,
+                self.peer)
+
+    @property
+    def has_ports(self) -> bool:
+        return self.protocol in (PROTO_TCP, PROTO_UDP)
+
+    @property
+    def has_type_code(self) -> bool:
+        return self.protocol in (PROTO_ICMP, PROTO_ICMPV6)
+
+    def describe_ports(self) -> str:
+        if self.has_ports:
+            return (str(self.from_port) if self.from_port == self.to_port
+                    else f"{self.from_port}-{self.to_port}")
+        if self.has_type_code:
+            if self.from_port == -1:
+                return "all"
+            return f"type {self.from_port}" + ("" if self.to_port == -1 else f" code {self.to_port}")
+        return "all"
+
+
+def rule_id_for(group_id: str, direction: str, protocol: int, from_port: int, to_port: int,
+                peer: Peer) -> str:
+    digest = hashlib.sha256(
+        f"{group_id}|{direction}|{protocol}|{from_port}|{to_port}|{peer.kind}|{peer.value}".encode()
+    ).hexdigest()
+    return "sgr-" + digest[:17]
+
+
+def make_rule(group_id: str, direction: str, protocol: object, from_port: object,
+              to_port: object, peer: Peer, description: object = "", rule_id: object = None,
+              obj: str = "rule") -> Rule:
+    """Validate and canonicalise one rule.
+
+    tcp/udp: ``from_port..to_port`` inclusive within 0-65535 (both required).
+    icmp/icmpv6: ``from_port`` = type (-1 all), ``to_port`` = code (-1 all);
+    type -1 with a code other than -1 is "code without type".
+    anything else: ports ignored and stored as -1/-1.
+    """
+    if direction not in DIRECTIONS:
+        raise ValidationError(obj, "direction", f"{direction!r} is not ingress or egress")
+    proto = parse_protocol(protocol, obj)
+    if proto in (PROTO_TCP, PROTO_UDP):
+        if from_port is None or to_port is None:
+            raise ValidationError(obj, "FromPort" if from_port is None else "ToPort",
+                                  f"required for protocol {protocol_label(proto)}")
+        lo = _int_field(from_port, obj, "FromPort")
+        hi = _int_field(to_port, obj, "ToPort")
+        if lo == -1 and hi == -1:  # AWS accepts -1/-1 as "all ports" for tcp/udp
+            lo, hi = 0, 65535
+        for name, val in (("FromPort", lo), ("ToPort", hi)):
+            if not 0 <= val <= 65535:
+                raise ValidationError(obj, name, f"port {val} is outside 0-65535")
+        if lo > hi:
+            raise ValidationError(obj, "ToPort", f"port range {lo}-{hi} is reversed")
+    elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+        lo = -1 if from_port is None else _int_field(from_port, obj, "FromPort")
+        hi = -1 if to_port is None else _int_field(to_port, obj, "ToPort")
+        if not -1 <= lo <= 255:
+            raise ValidationError(obj, "FromPort", f"ICMP type {lo} is outside -1..255")
+        if not -1 <= hi <= 255:
+            raise ValidationError(obj, "ToPort", f"ICMP code {hi} is outside -1..255")
+        if lo == -1 and hi != -1:
+            raise ValidationError(obj, "ToPort", f"ICMP code {hi} given without a type")
+    else:
+        lo = hi = -1
+    desc = "" if description is None else description
+    if not isinstance(desc, str):
+        raise ValidationError(obj, "Description", "must be a string")
+    if len(desc) > 255:
+        raise ValidationError(obj, "Description", f"{len(desc)} characters, at most 255")
+    rid = rule_id or rule_id_for(group_id, direction, proto, lo, hi, peer)
+    check_id("sgr", rid, obj, "SecurityGroupRuleId")
+    return Rule(group_id, direction, proto, lo, hi, peer, desc, str(rid))
+
+
+# --------------------------------------------------------------------------- objects
+
+
+@dataclass
+class SecurityGroup:
+    group_id: str
+    name: str
+    description: str = ""
+    tags: Dict[str, str] = field(default_factory=dict)
+    rules: List[Rule] = field(default_factory=list)
+
+    def rules_in(self, direction: str) -> List[Rule]:
+        return [r for r in self.rules if r.direction == direction]
+
+
+@dataclass
+class PrefixListEntry:
+    cidr: IPNetwork
+    description: str = ""
+
+
+@dataclass
+class PrefixList:
+    prefix_list_id: str
+    name: str
+    family: int  # 4 or 6
+    max_entries: int
+    entries: List[PrefixListEntry] = field(default_factory=list)
+    version: int = 1
+
+
+@dataclass
+class Timeouts:
+    """Idle timeouts in seconds (1.4). The first three are the AWS
+    ConnectionTrackingConfiguration; the rest are ours and documented."""
+
+    tcp_established: int = 432000
+    udp_stream: int = 180
+    udp_other: int = 30
+    tcp_syn: int = 60
+    tcp_closing: int = 10
+    icmp: int = 30
+    other: int = 600
+
+    RANGES = {"tcp_established": (60, 432000), "udp_stream": (60, 180), "udp_other": (30, 60)}
+
+    def validate(self, obj: str) -> None:
+        for name, (lo, hi) in self.RANGES.items():
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
+                raise ValidationError(obj, name, f"{val!r} is outside {lo}-{hi} seconds")
+        for name in ("tcp_syn", "tcp_closing", "icmp", "other"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 432000:
+                raise ValidationError(obj, name, f"{val!r} is outside 1-432000 seconds")
+
+
+@dataclass
+class NetworkInterface:
+    eni_id: str
+    groups: List[str]
+    ipv4: List[ipaddress.IPv4Address] = field(default_factory=list)
+    ipv6: List[ipaddress.IPv6Address] = field(default_factory=list)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    device: Optional[str] = None  # local Linux device; None = remote member
+    mode: str = MODE_WORKLOAD
+    description: str = ""
+    tags: Dict[str, str] = field(default_factory=dict)
+
+    def addresses(self) -> List[IPAddress]:
+        return [*self.ipv4, *self.ipv6]
+
+
+DEFAULT_EXEMPT = (
+    "169.254.169.254/32",  # instance metadata
+    "169.254.169.123/32",  # time sync
+    "169.254.169.253/32",  # DNS resolver
+    "fd00:ec2::254/128",
+    "fd00:ec2::123/128",
+    "fd00:ec2::253/128",
+)
+
+
+@dataclass
+class Settings:
+    """Host-wide configuration. Quotas are limits, not design limits (1.2)."""
+
+    exempt: List[IPNetwork] = field(
+        default_factory=lambda: [ipaddress.ip_network(c) for c in DEFAULT_EXEMPT])
+    exempt_dhcp: bool = True
+    max_groups_per_interface: int = 16
+    max_rules_per_interface: int = 100000
+
+
+@dataclass
+class State:
+    """The whole desired state: what ``sgctl apply -f`` replaces."""
+
+    groups: Dict[str, SecurityGroup] = field(default_factory=dict)
+    prefix_lists: Dict[str, PrefixList] = field(default_factory=dict)
+    interfaces: Dict[str, NetworkInterface] = field(default_factory=dict)
+    settings: Settings = field(default_factory=Settings)
+    stale_rules: List[Rule] = field(default_factory=list)  # filled by validate()
+
+    # -- lookups used by the evaluator and compiler
+    def members_of(self, group_id: str) -> List[NetworkInterface]:
+        return [eni for eni in self.interfaces.values() if group_id in eni.groups]
+
+    def peer_networks(self, peer: Peer) -> List[IPNetwork]:
+        """The CIDRs a peer stands for right now."""
+        if peer.kind == "cidr":
+            return [peer.network]
+        if peer.kind == "pl":
+            pl = self.prefix_lists.get(peer.value)
+            return [e.cidr for e in pl.entries] if pl else []
+        nets: List[IPNetwork] = []
+        for eni in self.members_of(peer.value):
+            nets.extend(ipaddress.ip_network(a) for a in eni.addresses())
+        return nets
+
+    def rules_of(self, eni: NetworkInterface, direction: str) -> List[Rule]:
+        out: List[Rule] = []
+        for gid in eni.groups:
+            out.extend(self.groups[gid].rules_in(direction))
+        return out
+
+    def bound_interfaces(self) -> List[NetworkInterface]:
+        return [e for e in self.interfaces.values() if e.device]
+
+    def uses_ipv6(self) -> bool:
+        return any(e.ipv6 for e in self.interfaces.values())
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def default_egress(group_id: str, ipv6: bool) -> List[Rule]:
+    """A new group: egress all to 0.0.0.0/0 (and ::/0 where IPv6 is in use)."""
+    rules = [make_rule(group_id, EGRESS, PROTO_ALL, None, None, Peer.cidr(WORLD4))]
+    if ipv6:
+        rules.append(make_rule(group_id, EGRESS, PROTO_ALL, None, None, Peer.cidr(WORLD6)))
+    return rules
+
+
+def default_group(group_id: str = DEFAULT_GROUP_ID) -> SecurityGroup:
+    """The ``default`` group: ingress all from itself, egress all to 0/0 and ::/0."""
+    rules = [make_rule(group_id, INGRESS, PROTO_ALL, None, None, Peer("sg", group_id))]
+    rules += default_egress(group_id, ipv6=True)
+    return SecurityGroup(group_id, DEFAULT_GROUP_NAME, "default VPC security group", {}, rules)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(state: State) -> State:
+    """Check cross-object consistency; raise ValidationError naming the culprit.
+
+    Adds the ``default`` group when absent, gives group-less interfaces the
+    default group, and records stale group references in ``state.stale_rules``.
+    """
+    s = state.settings
+    if not any(g.name == DEFAULT_GROUP_NAME for g in state.groups.values()):
+        state.groups[DEFAULT_GROUP_ID] = default_group()
+    default_id = next(g.group_id for g in state.groups.values() if g.name == DEFAULT_GROUP_NAME)
+
+    names: Dict[str, str] = {}
+    for gid, group in state.groups.items():
+        check_id("sg", gid, gid, "GroupId")
+        if group.name in names:
+            raise ValidationError(gid, "GroupName",
+                                  f"{group.name!r} is already used by {names[group.name]}")
+        names[group.name] = gid
+        seen: Dict[tuple, str] = {}
+        ids: Dict[str, Rule] = {}
+        for i, rule in enumerate(group.rules):
+            where = f"{gid} {rule.direction}[{i}]"
+            if rule.identity() in seen:
+                raise ValidationError(where, "IpPermissions",
+                                      f"duplicate rule: same as {seen[rule.identity()]} "
+                                      f"({protocol_label(rule.protocol)} "
+                                      f"{rule.describe_ports()} {rule.peer})")
+            seen[rule.identity()] = rule.rule_id
+            if rule.rule_id in ids:
+                raise ValidationError(where, "SecurityGroupRuleId",
+                                      f"{rule.rule_id} is used twice")
+            ids[rule.rule_id] = rule
+    state.stale_rules = []
+    for gid, group in state.groups.items():
+        for i, rule in enumerate(group.rules):
+            where = f"{gid} {rule.direction}[{i}]"
+            if rule.peer.kind == "pl" and rule.peer.value not in state.prefix_lists:
+                raise ValidationError(where, "PrefixListId",
+                                      f"unknown prefix list {rule.peer.value}")
+            if rule.peer.kind == "sg" and rule.peer.value not in state.groups:
+                state.stale_rules.append(rule)
+
+    for plid, pl in state.prefix_lists.items():
+        check_id("pl", plid, plid, "PrefixListId")
+        if pl.family not in (4, 6):
+            raise ValidationError(plid, "AddressFamily", f"{pl.family!r} is not IPv4 or IPv6")
+        if not isinstance(pl.max_entries, int) or pl.max_entries < 1:
+            raise ValidationError(plid, "MaxEntries", f"{pl.max_entries!r} must be >= 1")
+        if len(pl.entries) > pl.max_entries:
+            raise ValidationError(plid, "Entries",
+                                  f"{len(pl.entries)} entries exceed MaxEntries {pl.max_entries}")
+        seen_cidrs = set()
+        for j, entry in enumerate(pl.entries):
+            if entry.cidr.version != pl.family:
+                raise ValidationError(f"{plid} entry[{j}]", "Cidr",
+                                      f"{entry.cidr} is not IPv{pl.family}")
+            if entry.cidr in seen_cidrs:
+                raise ValidationError(f"{plid} entry[{j}]", "Cidr", f"duplicate entry {entry.cidr}")
+            seen_cidrs.add(entry.cidr)
+
+    devices: Dict[str, str] = {}
+    for eid, eni in state.interfaces.items():
+        check_id("eni", eid, eid, "NetworkInterfaceId")
+        if not eni.groups:
+            eni.groups = [default_id]
+        if len(eni.groups) > s.max_groups_per_interface:
+            raise ValidationError(eid, "Groups", f"{len(eni.groups)} groups, at most "
+                                  f"{s.max_groups_per_interface} allowed")
+        if len(set(eni.groups)) != len(eni.groups):
+            raise ValidationError(eid, "Groups", "a group is listed twice")
+        for gid in eni.groups:
+            if gid not in state.groups:
+                raise ValidationError(eid, "Groups", f"unknown group {gid}")
+        if eni.mode not in MODES:
+            raise ValidationError(eid, "host-interface-mode",
+                                  f"{eni.mode!r} is not workload or host")
+        if eni.device is not None:
+            if not _DEV_RE.match(eni.device):
+                raise ValidationError(eid, "host-interface", f"{eni.device!r} is not a device name")
+            if eni.device in devices:
+                raise ValidationError(eid, "host-interface",
+                                      f"device {eni.device} is already bound to {devices[eni.device]}")
+            devices[eni.device] = eid
+        eni.timeouts.validate(eid)
+        nrules = sum(len(state.groups[g].rules) for g in eni.groups)
+        if nrules > s.max_rules_per_interface:
+            raise ValidationError(eid, "Groups", f"{nrules} rules, at most "
+                                  f"{s.max_rules_per_interface} per interface allowed")
+    return state
+
+
+def all_rules(state: State) -> Iterable[Rule]:
+    for g in state.groups.values():
+        yield from g.rules

@@ -1,0 +1,101 @@
+"""Attach/detach the programs with pyroute2: XDP on receive, tc clsact egress."""
+
+from __future__ import annotations
+
+from typing import Optional, Set
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
+TC_EGRESS_PARENT = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
+TC_PRIO = 0xC000
+TC_HANDLE = 1
+FILTER_NAME = "sgctl"
+
+
+class AttachError(RuntimeError):
+    pass
+
+
+def ifindex(name: str) -> Optional[int]:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+
+def xdp_state(ipr: IPRoute, idx: int) -> tuple:
+    """(attached prog id or 0, mode 1=driver 2=generic or 0)."""
+    link = ipr.get_links(idx)[0]
+    xdp = link.get_attr("IFLA_XDP")
+    if not xdp:
+        return 0, 0
+    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, xdp.get_attr("IFLA_XDP_ATTACHED") or 0
+
+
+def _mode_value(mode: object) -> int:
+    return {"xdp": 1, "xdpgeneric": 2, 1: 1, 2: 2}.get(mode, 0)  # type: ignore[call-overload]
+
+
+def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int]) -> str:
+    """Attach (or atomically replace) both programs on a device. Refuses to
+    replace an XDP program that sgctl did not attach. Returns the XDP mode."""
+    with IPRoute() as ipr:
+        prog, mode = xdp_state(ipr, idx)
+        mode = _mode_value(mode)
+        if prog and prog not in ours:
+            raise AttachError(f"ifindex {idx} already has an XDP program (id {prog}) that sgctl "
+                              "did not attach; detach it first")
+        tried = [XDP_FLAGS_SKB_MODE] if mode == 2 else [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE]
+        err: Optional[Exception] = None
+        used = ""
+        for flags in tried:
+            try:
+                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", xdp_fd),
+                                                          ("IFLA_XDP_FLAGS", flags)]})
+                used = "driver" if flags == XDP_FLAGS_DRV_MODE else "generic"
+                break
+            except NetlinkError as exc:
+                err = exc
+        if not used:
+            raise AttachError(f"ifindex {idx}: XDP attach failed: {err}")
+        try:
+            ipr.tc("add", "clsact", idx)
+        except NetlinkError as exc:
+            if exc.code != 17:  # EEXIST
+                raise AttachError(f"ifindex {idx}: clsact qdisc: {exc}") from exc
+        try:
+            ipr.tc("replace-filter", "bpf", idx, TC_HANDLE, fd=tc_fd, name=FILTER_NAME,
+                   parent=TC_EGRESS_PARENT, prio=TC_PRIO, direct_action=True)
+        except NetlinkError as exc:
+            raise AttachError(f"ifindex {idx}: tc egress filter: {exc}") from exc
+        return used
+
+
+def detach(idx: int, ours: Set[int]) -> None:
+    """Remove our programs from a device; a device that is gone is fine."""
+    with IPRoute() as ipr:
+        try:
+            prog, mode = xdp_state(ipr, idx)
+        except NetlinkError:
+            return
+        if prog and prog in ours:
+            flags = XDP_FLAGS_SKB_MODE if _mode_value(mode) == 2 else XDP_FLAGS_DRV_MODE
+            try:
+                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1),
+                                                          ("IFLA_XDP_FLAGS", flags)]})
+            except NetlinkError:
+                pass
+        try:
+            ipr.tc("del-filter", "bpf", idx, TC_HANDLE, parent=TC_EGRESS_PARENT, prio=TC_PRIO)
+        except NetlinkError:
+            pass
+
+
+def attached(idx: int) -> dict:
+    with IPRoute() as ipr:
+        prog, mode = xdp_state(ipr, idx)
+        filters = [f for f in ipr.get_filters(idx, parent=TC_EGRESS_PARENT)
+                   if f.get_attr("TCA_KIND") == "bpf"]
+        return {"xdp_prog_id": prog, "xdp_mode": {1: "driver", 2: "generic"}.get(
+            _mode_value(mode), "none"), "tc_filters": len(filters)}

@@ -1,0 +1,70 @@
+"""Abstract packets (evaluator.Packet) <-> Ethernet frames built with scapy."""
+
+from __future__ import annotations
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    ICMPv6ParamProblem,
+    ICMPv6TimeExceeded,
+    ICMPv6Unknown,
+    IPv6,
+    IPv6ExtHdrFragment,
+)
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet as ScapyPacket
+from scapy.packet import Raw
+
+from .evaluator import Packet
+from .model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+
+SRC_MAC = "02:00:00:00:00:01"
+DST_MAC = "02:00:00:00:00:02"
+_ICMP6 = {1: ICMPv6DestUnreach, 2: ICMPv6PacketTooBig, 3: ICMPv6TimeExceeded,
+          4: ICMPv6ParamProblem, 128: ICMPv6EchoRequest, 129: ICMPv6EchoReply}
+
+
+def l3(pkt: Packet, inner: bool = False) -> ScapyPacket:
+    """The IP packet (no Ethernet)."""
+    if pkt.family == 4:
+        ip: ScapyPacket = IP(src=str(pkt.src), dst=str(pkt.dst), proto=pkt.proto)
+        if pkt.frag_id is not None:
+            ip.id = pkt.frag_id
+            ip.frag = pkt.frag_offset // 8
+            ip.flags = "MF" if pkt.more_fragments else 0
+    else:
+        ip = IPv6(src=str(pkt.src), dst=str(pkt.dst), nh=pkt.proto)
+        if pkt.frag_id is not None:
+            ip = ip / IPv6ExtHdrFragment(id=pkt.frag_id, offset=pkt.frag_offset // 8,
+                                         m=int(pkt.more_fragments), nh=pkt.proto)
+    if pkt.frag_id is not None and pkt.frag_offset:
+        return ip / Raw(b"\0" * 16)
+    if pkt.proto == PROTO_TCP:
+        return ip / TCP(sport=pkt.sport, dport=pkt.dport, flags=pkt.tcp_flags)
+    if pkt.proto == PROTO_UDP:
+        return ip / UDP(sport=pkt.sport, dport=pkt.dport) / Raw(b"x" * 8)
+    if pkt.proto == PROTO_ICMP:
+        icmp = ICMP(type=pkt.icmp_type, code=pkt.icmp_code)
+        if pkt.is_echo:
+            icmp.id = pkt.ident
+        body = l3(pkt.embedded, inner=True) if pkt.embedded is not None else Raw(b"\0" * 8)
+        return ip / icmp / body
+    if pkt.proto == PROTO_ICMPV6:
+        cls = _ICMP6.get(pkt.icmp_type)
+        if cls is None:
+            icmp6: ScapyPacket = ICMPv6Unknown(type=pkt.icmp_type, code=pkt.icmp_code,
+                                               msgbody=b"\0" * 4)
+        else:
+            icmp6 = cls(code=pkt.icmp_code)
+            if pkt.is_echo:
+                icmp6.id = pkt.ident
+        body = l3(pkt.embedded, inner=True) if pkt.embedded is not None else Raw(b"")
+        return ip / icmp6 / body
+    return ip / Raw(b"\0" * 8)
+
+
+def frame(pkt: Packet) -> bytes:
+    return bytes(Ether(src=SRC_MAC, dst=DST_MAC) / l3(pkt))
