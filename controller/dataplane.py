@@ -135,9 +135,9 @@ class Dataplane:
         from bcc import BPF  # imported late: only needed to compile
 
         try:
-            b = BPF(text=program_source(), cflags=self.cflags())
-            xdp = b.load_func("xdp_sg", BPF.XDP)
-            tc = b.load_func("tc_sg", BPF.SCHED_CLS)
+            b = BPF(text=program_source().encode(), cflags=self.cflags())
+            xdp = b.load_func(b"xdp_sg", BPF.XDP)
+            tc = b.load_func(b"tc_sg", BPF.SCHED_CLS)
         except Exception as exc:  # bcc raises plain Exception on compile/verify errors
             raise DataplaneError(f"loading the BPF programs failed: {exc}") from exc
         for fd, pin in ((xdp.fd, xdp_pin), (tc.fd, tc_pin)):

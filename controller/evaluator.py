@@ -280,6 +280,8 @@ class Evaluator:
             return Verdict(Reason.PASS_UNBOUND)
         if pkt.proto == PROTO_TCP and not tcp_flags_valid(pkt.tcp_flags):
             return Verdict(Reason.DROP_TCP_FLAGS)
+        if pkt.is_icmp_error and pkt.embedded is None and pkt.frag_offset == 0:
+            return Verdict(Reason.DROP_ICMP_EMBEDDED)  # an error must carry the header it is about
         frag_key = None
         if pkt.frag_id is not None:
             frag_key = (eni_id, pkt.family, pkt.proto, pkt.src, pkt.dst, pkt.frag_id)
@@ -305,7 +307,8 @@ class Evaluator:
             self.ct_update(entry, direction, pkt)
             return Verdict(Reason.ALLOW_ESTABLISHED, tracked=True)
         # 2. an ICMP error about a tracked connection
-        if pkt.is_icmp_error and pkt.embedded is not None:
+        if pkt.is_icmp_error:
+            assert pkt.embedded is not None
             inner_key = ct_key(eni.eni_id, pkt.embedded, reverse(direction))
             if self.live_entry(eni, inner_key) is not None:
                 return Verdict(Reason.ALLOW_RELATED, tracked=True)

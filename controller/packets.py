@@ -36,9 +36,10 @@ def l3(pkt: Packet, inner: bool = False) -> ScapyPacket:
             ip.frag = pkt.frag_offset // 8
             ip.flags = "MF" if pkt.more_fragments else 0
     else:
-        ip = IPv6(src=str(pkt.src), dst=str(pkt.dst), nh=pkt.proto)
-        if pkt.frag_id is not None:
-            ip = ip / IPv6ExtHdrFragment(id=pkt.frag_id, offset=pkt.frag_offset // 8,
+        if pkt.frag_id is None:
+            ip = IPv6(src=str(pkt.src), dst=str(pkt.dst), nh=pkt.proto)
+        else:
+            ip = IPv6(src=str(pkt.src), dst=str(pkt.dst)) / IPv6ExtHdrFragment(id=pkt.frag_id, offset=pkt.frag_offset // 8,
                                          m=int(pkt.more_fragments), nh=pkt.proto)
     if pkt.frag_id is not None and pkt.frag_offset:
         return ip / Raw(b"\0" * 16)
