@@ -96,6 +96,6 @@ def attached(idx: int) -> dict:
     with IPRoute() as ipr:
         prog, mode = xdp_state(ipr, idx)
         filters = [f for f in ipr.get_filters(idx, parent=TC_EGRESS_PARENT)
-                   if f.get_attr("TCA_KIND") == "bpf"]
+                   if f.get_attr("TCA_KIND") == "bpf" and f["handle"]]
         return {"xdp_prog_id": prog, "xdp_mode": {1: "driver", 2: "generic"}.get(
             _mode_value(mode), "none"), "tc_filters": len(filters)}

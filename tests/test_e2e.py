@@ -1,0 +1,293 @@
+"""End-to-end: the real `sgctl` CLI enforcing policy on namespaces behind a
+bridge, checked with real TCP, UDP and ping traffic (DESIGN 3)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator
+
+import pytest
+import yaml
+
+from tests.harness import unique
+from tests.netns import Servers, Topology, echo_ok
+
+pytestmark = pytest.mark.netns
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Sgctl:
+    def __init__(self) -> None:
+        self.pin_dir = f"/sys/fs/bpf/{unique('sge')}"
+        self.state_dir = tempfile.mkdtemp(prefix="sgctl-e2e-")
+        self.files = Path(self.state_dir) / "inputs"
+        self.files.mkdir()
+        self.n = 0
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "controller.cli", "--pin-dir", self.pin_dir,
+               "--state-dir", self.state_dir, "--conntrack-max", "65536", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+    def apply_text(self, text: str, suffix: str = ".yaml") -> subprocess.CompletedProcess:
+        self.n += 1
+        path = self.files / f"policy{self.n}{suffix}"
+        path.write_text(text)
+        return self.run("apply", "-f", str(path))
+
+    def apply(self, doc: Dict[str, Any]) -> None:
+        res = self.apply_text(yaml.safe_dump(doc))
+        assert res.returncode == 0, res.stderr
+
+    def close(self) -> None:
+        self.run("reset")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    t = Topology(unique("")[-5:], ["web", "app", "cli"])
+    servers = Servers()
+    try:
+        web, app, cli = t.instances["web"], t.instances["app"], t.instances["cli"]
+        for port in (22, 80, 443, 999, 1000, 2000, 2001):
+            servers.tcp(web, port)
+        servers.tcp(web, 80, v6=True)
+        servers.udp(web, 53)
+        servers.tcp(app, 5432)
+        servers.udp(app, 53)
+        servers.tcp(cli, 7000)
+        servers.udp(cli, 5353)
+        t.servers = servers  # type: ignore[attr-defined]
+        yield t
+    finally:
+        servers.close()
+        t.close()
+
+
+@pytest.fixture
+def sgctl() -> Iterator[Sgctl]:
+    s = Sgctl()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def enis(topo: Topology, groups: Dict[str, list], unbound: bool = False) -> Dict[str, Any]:
+    out = {}
+    for name, gs in groups.items():
+        inst = topo.instances[name]
+        out[f"eni-{name}"] = {"groups": gs, "ipv4": [inst.ip4], "ipv6": [inst.ip6],
+                              "device": inst.host_dev}
+    return out
+
+
+def test_no_policy_everything_flows(topo: Topology) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    assert cli.can_tcp(web.ip4, 80) and cli.ping(web.ip4)
+
+
+def test_default_group_and_custom_group_defaults(topo: Topology, sgctl: Sgctl) -> None:
+    """default group: members reach each other, others cannot get in, egress open.
+    A new custom group: no ingress, all egress."""
+    web, app, cli = (topo.instances[n] for n in ("web", "app", "cli"))
+    sgctl.apply({"sgctl": 1, "groups": {"sg-custom": {"name": "custom"}},
+                 "interfaces": {**enis(topo, {"web": [], "app": []}),
+                                **enis(topo, {"cli": ["sg-custom"]})}})
+    assert app.can_tcp(web.ip4, 80), "default group members reach each other"
+    assert web.can_tcp(app.ip4, 5432)
+    assert not cli.can_tcp(web.ip4, 80), "non-members are not let in"
+    assert not web.can_tcp(cli.ip4, 7000), "custom group: no ingress"
+    assert cli.can_tcp(app.ip4, 5432) is False
+    assert web.udp_exchange(cli.ip4, 5353) is False
+
+
+def test_cloudformation_example(topo: Topology, sgctl: Sgctl) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    text = (ROOT / "examples" / "web-stack.yaml").read_text().replace("sgdemo-web", web.host_dev)
+    res = sgctl.apply_text(text)
+    assert res.returncode == 0, res.stderr
+    assert cli.can_tcp(web.ip4, 80)
+    assert cli.can_tcp(web.ip6, 80)
+    assert not cli.can_tcp(web.ip4, 22)
+    assert not cli.ping(web.ip4)
+    assert web.can_tcp(cli.ip4, 7000), "default egress: all"
+    status = json.loads(sgctl.run("status", "-o", "json").stdout)
+    row = status["interfaces"][0]
+    assert row["device"] == web.host_dev and row["rules_ingress"] == 4
+    assert row["attached"]["tc_filters"] == 1 and row["attached"]["xdp_mode"] in ("driver",
+                                                                                   "generic")
+
+
+def test_stateful_both_directions_and_udp(topo: Topology, sgctl: Sgctl) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    sgctl.apply({"sgctl": 1, "groups": {"sg-w": {"name": "w", "ingress": [
+        {"proto": "tcp", "ports": 80, "from": cli.ip4 + "/32"},
+        {"proto": "udp", "ports": 53, "from": cli.ip4 + "/32"}],
+        "egress": [{"proto": "tcp", "ports": 7000, "to": cli.ip4 + "/32"}]}},
+        "interfaces": enis(topo, {"web": ["sg-w"]})})
+    assert cli.can_tcp(web.ip4, 80), "ingress rule, replies by conntrack"
+    assert web.can_tcp(cli.ip4, 7000), "egress rule, replies by conntrack"
+    assert cli.udp_exchange(web.ip4, 53)
+    assert not web.udp_exchange(cli.ip4, 5353), "no egress rule for UDP 5353"
+    assert not cli.can_tcp(web.ip4, 22)
+
+
+def test_group_reference_prefix_list_port_edges(topo: Topology, sgctl: Sgctl) -> None:
+    web, app, cli = (topo.instances[n] for n in ("web", "app", "cli"))
+    sgctl.apply({"sgctl": 1,
+                 "prefix_lists": {"pl-cli": {"family": "ipv4", "max_entries": 2,
+                                             "entries": [cli.ip4 + "/32"]}},
+                 "groups": {
+                     "sg-w": {"name": "w", "ingress": [
+                         {"proto": "tcp", "ports": 22, "from": "sg-a"},
+                         {"proto": "tcp", "ports": 443, "from": "pl-cli"},
+                         {"proto": "tcp", "ports": "1000-2000", "from": "0.0.0.0/0"}],
+                         "egress": []},
+                     "sg-a": {"name": "a", "ingress": []}},
+                 "interfaces": enis(topo, {"web": ["sg-w"], "app": ["sg-a"]})})
+    assert app.can_tcp(web.ip4, 22), "member of the referenced group"
+    assert not cli.can_tcp(web.ip4, 22), "not a member"
+    assert cli.can_tcp(web.ip4, 443) and not app.can_tcp(web.ip4, 443), "prefix list"
+    edges = {p: cli.can_tcp(web.ip4, p) for p in (999, 1000, 2000, 2001)}
+    assert edges == {999: False, 1000: True, 2000: True, 2001: False}
+
+
+def test_icmp_type_code_and_ipv6(topo: Topology, sgctl: Sgctl) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    sgctl.apply({"sgctl": 1, "groups": {"sg-w": {"name": "w", "ingress": [
+        {"proto": "icmp", "type": 8, "code": 0, "from": "0.0.0.0/0"},
+        {"proto": "tcp", "ports": 80, "from": "2001:db8::/64"}], "egress": []}},
+        "interfaces": enis(topo, {"web": ["sg-w"]})})
+    assert cli.ping(web.ip4), "echo request allowed, reply by conntrack"
+    assert not cli.ping(web.ip6), "no ICMPv6 rule"
+    assert cli.can_tcp(web.ip6, 80), "IPv6 rule (neighbour discovery exempt)"
+    assert not cli.can_tcp(web.ip4, 80), "IPv6 peer never matches IPv4"
+
+
+def test_two_groups_union(topo: Topology, sgctl: Sgctl) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    sgctl.apply({"sgctl": 1, "groups": {
+        "sg-x": {"name": "x", "ingress": [{"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}]},
+        "sg-y": {"name": "y", "ingress": [{"proto": "tcp", "ports": 443, "from": "0.0.0.0/0"}]}},
+        "interfaces": enis(topo, {"web": ["sg-x", "sg-y"]})})
+    assert cli.can_tcp(web.ip4, 80) and cli.can_tcp(web.ip4, 443)
+    assert not cli.can_tcp(web.ip4, 22)
+
+
+def test_rule_removal_tracked_vs_untracked(topo: Topology, sgctl: Sgctl) -> None:
+    """Tracked connections survive the rule's removal; untracked flows stop at once."""
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    base = {"proto": "tcp", "ports": 443, "from": cli.ip4 + "/32"}  # tracked (not world)
+    world = {"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}  # untracked with default egress
+    sgctl.apply({"sgctl": 1, "groups": {"sg-w": {"name": "w", "ingress": [base, world]}},
+                 "interfaces": enis(topo, {"web": ["sg-w"]})})
+    tracked = cli.tcp_connect(web.ip4, 443)
+    untracked = cli.tcp_connect(web.ip4, 80)
+    assert tracked is not None and untracked is not None
+    assert echo_ok(tracked) and echo_ok(untracked)
+    sgctl.apply({"sgctl": 1, "groups": {"sg-w": {"name": "w", "ingress": []}},
+                 "interfaces": enis(topo, {"web": ["sg-w"]})})
+    try:
+        assert echo_ok(tracked), "tracked connection survives"
+        untracked.settimeout(1.0)
+        assert not echo_ok(untracked), "untracked flow stops at once"
+        assert not cli.can_tcp(web.ip4, 443), "new connections are judged by the new rules"
+    finally:
+        tracked.close()
+        untracked.close()
+
+
+def test_host_mode(topo: Topology, sgctl: Sgctl) -> None:
+    """The root namespace as the instance, on its own veth end (host mode)."""
+    cli = topo.instances["cli"]
+    tag = unique("")[-5:]
+    host_if, peer_ns = f"sgH{tag}", f"sgnH{tag}"
+    from tests.netns import Instance, Servers, sh
+
+    sh("ip", "netns", "add", peer_ns)
+    servers = Servers()
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", peer_ns)
+        sh("ip", "addr", "add", "198.19.77.1/30", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        ex = ("ip", "netns", "exec", peer_ns)
+        sh(*ex, "ip", "addr", "add", "198.19.77.2/30", "dev", "eth0")
+        sh(*ex, "ip", "link", "set", "eth0", "up")
+        sh(*ex, "ip", "link", "set", "lo", "up")
+        outside = Instance(peer_ns, "", "198.19.77.2", "")
+        root = Instance("", host_if, "198.19.77.1", "")
+        servers.tcp(outside, 7100)
+        # a listener in the root namespace, on the host's own address only
+        import socket
+        import threading
+
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("198.19.77.1", 7200))
+        ls.listen(8)
+        ls.settimeout(0.2)
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    c, _ = ls.accept()
+                    c.settimeout(1)
+                    c.sendall(c.recv(100))
+                    c.close()
+                except OSError:
+                    continue
+
+        threading.Thread(target=serve, daemon=True).start()
+        sgctl.apply({"sgctl": 1, "groups": {"sg-h": {"name": "h", "ingress": [
+            {"proto": "tcp", "ports": 7200, "from": "198.19.77.2/32"}],
+            "egress": [{"proto": "tcp", "ports": 7100, "to": "198.19.77.0/30"}]}},
+            "interfaces": {"eni-host": {"groups": ["sg-h"], "ipv4": ["198.19.77.1"],
+                                        "device": host_if, "mode": "host"}}})
+        assert outside.can_tcp("198.19.77.1", 7200), "host ingress allowed by rule"
+        s = socket.create_connection(("198.19.77.2", 7100), timeout=1)
+        assert echo_ok(s), "host egress allowed by rule"
+        s.close()
+        sgctl.apply({"sgctl": 1, "groups": {"sg-h": {"name": "h", "ingress": [], "egress": []}},
+                     "interfaces": {"eni-host": {"groups": ["sg-h"], "ipv4": ["198.19.77.1"],
+                                                 "device": host_if, "mode": "host"}}})
+        assert not outside.can_tcp("198.19.77.1", 7200)
+        try:
+            socket.create_connection(("198.19.77.2", 7100), timeout=1).close()
+            raise AssertionError("host egress should be denied")
+        except OSError:
+            pass
+        stop.set()
+        ls.close()
+        del root, cli
+    finally:
+        servers.close()
+        sh("ip", "link", "del", host_if, check=False)
+        sh("ip", "netns", "del", peer_ns, check=False)
+
+
+def test_bad_file_keeps_old_policy(topo: Topology, sgctl: Sgctl) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    good = {"sgctl": 1, "groups": {"sg-w": {"name": "w", "ingress": [
+        {"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}]}},
+        "interfaces": enis(topo, {"web": ["sg-w"]})}
+    sgctl.apply(good)
+    before = sgctl.run("status", "-o", "json").stdout
+    bad = yaml.safe_dump(good).replace("ports: 80", "ports: 80-70000")
+    res = sgctl.apply_text(bad)
+    assert res.returncode == 2
+    assert "sg-w ingress[0]" in res.stderr and "ToPort" in res.stderr and "70000" in res.stderr
+    res = sgctl.apply_text("groups: [unclosed")
+    assert res.returncode == 2 and "neither JSON nor YAML" in res.stderr
+    assert cli.can_tcp(web.ip4, 80) and not cli.can_tcp(web.ip4, 22)
+    after = sgctl.run("status", "-o", "json").stdout
+    assert json.loads(after)["policies"] == json.loads(before)["policies"]
+    time.sleep(0)
