@@ -14,7 +14,7 @@ demo: setup
 # The whole suite: lint, types, unit, kernel (BPF_PROG_TEST_RUN), differential, end-to-end.
 test: setup
 	$(VENV)/bin/ruff check controller tests
-	$(VENV)/bin/mypy controller
+	$(VENV)/bin/mypy -p controller
 	$(PY) -m pytest -q -ra tests
 
 test-unit: setup

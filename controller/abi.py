@@ -83,11 +83,11 @@ MAPS = {
 PERCPU_MAPS = {"sg_verdicts"}
 
 
-def addr_words(packed: bytes) -> Addr:
+def addr_words(packed: bytes) -> ct.Array[ct.c_uint32]:
     """4 or 16 address bytes (network order) -> the __be32[4] field."""
     raw = packed.ljust(16, b"\0")
     return Addr.from_buffer_copy(raw)
 
 
-def words_bytes(words: Addr, family: int) -> bytes:
+def words_bytes(words: ct.Array[ct.c_uint32], family: int) -> bytes:
     return bytes(words)[: 4 if family == 4 else 16]

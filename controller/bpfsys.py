@@ -7,7 +7,7 @@ import ctypes as ct
 import ctypes.util
 import errno
 import os
-from typing import Iterator, List, Optional, Tuple, Type
+from typing import Any, Iterator, List, Optional, Tuple, Type
 
 _lib: Optional[ct.CDLL] = None
 
@@ -81,17 +81,17 @@ class Map:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "Map":
+    def __enter__(self) -> Map:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def update(self, key: object, val: object, flags: int = BPF_ANY) -> None:
+    def update(self, key: Any, val: Any, flags: int = BPF_ANY) -> None:
         _check(lib().bpf_map_update_elem(self.fd, ct.byref(key), ct.byref(val), flags),
                f"update {os.path.basename(self.path)}")
 
-    def lookup(self, key: object) -> Optional[object]:
+    def lookup(self, key: Any) -> Any:
         val = (self.val_t * self.ncpu)() if self.percpu else self.val_t()
         rc = lib().bpf_map_lookup_elem(self.fd, ct.byref(key), ct.byref(val))
         if rc < 0:
@@ -100,7 +100,7 @@ class Map:
             _check(rc, f"lookup {os.path.basename(self.path)}")
         return val
 
-    def delete(self, key: object) -> bool:
+    def delete(self, key: Any) -> bool:
         rc = lib().bpf_map_delete_elem(self.fd, ct.byref(key))
         if rc < 0:
             if ct.get_errno() == errno.ENOENT:
@@ -108,9 +108,9 @@ class Map:
             _check(rc, f"delete {os.path.basename(self.path)}")
         return True
 
-    def keys(self) -> List[object]:
-        out = []
-        cur: Optional[object] = None
+    def keys(self) -> List[Any]:
+        out: List[Any] = []
+        cur: Any = None
         while True:
             nxt = self.key_t()
             rc = lib().bpf_map_get_next_key(self.fd, None if cur is None else ct.byref(cur),
@@ -122,7 +122,7 @@ class Map:
             out.append(nxt)
             cur = nxt
 
-    def items(self) -> Iterator[Tuple[object, object]]:
+    def items(self) -> Iterator[Tuple[Any, Any]]:
         for k in self.keys():
             v = self.lookup(k)
             if v is not None:

@@ -45,7 +45,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     dp = _dataplane(args)
     try:
         if not os.path.exists(f"{args.pin_dir}/sg_endpoints"):
-            print("nothing applied (no pinned maps under %s)" % args.pin_dir)
+            print(f"nothing applied (no pinned maps under {args.pin_dir})")
             return EXIT_OK
         applied = dp.load_applied()
         rows = []

@@ -20,7 +20,7 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import abi, bpfsys
 from .compiler import DIR_INDEX, FAMILY_INDEX, Compiled, Policy, compile_state, network_bytes
@@ -198,31 +198,31 @@ class Dataplane:
                               addr=abi.addr_words(network_bytes(pe.network)))
             peers.update(key, ct.c_uint32(pe.cls))
         for po in pol.ports:
-            key = abi.PortKey(prefixlen=80 + po.plen, policy_id=policy_id, cls=po.cls,
+            pkey = abi.PortKey(prefixlen=80 + po.plen, policy_id=policy_id, cls=po.cls,
                               proto=po.proto, port=socket.htons(po.port))
-            ports.update(key, abi.PortVal(rule_index=po.rule_index, flags=po.flags))
+            ports.update(pkey, abi.PortVal(rule_index=po.rule_index, flags=po.flags))
 
     def gc_policies(self, live: set) -> int:
         removed = 0
         for name in ("sg_peer_lpm", "sg_port_lpm"):
             m = self.map(name)
-            for key in m.keys():
-                if key.policy_id not in live:  # type: ignore[attr-defined]
-                    removed += m.delete(key)
+            for old in m.keys():
+                if old.policy_id not in live:
+                    removed += m.delete(old)
         return removed
 
     def sync_exempt(self, state: State) -> None:
         m = self.map("sg_exempt_lpm")
-        want = {}
+        want: Dict[bytes, Any] = {}
         for net in state.settings.exempt:
             key = abi.ExemptKey(prefixlen=32 + net.prefixlen, family=net.version,
                                 addr=abi.addr_words(network_bytes(net)))
             want[bytes(key)] = key
-        for key in m.keys():
-            if bytes(key) not in want:  # type: ignore[call-overload]
-                m.delete(key)
-        for key in want.values():
-            m.update(key, ct.c_uint8(1))
+        for old in m.keys():
+            if bytes(old) not in want:
+                m.delete(old)
+        for new in want.values():
+            m.update(new, ct.c_uint8(1))
         cfg = abi.Config(flags=abi.CFG_EXEMPT_DHCP if state.settings.exempt_dhcp else 0)
         old = self.map("sg_config").lookup(ct.c_uint32(0))
         if old is not None:
@@ -292,7 +292,7 @@ class Dataplane:
                                      "mode": eni.mode, "policy": name}
         self.sync_exempt(state)
         if attach and progs is not None:
-            for eni_id, ep in endpoints.items():
+            for _eni_id, ep in endpoints.items():
                 netlink.attach(ep["ifindex"], progs.xdp_fd, progs.tc_fd, self.known_prog_ids(applied))
             applied.prog_ids = sorted(set(applied.prog_ids) | {bpfsys.prog_id(progs.xdp_fd),
                                                                bpfsys.prog_id(progs.tc_fd)})
@@ -361,7 +361,7 @@ class Dataplane:
         return done
 
 
-def ip_text(words: "ct.Array", family: int) -> str:
+def ip_text(words: ct.Array, family: int) -> str:
     return str(ipaddress.ip_address(abi.words_bytes(words, family)))
 
 

@@ -79,7 +79,7 @@ class Packet:
     icmp_code: int = 0
     ident: int = 0
     tcp_flags: int = TCP_SYN
-    embedded: Optional["Packet"] = None  # the header inside an ICMP error
+    embedded: Optional[Packet] = None  # the header inside an ICMP error
     frag_id: Optional[int] = None  # set for fragments
     frag_offset: int = 0
     more_fragments: bool = False
@@ -112,7 +112,7 @@ class Packet:
             return (self.icmp_type << 8) | self.icmp_code
         return 0
 
-    def reversed(self) -> "Packet":
+    def reversed(self) -> Packet:
         return replace(self, src=self.dst, dst=self.src, sport=self.dport, dport=self.sport)
 
 

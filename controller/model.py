@@ -142,7 +142,7 @@ class Peer:
     value: str  # canonical CIDR text, pl- id or sg- id
 
     @staticmethod
-    def cidr(net: IPNetwork) -> "Peer":
+    def cidr(net: IPNetwork) -> Peer:
         return Peer("cidr", str(net))
 
     @property

@@ -39,8 +39,9 @@ def l3(pkt: Packet, inner: bool = False) -> ScapyPacket:
         if pkt.frag_id is None:
             ip = IPv6(src=str(pkt.src), dst=str(pkt.dst), nh=pkt.proto)
         else:
-            ip = IPv6(src=str(pkt.src), dst=str(pkt.dst)) / IPv6ExtHdrFragment(id=pkt.frag_id, offset=pkt.frag_offset // 8,
-                                         m=int(pkt.more_fragments), nh=pkt.proto)
+            frag = IPv6ExtHdrFragment(id=pkt.frag_id, offset=pkt.frag_offset // 8,
+                                      m=int(pkt.more_fragments), nh=pkt.proto)
+            ip = IPv6(src=str(pkt.src), dst=str(pkt.dst)) / frag
     if pkt.frag_id is not None and pkt.frag_offset:
         return ip / Raw(b"\0" * 16)
     if pkt.proto == PROTO_TCP:

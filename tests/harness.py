@@ -13,7 +13,6 @@ from controller.model import EGRESS, INGRESS, MODE_HOST, State
 from controller.packets import frame
 from controller.reasons import Reason
 
-
 KERNEL_CT_MAX = 256  # small, so that the table-full case is cheap to reach
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP, IPOption_RR
@@ -22,9 +22,17 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from controller.evaluator import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TCP_URG, Evaluator
+from controller.evaluator import (
+    TCP_ACK,
+    TCP_FIN,
+    TCP_PSH,
+    TCP_RST,
+    TCP_SYN,
+    TCP_URG,
+    Evaluator,
+    addr,
+)
 from controller.evaluator import Packet as P
-from controller.evaluator import addr
 from controller.packets import DST_MAC, SRC_MAC, frame, l3
 from controller.reasons import Reason as R
 from tests.states import one_interface

@@ -114,14 +114,15 @@ class _Template:
         raise ValidationError(where, "Fn::GetAtt", f"attribute {logical}.{attr} is not supported")
 
     def sub(self, text: str, variables: Dict[str, Any], where: str) -> str:
-        def repl(m: "re.Match[str]") -> str:
+        def repl(m: re.Match[str]) -> str:
             key = m.group(1)
             if key.startswith("!"):
                 return "${" + key[1:] + "}"
             if key in variables:
                 return str(self.resolve(variables[key], where))
             if "." in key and key.split(".", 1)[0] in self.physical:
-                return str(self.getatt(*key.split(".", 1), where))
+                logical, attr = key.split(".", 1)
+                return str(self.getatt(logical, attr, where))
             return str(self.ref(key, where))
         return re.sub(r"\$\{([^}]+)\}", repl, text)
 
@@ -244,12 +245,12 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
                     add(gid, direction, spec, f"{logical}.{key}[{j}]")
         elif res["Type"] in (SG_IN, SG_OUT):
             p = tpl.props(logical)
-            gid = p.get("GroupId")
-            if gid is None and p.get("GroupName") is not None:
-                gid = by_name.get(str(p["GroupName"]))
-            if gid is None:
+            ref: Optional[str] = p.get("GroupId")
+            if ref is None and p.get("GroupName") is not None:
+                ref = by_name.get(str(p["GroupName"]))
+            if ref is None:
                 raise ValidationError(logical, "GroupId", "required (a !Ref or !GetAtt X.GroupId)")
-            add(str(gid), INGRESS if res["Type"] == SG_IN else EGRESS, p, logical)
+            add(str(ref), INGRESS if res["Type"] == SG_IN else EGRESS, p, logical)
         elif res["Type"] == ENI:
             p = tpl.props(logical)
             tags = tags_of(p.get("Tags"), logical)

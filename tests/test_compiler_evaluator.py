@@ -1,0 +1,125 @@
+"""Compiler and reference evaluator, no kernel needed."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+
+from controller.compiler import (
+    FLAG_WORLD,
+    PROTO_ANY,
+    _segments,
+    compile_state,
+    open_all_bit,
+    range_to_prefixes,
+)
+from controller.evaluator import TCP_ACK, TCP_SYN, Evaluator, Packet, addr
+from controller.reasons import Reason
+from tests.states import one_interface
+
+L, R = addr("198.18.0.10"), addr("198.18.1.1")
+
+
+@pytest.mark.parametrize("lo, hi", [(0, 65535), (1, 65534), (80, 80), (1000, 2000), (0, 0),
+                                    (65535, 65535), (1024, 65535)])
+def test_range_to_prefixes_covers_exactly(lo: int, hi: int) -> None:
+    covered = set()
+    prefixes = range_to_prefixes(lo, hi)
+    for value, plen in prefixes:
+        size = 1 << (16 - plen)
+        assert value % size == 0
+        covered.update(range(value, value + size))
+    assert covered == set(range(lo, hi + 1))
+    assert len(prefixes) <= 30
+
+
+def test_segments_union_and_min_rule() -> None:
+    segs = _segments([(80, 80, 3, False), (0, 65535, 5, True), (70, 90, 1, False)])
+    assert segs == [(0, 69, 5, FLAG_WORLD), (70, 90, 1, FLAG_WORLD), (91, 65535, 5, FLAG_WORLD)]
+
+
+def test_segments_random_against_brute_force() -> None:
+    rnd = random.Random(7)
+    for _ in range(50):
+        items = []
+        for _ in range(rnd.randint(1, 6)):
+            lo = rnd.randint(0, 300)
+            items.append((lo, lo + rnd.randint(0, 50), rnd.randint(1, 9), rnd.random() < 0.3))
+        segs = _segments(items)
+        for port in range(0, 400):
+            live = [(i, w) for lo, hi, i, w in items if lo <= port <= hi]
+            got = [s for s in segs if s[0] <= port <= s[1]]
+            if not live:
+                assert not got
+                continue
+            assert got[0][2] == min(i for i, _ in live)
+            assert bool(got[0][3]) == any(w for _, w in live)
+
+
+def test_peer_classes_carry_union_of_containing_rules() -> None:
+    state = one_interface(ingress=[{"proto": "tcp", "ports": 80, "from": "198.18.0.0/15"},
+                                   {"proto": "tcp", "ports": 22, "from": "198.18.1.0/24"},
+                                   {"proto": "udp", "ports": 53, "from": "198.18.1.1/32"}],
+                          egress=[])
+    pol = next(iter(compile_state(state).policies.values()))
+    cls = {str(p.network): p.cls for p in pol.peers if p.direction == "ingress"}
+    ports = {(p.cls, p.proto) for p in pol.ports}
+    assert (cls["198.18.1.1/32"], 17) in ports and (cls["198.18.1.1/32"], 6) in ports
+    assert (cls["198.18.0.0/15"], 17) not in ports
+    assert pol.open_all == 0 and not pol.world_class
+
+
+def test_world_bits_and_any_protocol() -> None:
+    state = one_interface(ingress=[{"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}])
+    pol = next(iter(compile_state(state).policies.values()))
+    assert pol.open_all & open_all_bit("egress", 4, 6) and pol.open_all & open_all_bit("egress", 6, 17)
+    assert not pol.open_all & open_all_bit("ingress", 4, 6)
+    assert ("ingress", 4) in pol.world_class and ("egress", 6) in pol.world_class
+    assert any(p.proto == PROTO_ANY and p.flags & FLAG_WORLD for p in pol.ports)
+
+
+def test_unchanged_group_set_keeps_fingerprint() -> None:
+    a = compile_state(one_interface(ingress=[{"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}]))
+    b = compile_state(one_interface(ingress=[{"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}]))
+    c = compile_state(one_interface(ingress=[{"proto": "tcp", "ports": 81, "from": "0.0.0.0/0"}]))
+    fa, fb, fc = (next(iter(x.policies.values())).fingerprint() for x in (a, b, c))
+    assert fa == fb != fc
+
+
+def test_compiles_10k_rules() -> None:
+    rules = [{"proto": "tcp", "ports": f"{1000 + i % 50}-{1100 + i % 50}",
+              "from": str(ipaddress.ip_network((0xC6120000 + (i << 8), 24)))} for i in range(10000)]
+    state = one_interface(ingress=rules)
+    pol = next(iter(compile_state(state).policies.values()))
+    assert len([p for p in pol.peers if p.direction == "ingress"]) == 10000
+
+
+def test_evaluator_tracked_flow_and_timeouts() -> None:
+    now = {"t": 0}
+    ev = Evaluator(one_interface(ingress=[{"proto": "tcp", "ports": 80, "from": "198.18.1.0/24"}],
+                                 egress=[]), clock=lambda: now["t"])
+    assert ev.packet("eni-a", "ingress", Packet(R, L, 6, 5, 80)).reason == Reason.ALLOW_NEW
+    assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 5, tcp_flags=TCP_SYN | TCP_ACK)).reason \
+        == Reason.ALLOW_ESTABLISHED
+    now["t"] = 432000
+    assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 5, tcp_flags=TCP_ACK)).reason \
+        == Reason.ALLOW_ESTABLISHED
+    now["t"] += 432001
+    assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 5, tcp_flags=TCP_ACK)).reason \
+        == Reason.DROP_NO_RULE
+
+
+def test_evaluator_explains_rules_and_tracking() -> None:
+    ev = Evaluator(one_interface(ingress=[{"proto": "tcp", "ports": 80, "from": "0.0.0.0/0",
+                                           "description": "web"},
+                                          {"proto": "tcp", "ports": "1-100", "from": "198.18.1.1/32"}]))
+    v = ev.packet("eni-a", "ingress", Packet(R, L, 6, 5, 80))
+    assert v.reason == Reason.ALLOW_UNTRACKED and not v.tracked
+    assert sorted(r.description for r in v.rules) == ["", "web"]
+
+
+def test_evaluator_unknown_interface_passes() -> None:
+    ev = Evaluator(one_interface())
+    assert ev.packet("eni-zzz", "ingress", Packet(R, L, 6, 5, 80)).reason == Reason.PASS_UNBOUND

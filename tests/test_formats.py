@@ -1,0 +1,143 @@
+"""Model and formats: every format, the seed template, and error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from controller.formats import load_document, load_file, load_text
+from controller.formats.native import dump
+from controller.model import EGRESS, INGRESS, Peer, ValidationError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rules_of(state, gid, direction=None):
+    return [(r.protocol, r.from_port, r.to_port, str(r.peer))
+            for r in state.groups[gid].rules if direction in (None, r.direction)]
+
+
+def test_seed_cloudformation_template_loads() -> None:
+    s = load_file(str(ROOT / "examples" / "web-stack.yaml"))
+    gid = "sg-webserversecuritygroup"
+    assert s.groups[gid].name == "web-stack-web"  # !Sub with AWS::StackName = file stem
+    assert sorted(rules_of(s, gid, INGRESS)) == sorted([
+        (6, 80, 80, "0.0.0.0/0"), (6, 80, 80, "::/0"), (6, 443, 443, "0.0.0.0/0"),
+        (6, 443, 443, "::/0")])
+    # no SecurityGroupEgress property: the default egress (IPv6 in use -> also ::/0)
+    assert sorted(rules_of(s, gid, EGRESS)) == [(-1, -1, -1, "0.0.0.0/0"), (-1, -1, -1, "::/0")]
+    eni = s.interfaces["eni-webinterface"]
+    assert eni.device == "sgdemo-web" and eni.mode == "workload" and eni.groups == [gid]
+    assert [str(a) for a in eni.addresses()] == ["198.18.0.10", "2001:db8::10"]
+
+
+def test_aws_json_example() -> None:
+    s = load_file(str(ROOT / "examples" / "aws.json"))
+    app = "sg-0a1b2c3d4e5f60001"
+    assert (6, 8000, 8099, "sg-0a1b2c3d4e5f60002") in rules_of(s, app, INGRESS)
+    assert (1, 8, -1, "pl-0a1b2c3d4e5f60003") in rules_of(s, app, INGRESS)
+    eni = s.interfaces["eni-0a1b2c3d4e5f60011"]
+    assert eni.timeouts.tcp_established == 3600 and eni.timeouts.udp_stream == 120
+    assert s.interfaces["eni-0a1b2c3d4e5f60012"].device is None  # remote member
+    assert s.prefix_lists["pl-0a1b2c3d4e5f60003"].version == 3
+    # an IpPermission with two peers becomes two rules
+    assert len(rules_of(s, "sg-0a1b2c3d4e5f60002", INGRESS)) == 2
+
+
+def test_security_group_rules_shape() -> None:
+    s = load_document({"SecurityGroupRules": [
+        {"SecurityGroupRuleId": "sgr-01", "GroupId": "sg-1", "IsEgress": False,
+         "IpProtocol": "udp", "FromPort": 53, "ToPort": 53, "CidrIpv4": "10.1.2.3/16"},
+        {"SecurityGroupRuleId": "sgr-02", "GroupId": "sg-1", "IsEgress": True,
+         "IpProtocol": "-1", "FromPort": -1, "ToPort": -1,
+         "ReferencedGroupInfo": {"GroupId": "sg-1"}}]})
+    assert rules_of(s, "sg-1") == [(17, 53, 53, "10.1.0.0/16"), (-1, -1, -1, "sg-1")]
+    assert [r.rule_id for r in s.groups["sg-1"].rules] == ["sgr-01", "sgr-02"]
+
+
+def test_native_example_and_round_trip() -> None:
+    s = load_file(str(ROOT / "examples" / "native.yaml"))
+    assert s.interfaces["eni-remote"].device is None
+    again = load_document(dump(s))
+    assert {g: rules_of(again, g) for g in again.groups} == {g: rules_of(s, g) for g in s.groups}
+
+
+def test_names_and_numbers_are_the_same_protocol() -> None:
+    a = load_document({"sgctl": 1, "groups": {"sg-a": {"ingress": [
+        {"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}]}}})
+    b = load_document({"sgctl": 1, "groups": {"sg-a": {"ingress": [
+        {"proto": 6, "ports": 80, "from": "0.0.0.0/0"}]}}})
+    assert a.groups["sg-a"].rules[0].rule_id == b.groups["sg-a"].rules[0].rule_id
+
+
+def test_default_group_is_added() -> None:
+    s = load_document({"sgctl": 1, "interfaces": {"eni-1": {"ipv4": ["198.18.0.1"]}}})
+    assert s.interfaces["eni-1"].groups == ["sg-default"]
+    assert rules_of(s, "sg-default", INGRESS) == [(-1, -1, -1, "sg-default")]
+    assert s.groups["sg-default"].rules[0].peer == Peer("sg", "sg-default")
+
+
+def test_stale_reference_is_reported_not_an_error() -> None:
+    s = load_document({"sgctl": 1, "groups": {"sg-a": {"ingress": [
+        {"proto": "tcp", "ports": 1, "from": "sg-gone"}]}}})
+    assert [r.peer.value for r in s.stale_rules] == ["sg-gone"]
+
+
+@pytest.mark.parametrize("doc, where, field, words", [
+    ({"sgctl": 1, "groups": {"sg-a": {"ingress": [{"proto": "tcp", "ports": "80-70000",
+                                                   "from": "0.0.0.0/0"}]}}},
+     "sg-a ingress[0]", "ToPort", "70000"),
+    ({"sgctl": 1, "groups": {"sg-a": {"ingress": [{"proto": "tcp", "ports": 80,
+                                                   "from": "10.0.0.300/8"}]}}},
+     "sg-a ingress[0]", "from", "bad CIDR"),
+    ({"sgctl": 1, "groups": {"sg-a": {"ingress": [{"proto": "icmp", "type": -1, "code": 3,
+                                                   "from": "0.0.0.0/0"}]}}},
+     "sg-a ingress[0]", "ToPort", "without a type"),
+    ({"sgctl": 1, "groups": {"sg-a": {"ingress": [{"proto": "tcpx", "ports": 1,
+                                                   "from": "0.0.0.0/0"}]}}},
+     "sg-a ingress[0]", "IpProtocol", "unknown protocol"),
+    ({"sgctl": 1, "groups": {"sg-a": {"ingress": [{"proto": 300, "from": "0.0.0.0/0"}]}}},
+     "sg-a ingress[0]", "IpProtocol", "outside 0-255"),
+    ({"sgctl": 1, "groups": {"sg-a": {"ingress": [
+        {"proto": "tcp", "ports": 80, "from": "10.1.2.3/16"},
+        {"proto": 6, "ports": "80-80", "from": "10.1.0.0/16"}]}}},
+     "sg-a ingress[1]", "IpPermissions", "duplicate rule"),
+    ({"sgctl": 1, "interfaces": {"eni-1": {"groups": ["sg-nope"]}}},
+     "eni-1", "Groups", "unknown group sg-nope"),
+    ({"sgctl": 1, "groups": {f"sg-{i}": {} for i in range(17)},
+      "interfaces": {"eni-1": {"groups": [f"sg-{i}" for i in range(17)]}}},
+     "eni-1", "Groups", "at most 16"),
+    ({"sgctl": 1, "groups": {"sg-a": {"ingress": [{"proto": "tcp", "ports": 1,
+                                                   "from": "pl-nope"}]}}},
+     "sg-a ingress[0]", "PrefixListId", "unknown prefix list"),
+    ({"sgctl": 1, "interfaces": {"eni-1": {"timeouts": {"udp_stream": 500}}}},
+     "eni-1", "udp_stream", "60-180"),
+    ({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+        {"IpProtocol": "tcp", "FromPort": 1, "ToPort": 2}]}]},
+     "sg-1 IpPermissions[0]", "IpPermissions", "no peer"),
+    ({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+        {"IpProtocol": "udp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}]},
+     "sg-1 IpPermissions[0]", "FromPort", "required for protocol udp"),
+    ({"Resources": {"R": {"Type": "AWS::EC2::SecurityGroupIngress", "Properties": {
+        "GroupId": {"Ref": "Missing"}, "IpProtocol": "tcp", "FromPort": 1, "ToPort": 1,
+        "CidrIp": "0.0.0.0/0"}}}},
+     "R", "Ref", "unknown resource"),
+    ({"groups": {"sg-a": {"ingress": [{"proto": "tcp", "ports": 1, "from": "1.2.3.4/32",
+                                       "color": "red"}]}}},
+     "sg-a ingress[0]", "color", "unknown field"),
+])
+def test_errors_name_object_and_field(doc, where, field, words) -> None:
+    with pytest.raises(ValidationError) as info:
+        load_document(doc)
+    err = info.value
+    assert (err.obj, err.fieldname) == (where, field), str(err)
+    assert words in err.message, str(err)
+
+
+def test_syntax_errors_are_validation_errors() -> None:
+    with pytest.raises(ValidationError, match="neither JSON nor YAML"):
+        load_text("groups: [unclosed")
+    with pytest.raises(ValidationError, match="not a CloudFormation template"):
+        load_text(json.dumps({"foo": 1}))
