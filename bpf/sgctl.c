@@ -129,13 +129,13 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, __u8 dir, struct s
 	return rc;
 }
 
-/* Returns 1 to pass, 0 to drop. */
-static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void *end)
+/* Returns 1 to pass, 0 to drop. ``bytes`` is the whole frame's length. */
+static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void *end, __u32 bytes)
 {
 	struct sg_endpoint *ep = sg_endpoints.lookup(&ifindex);
 	if (!ep) {
 		count_verdict(0, hook == SG_HOOK_XDP ? SG_DIR_EGRESS : SG_DIR_INGRESS,
-			      SG_PASS_UNBOUND, end - data);
+			      SG_PASS_UNBOUND, bytes);
 		return 1;
 	}
 	/* workload: XDP sees the instance's egress; host: XDP sees ingress */
@@ -146,7 +146,7 @@ static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void 
 		dir = ep->mode == SG_MODE_HOST ? SG_DIR_EGRESS : SG_DIR_INGRESS;
 	struct sg_pkt p = {};
 	int reason = sg_verdict(ep, dir, &p, data, end);
-	count_verdict(ep->ep_id, dir, reason, end - data);
+	count_verdict(ep->ep_id, dir, reason, bytes);
 	return SG_IS_ALLOWED(reason);
 }
 
@@ -154,16 +154,19 @@ int xdp_sg(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	return sg_process(ctx->ingress_ifindex, SG_HOOK_XDP, data, end) ? XDP_PASS : XDP_DROP;
+	return sg_process(ctx->ingress_ifindex, SG_HOOK_XDP, data, end, end - data) ?
+	       XDP_PASS : XDP_DROP;
 }
 
 int tc_sg(struct __sk_buff *skb)
 {
 	/* headers of locally built packets can sit in paged data: pull enough
 	 * for Ethernet + VLANs + IPv6 + extension headers + an ICMP error */
-	if ((long)skb->data_end - (long)skb->data < skb->len && (long)skb->data_end - (long)skb->data < 256)
+	long linear = (long)skb->data_end - (long)skb->data;
+	if (linear < skb->len && linear < 256)
 		bpf_skb_pull_data(skb, skb->len < 256 ? skb->len : 256);
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
-	return sg_process(skb->ifindex, SG_HOOK_TC_EGRESS, data, end) ? TC_ACT_OK : TC_ACT_SHOT;
+	return sg_process(skb->ifindex, SG_HOOK_TC_EGRESS, data, end, skb->len) ?
+	       TC_ACT_OK : TC_ACT_SHOT;
 }
