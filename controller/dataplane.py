@@ -251,6 +251,9 @@ class Dataplane:
             ifindexes[eni.eni_id] = idx
         progs = self.programs() if attach else None
         applied = self.load_applied()
+        if attach:
+            for idx in ifindexes.values():
+                netlink.check_attachable(idx, self.known_prog_ids(applied))
         eps = self.map("sg_endpoints")
 
         # 1. policies: reuse unchanged group sets, write changed ones under new ids

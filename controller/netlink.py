@@ -37,6 +37,15 @@ def _mode_value(mode: object) -> int:
     return {"xdp": 1, "xdpgeneric": 2, 1: 1, 2: 2}.get(mode, 0)  # type: ignore[call-overload]
 
 
+def check_attachable(idx: int, ours: Set[int]) -> None:
+    """Fail before anything changes if a foreign XDP program holds the device."""
+    with IPRoute() as ipr:
+        prog, _ = xdp_state(ipr, idx)
+    if prog and prog not in ours:
+        raise AttachError(f"ifindex {idx} already has an XDP program (id {prog}) that sgctl "
+                          "did not attach; detach it first")
+
+
 def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int]) -> str:
     """Attach (or atomically replace) both programs on a device. Refuses to
     replace an XDP program that sgctl did not attach. Returns the XDP mode."""

@@ -291,3 +291,32 @@ def test_bad_file_keeps_old_policy(topo: Topology, sgctl: Sgctl) -> None:
     after = sgctl.run("status", "-o", "json").stdout
     assert json.loads(after)["policies"] == json.loads(before)["policies"]
     time.sleep(0)
+
+
+def test_foreign_xdp_program_is_not_replaced(topo: Topology, sgctl: Sgctl) -> None:
+    """A device held by someone else's XDP program: apply fails, nothing changes."""
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    good = {"sgctl": 1, "groups": {"sg-w": {"name": "w", "ingress": [
+        {"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}]}},
+        "interfaces": enis(topo, {"web": ["sg-w"]})}
+    sgctl.apply(good)
+    before = json.loads(sgctl.run("status", "-o", "json").stdout)["policies"]
+    prog = BPF(text=b"int pass_all(struct xdp_md *c) { return XDP_PASS; }")
+    fn = prog.load_func(b"pass_all", BPF.XDP)
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=cli.host_dev)[0]
+        ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fn.fd), ("IFLA_XDP_FLAGS", 2)]})
+    try:
+        both = {**good, "interfaces": enis(topo, {"web": ["sg-w"], "cli": ["sg-w"]})}
+        both["groups"]["sg-w"]["ingress"].append({"proto": "tcp", "ports": 22, "from": "0.0.0.0/0"})
+        res = sgctl.apply_text(yaml.safe_dump(both))
+        assert res.returncode == 1 and "did not attach" in res.stderr
+        assert json.loads(sgctl.run("status", "-o", "json").stdout)["policies"] == before
+        assert not cli.can_tcp(web.ip4, 22), "the old policy is still enforced"
+    finally:
+        with IPRoute() as ipr:
+            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1),
+                                                      ("IFLA_XDP_FLAGS", 2)]})
