@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
@@ -232,6 +231,3 @@ def network_bytes(net: IPNetwork) -> bytes:
     """16-byte address field: IPv4 in the first four bytes."""
     return net.network_address.packed.ljust(16, b"\0")
 
-
-def parse_network(text: str) -> IPNetwork:
-    return ipaddress.ip_network(text)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -29,9 +28,6 @@ from .model import MODE_HOST, State
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sgctl"
 DEFAULT_STATE_DIR = "/var/lib/sgctl"
-XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
-TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress
-TC_PRIO, TC_HANDLE = 49152, 1
 
 
 class DataplaneError(RuntimeError):
@@ -362,10 +358,6 @@ class Dataplane:
             if exc.errno != errno.ENOENT:
                 raise
         return done
-
-
-def ip_text(words: ct.Array, family: int) -> str:
-    return str(ipaddress.ip_address(abi.words_bytes(words, family)))
 
 
 def endpoint_counters(dp: Dataplane, ep_id: int) -> Dict[Tuple[str, str], Tuple[int, int]]:

@@ -37,13 +37,17 @@ def _mode_value(mode: object) -> int:
     return {"xdp": 1, "xdpgeneric": 2, 1: 1, 2: 2}.get(mode, 0)  # type: ignore[call-overload]
 
 
+def _refuse_foreign(idx: int, prog: int, ours: Set[int]) -> None:
+    if prog and prog not in ours:
+        raise AttachError(f"ifindex {idx} already has an XDP program (id {prog}) that sgctl "
+                          "did not attach; detach it first")
+
+
 def check_attachable(idx: int, ours: Set[int]) -> None:
     """Fail before anything changes if a foreign XDP program holds the device."""
     with IPRoute() as ipr:
         prog, _ = xdp_state(ipr, idx)
-    if prog and prog not in ours:
-        raise AttachError(f"ifindex {idx} already has an XDP program (id {prog}) that sgctl "
-                          "did not attach; detach it first")
+    _refuse_foreign(idx, prog, ours)
 
 
 def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int]) -> str:
@@ -52,9 +56,7 @@ def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int]) -> str:
     with IPRoute() as ipr:
         prog, mode = xdp_state(ipr, idx)
         mode = _mode_value(mode)
-        if prog and prog not in ours:
-            raise AttachError(f"ifindex {idx} already has an XDP program (id {prog}) that sgctl "
-                              "did not attach; detach it first")
+        _refuse_foreign(idx, prog, ours)
         tried = [XDP_FLAGS_SKB_MODE] if mode == 2 else [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE]
         err: Optional[Exception] = None
         used = ""
