@@ -247,9 +247,10 @@ class Dataplane:
             ifindexes[eni.eni_id] = idx
         progs = self.programs() if attach else None
         applied = self.load_applied()
+        ours = self.known_prog_ids(applied)  # ours to replace or detach; others are refused
         if attach:
             for idx in ifindexes.values():
-                netlink.check_attachable(idx, self.known_prog_ids(applied))
+                netlink.check_attachable(idx, ours)
         eps = self.map("sg_endpoints")
 
         # 1. policies: reuse unchanged group sets, write changed ones under new ids
@@ -292,16 +293,15 @@ class Dataplane:
         self.sync_exempt(state)
         if attach and progs is not None:
             for _eni_id, ep in endpoints.items():
-                netlink.attach(ep["ifindex"], progs.xdp_fd, progs.tc_fd, self.known_prog_ids(applied))
-            applied.prog_ids = sorted(set(applied.prog_ids) | {bpfsys.prog_id(progs.xdp_fd),
-                                                               bpfsys.prog_id(progs.tc_fd)})
+                netlink.attach(ep["ifindex"], progs.xdp_fd, progs.tc_fd, ours)
+            applied.prog_ids = sorted(ours)
         # 3. endpoints that went away: detach, forget, flush their connections
         gone = {e: ep for e, ep in applied.endpoints.items()
                 if e not in endpoints or endpoints[e]["ifindex"] != ep["ifindex"]}
         live_idx = {ep["ifindex"] for ep in endpoints.values()}
         for ep in gone.values():
             if ep["ifindex"] not in live_idx:
-                netlink.detach(ep["ifindex"], self.known_prog_ids(applied))
+                netlink.detach(ep["ifindex"], ours)
                 eps.delete(ct.c_uint32(ep["ifindex"]))
         if gone:
             self.flush_conntrack({ep["ep_id"] for ep in gone.values()})

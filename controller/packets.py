@@ -27,7 +27,7 @@ _ICMP6 = {1: ICMPv6DestUnreach, 2: ICMPv6PacketTooBig, 3: ICMPv6TimeExceeded,
           4: ICMPv6ParamProblem, 128: ICMPv6EchoRequest, 129: ICMPv6EchoReply}
 
 
-def l3(pkt: Packet, inner: bool = False) -> ScapyPacket:
+def l3(pkt: Packet) -> ScapyPacket:
     """The IP packet (no Ethernet)."""
     if pkt.family == 4:
         ip: ScapyPacket = IP(src=str(pkt.src), dst=str(pkt.dst), proto=pkt.proto)
@@ -52,7 +52,7 @@ def l3(pkt: Packet, inner: bool = False) -> ScapyPacket:
         icmp = ICMP(type=pkt.icmp_type, code=pkt.icmp_code)
         if pkt.is_echo:
             icmp.id = pkt.ident
-        body = l3(pkt.embedded, inner=True) if pkt.embedded is not None else Raw(b"\0" * 8)
+        body = l3(pkt.embedded) if pkt.embedded is not None else Raw(b"\0" * 8)
         return ip / icmp / body
     if pkt.proto == PROTO_ICMPV6:
         cls = _ICMP6.get(pkt.icmp_type)
@@ -63,7 +63,7 @@ def l3(pkt: Packet, inner: bool = False) -> ScapyPacket:
             icmp6 = cls(code=pkt.icmp_code)
             if pkt.is_echo:
                 icmp6.id = pkt.ident
-        body = l3(pkt.embedded, inner=True) if pkt.embedded is not None else Raw(b"")
+        body = l3(pkt.embedded) if pkt.embedded is not None else Raw(b"")
         return ip / icmp6 / body
     return ip / Raw(b"\0" * 8)
 
