@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as ct
 
 DIR_INGRESS, DIR_EGRESS = 0, 1
+CT_NEW, CT_ESTABLISHED, CT_STREAM, CT_CLOSING = 1, 2, 3, 4  # SG_CT_*
 MODE_WORKLOAD, MODE_HOST = 0, 1
 PROTO_ANY = 256
 FLAG_WORLD = 0x1

@@ -19,11 +19,12 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from . import abi, bpfsys
 from .compiler import DIR_INDEX, FAMILY_INDEX, Compiled, Policy, compile_state, network_bytes
 from .model import MODE_HOST, State
+from .store import write_atomic
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sgctl"
@@ -62,22 +63,6 @@ class Programs:
     tag: str
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename, fsynced: a crash leaves the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 @dataclass
 class Applied:
     """What was last written to the kernel (the controller's memory)."""
@@ -99,6 +84,12 @@ class Dataplane:
         self.ct_max = ct_max
         self._maps: Dict[str, bpfsys.Map] = {}
         self._progs: Optional[Programs] = None
+        # what this process wrote, so that repeated applies touch only what changed
+        self._applied: Optional[Applied] = None
+        self._written: Dict[int, Policy] = {}  # policy id -> its entries
+        self._scanned = False  # one full scan of the policy maps per process
+        self._attached: Dict[int, str] = {}  # ifindex -> program tag attached there
+        self._ep_written: Dict[int, bytes] = {}  # ifindex -> endpoint value written
 
     # ------------------------------------------------------------ programs
 
@@ -169,6 +160,8 @@ class Dataplane:
         return self.state_dir / "applied.json"
 
     def load_applied(self) -> Applied:
+        if self._applied is not None:
+            return self._applied
         try:
             raw = json.loads(self.applied_path.read_text())
             applied = Applied(**raw)
@@ -186,20 +179,39 @@ class Dataplane:
 
     # ------------------------------------------------------------ policy writes
 
-    def write_policy(self, policy_id: int, pol: Policy) -> None:
-        peers, ports = self.map("sg_peer_lpm"), self.map("sg_port_lpm")
+    @staticmethod
+    def _peer_keys(policy_id: int, pol: Policy) -> Iterator[abi.PeerKey]:
         for pe in pol.peers:
-            key = abi.PeerKey(prefixlen=64 + pe.network.prefixlen, policy_id=policy_id,
+            yield abi.PeerKey(prefixlen=64 + pe.network.prefixlen, policy_id=policy_id,
                               dir=DIR_INDEX[pe.direction], family=pe.family,
                               addr=abi.addr_words(network_bytes(pe.network)))
-            peers.update(key, ct.c_uint32(pe.cls))
+
+    @staticmethod
+    def _port_items(policy_id: int, pol: Policy) -> Iterator[Tuple[abi.PortKey, abi.PortVal]]:
         for po in pol.ports:
-            pkey = abi.PortKey(prefixlen=80 + po.plen, policy_id=policy_id, cls=po.cls,
-                              proto=po.proto, port=socket.htons(po.port))
-            ports.update(pkey, abi.PortVal(rule_index=po.rule_index, flags=po.flags))
+            yield (abi.PortKey(prefixlen=80 + po.plen, policy_id=policy_id, cls=po.cls,
+                               proto=po.proto, port=socket.htons(po.port)),
+                   abi.PortVal(rule_index=po.rule_index, flags=po.flags))
+
+    def write_policy(self, policy_id: int, pol: Policy) -> None:
+        peers, ports = self.map("sg_peer_lpm"), self.map("sg_port_lpm")
+        for key, pe in zip(self._peer_keys(policy_id, pol), pol.peers):
+            peers.update(key, ct.c_uint32(pe.cls))
+        for pkey, pval in self._port_items(policy_id, pol):
+            ports.update(pkey, pval)
 
     def gc_policies(self, live: set) -> int:
+        """Delete the entries of policy ids not in ``live``: exactly the keys
+        written by this process when it remembers them, else by a map scan."""
+        dead = [pid for pid in self._written if pid not in live]
         removed = 0
+        for pid in dead:
+            pol = self._written.pop(pid)
+            removed += sum(self.map("sg_peer_lpm").delete(k) for k in self._peer_keys(pid, pol))
+            removed += sum(self.map("sg_port_lpm").delete(k) for k, _ in self._port_items(pid, pol))
+        if self._scanned:
+            return removed
+        self._scanned = True
         for name in ("sg_peer_lpm", "sg_port_lpm"):
             m = self.map(name)
             for old in m.keys():
@@ -231,17 +243,23 @@ class Dataplane:
 
     # ------------------------------------------------------------ apply
 
-    def apply(self, state: State, attach: bool = True) -> Applied:
+    def apply(self, state: State, attach: bool = True, missing_ok: bool = False) -> Applied:
         """Make the kernel enforce ``state``. Everything that can fail on the
-        input fails before the first map write."""
+        input fails before the first map write. With ``missing_ok`` a bound
+        interface whose device does not exist (yet) is left pending instead
+        of being an error (the daemon binds it when the device appears)."""
         from . import netlink
 
         compiled: Compiled = compile_state(state)
         ifindexes: Dict[str, int] = {}
+        pending: List[str] = []
         for eni in state.bound_interfaces():
             assert eni.device
             idx = netlink.ifindex(eni.device)
             if idx is None:
+                if missing_ok:
+                    pending.append(eni.eni_id)
+                    continue
                 raise DataplaneError(f"{eni.eni_id}: host-interface: device {eni.device!r} "
                                      "does not exist on this host")
             ifindexes[eni.eni_id] = idx
@@ -250,7 +268,8 @@ class Dataplane:
         ours = self.known_prog_ids(applied)  # ours to replace or detach; others are refused
         if attach:
             for idx in ifindexes.values():
-                netlink.check_attachable(idx, ours)
+                if self._attached.get(idx) != self.prog_tag():
+                    netlink.check_attachable(idx, ours)
         eps = self.map("sg_endpoints")
 
         # 1. policies: reuse unchanged group sets, write changed ones under new ids
@@ -265,12 +284,15 @@ class Dataplane:
             pid = applied.next_policy_id
             applied.next_policy_id += 1
             self.write_policy(pid, pol)
+            self._written[pid] = pol
             policies[name] = {"policy_id": pid, "fingerprint": fp,
                               "peers": len(pol.peers), "ports": len(pol.ports),
                               "classes": pol.nclasses}
         # 2. endpoints: one update each switches to the new policy
         endpoints: Dict[str, dict] = {}
         for eni in state.bound_interfaces():
+            if eni.eni_id not in ifindexes:
+                continue
             name = ",".join(eni.groups)
             pol = compiled.policies[tuple(eni.groups)]
             idx = ifindexes[eni.eni_id]
@@ -287,13 +309,17 @@ class Dataplane:
                 val.world_class[DIR_INDEX[direction] * 2 + FAMILY_INDEX[family]] = cls
             for i, tname in enumerate(abi.TO_NAMES):
                 val.timeouts[i] = getattr(eni.timeouts, tname)
-            eps.update(ct.c_uint32(idx), val)
+            if bytes(val) != self._ep_written.get(idx):
+                eps.update(ct.c_uint32(idx), val)
+                self._ep_written[idx] = bytes(val)
             endpoints[eni.eni_id] = {"ifindex": idx, "ep_id": ep_id, "device": eni.device,
                                      "mode": eni.mode, "policy": name}
         self.sync_exempt(state)
         if attach and progs is not None:
-            for _eni_id, ep in endpoints.items():
-                netlink.attach(ep["ifindex"], progs.xdp_fd, progs.tc_fd, ours)
+            for ep in endpoints.values():
+                if self._attached.get(ep["ifindex"]) != progs.tag:
+                    ep["xdp_mode"] = netlink.attach(ep["ifindex"], progs.xdp_fd, progs.tc_fd, ours)
+                    self._attached[ep["ifindex"]] = progs.tag
             applied.prog_ids = sorted(ours)
         # 3. endpoints that went away: detach, forget, flush their connections
         gone = {e: ep for e, ep in applied.endpoints.items()
@@ -303,11 +329,15 @@ class Dataplane:
             if ep["ifindex"] not in live_idx:
                 netlink.detach(ep["ifindex"], ours)
                 eps.delete(ct.c_uint32(ep["ifindex"]))
+                self._attached.pop(ep["ifindex"], None)
+                self._ep_written.pop(ep["ifindex"], None)
         if gone:
             self.flush_conntrack({ep["ep_id"] for ep in gone.values()})
         # 4. delete entries of policy ids nobody uses any more
         live = {p["policy_id"] for p in policies.values()}
         self.gc_policies(live)
+        if attach and progs is not None:
+            self.unpin_old_programs(progs.tag)
         applied.endpoints = endpoints
         applied.policies = policies
         applied.summary = {
@@ -315,14 +345,25 @@ class Dataplane:
                          "rules_ingress": len(state.rules_of(eni, "ingress")),
                          "rules_egress": len(state.rules_of(eni, "egress")),
                          "policy_id": policies[",".join(eni.groups)]["policy_id"],
-                         "addresses": [str(a) for a in eni.addresses()]}
+                         "addresses": [str(a) for a in eni.addresses()],
+                         "pending": eni.eni_id in pending}
             for eni in state.bound_interfaces()}
         from .formats.native import dump
 
         applied.desired = dump(state)
         applied.desired["stale_rules"] = [r.rule_id for r in state.stale_rules]
         self.save_applied(applied)
+        self._applied = applied
         return applied
+
+    def prog_tag(self) -> Optional[str]:
+        return self._progs.tag if self._progs is not None else None
+
+    def unpin_old_programs(self, tag: str) -> None:
+        """After an upgrade every device runs the new programs: drop the old pins."""
+        for name in os.listdir(self.pin_dir):
+            if name.startswith("prog_") and not name.endswith("_" + tag):
+                os.unlink(os.path.join(self.pin_dir, name))
 
     def known_prog_ids(self, applied: Applied) -> set:
         ids = set(applied.prog_ids)
@@ -352,6 +393,8 @@ class Dataplane:
                 netlink.detach(int(key.value), ids)  # type: ignore[attr-defined]
         self.close()
         shutil.rmtree(self.pin_dir, ignore_errors=True)
+        self._applied, self._written, self._scanned = None, {}, False
+        self._attached, self._ep_written = {}, {}
         try:
             self.applied_path.unlink()
         except OSError as exc:

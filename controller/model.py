@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -321,6 +321,7 @@ class NetworkInterface:
     mode: str = MODE_WORKLOAD
     description: str = ""
     tags: Dict[str, str] = field(default_factory=dict)
+    watch_addresses: bool = False  # addresses follow the device's (daemon, netlink)
 
     def addresses(self) -> List[IPAddress]:
         return [*self.ipv4, *self.ipv6]
@@ -356,6 +357,20 @@ class State:
     interfaces: Dict[str, NetworkInterface] = field(default_factory=dict)
     settings: Settings = field(default_factory=Settings)
     stale_rules: List[Rule] = field(default_factory=list)  # filled by validate()
+
+    def copy(self) -> State:
+        """A copy whose objects can be changed without touching this one
+        (rules and addresses are immutable and shared)."""
+        return State(
+            groups={k: replace(g, tags=dict(g.tags), rules=list(g.rules))
+                    for k, g in self.groups.items()},
+            prefix_lists={k: replace(p, entries=list(p.entries))
+                          for k, p in self.prefix_lists.items()},
+            interfaces={k: replace(e, groups=list(e.groups), ipv4=list(e.ipv4), ipv6=list(e.ipv6),
+                                   timeouts=replace(e.timeouts), tags=dict(e.tags))
+                        for k, e in self.interfaces.items()},
+            settings=replace(self.settings, exempt=list(self.settings.exempt)),
+            stale_rules=list(self.stale_rules))
 
     # -- lookups used by the evaluator and compiler
     def members_of(self, group_id: str) -> List[NetworkInterface]:

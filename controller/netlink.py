@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Set
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
+from . import bpfsys
+
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE = 2, 4, 16
 TC_EGRESS_PARENT = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
 TC_PRIO = 0xC000
 TC_HANDLE = 1
@@ -52,22 +55,35 @@ def check_attachable(idx: int, ours: Set[int]) -> None:
 
 def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int]) -> str:
     """Attach (or atomically replace) both programs on a device. Refuses to
-    replace an XDP program that sgctl did not attach. Returns the XDP mode."""
+    replace an XDP program that sgctl did not attach; an older sgctl program
+    is replaced in one step, naming it as the expected one (XDP_FLAGS_REPLACE),
+    so a concurrent change by someone else fails instead of being overwritten.
+    The tc filter is replaced in place (same prio/handle). Returns the XDP mode."""
     with IPRoute() as ipr:
         prog, mode = xdp_state(ipr, idx)
         mode = _mode_value(mode)
         _refuse_foreign(idx, prog, ours)
         tried = [XDP_FLAGS_SKB_MODE] if mode == 2 else [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE]
+        if mode == 1:
+            tried = [XDP_FLAGS_DRV_MODE]
         err: Optional[Exception] = None
         used = ""
-        for flags in tried:
-            try:
-                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", xdp_fd),
-                                                          ("IFLA_XDP_FLAGS", flags)]})
-                used = "driver" if flags == XDP_FLAGS_DRV_MODE else "generic"
-                break
-            except NetlinkError as exc:
-                err = exc
+        old_fd = bpfsys.prog_fd_by_id(prog) if prog and prog != bpfsys.prog_id(xdp_fd) else -1
+        try:
+            for flags in tried:
+                attrs = [("IFLA_XDP_FD", xdp_fd), ("IFLA_XDP_FLAGS", flags)]
+                if old_fd >= 0:
+                    attrs = [("IFLA_XDP_FD", xdp_fd), ("IFLA_XDP_EXPECTED_FD", old_fd),
+                             ("IFLA_XDP_FLAGS", flags | XDP_FLAGS_REPLACE)]
+                try:
+                    ipr.link("set", index=idx, xdp={"attrs": attrs})
+                    used = "driver" if flags == XDP_FLAGS_DRV_MODE else "generic"
+                    break
+                except NetlinkError as exc:
+                    err = exc
+        finally:
+            if old_fd >= 0:
+                os.close(old_fd)
         if not used:
             raise AttachError(f"ifindex {idx}: XDP attach failed: {err}")
         try:

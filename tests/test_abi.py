@@ -29,6 +29,13 @@ def test_timeouts_order_matches_header() -> None:
     assert [n.lower() for n in names if n != "MAX"] == list(abi.TO_NAMES)
 
 
+def test_constants_match_header() -> None:
+    text = (ROOT / "bpf" / "lib" / "types.h").read_text()
+    header = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define SG_(\w+)\s+(\d+)", text)}
+    for name in ("CT_NEW", "CT_ESTABLISHED", "CT_STREAM", "CT_CLOSING", "DIR_INGRESS", "DIR_EGRESS"):
+        assert header[name] == getattr(abi, name), name
+
+
 def layout(t: type) -> list:
     if not (isinstance(t, type) and issubclass(t, ct.Structure)):
         return [ct.sizeof(t)]

@@ -160,7 +160,8 @@ def interface_from(doc: Dict[str, Any], obj: str, groups: List[str],
         timeouts=tracking_timeouts(doc.get("ConnectionTrackingConfiguration"), eid),
         device=tags.get("host-interface"),
         mode=tags.get("host-interface-mode", MODE_WORKLOAD),
-        description=str(doc.get("Description") or ""), tags=tags)
+        description=str(doc.get("Description") or ""), tags=tags,
+        watch_addresses=tags.get("host-interface-addresses") == "watch")
 
 
 def load(doc: Dict[str, Any]) -> State:

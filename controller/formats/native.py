@@ -135,7 +135,8 @@ def load(doc: Dict[str, Any]) -> State:
     for eid, e in ifaces.items():
         check_id("eni", eid, str(eid), "id")
         e = _map(e, eid, "interface")
-        _check_keys(e, ("groups", "ipv4", "ipv6", "device", "mode", "timeouts", "description"), eid)
+        _check_keys(e, ("groups", "ipv4", "ipv6", "device", "mode", "timeouts", "description",
+                       "watch_addresses"), eid)
         t = _map(e.get("timeouts"), eid, "timeouts")
         _check_keys(t, tuple(Timeouts.__dataclass_fields__), f"{eid} timeouts")
         groups = e.get("groups") or []
@@ -151,7 +152,8 @@ def load(doc: Dict[str, Any]) -> State:
             timeouts=Timeouts(**t),
             device=None if e.get("device") is None else str(e["device"]),
             mode=str(e.get("mode", MODE_WORKLOAD)),
-            description=str(e.get("description") or ""))
+            description=str(e.get("description") or ""),
+            watch_addresses=bool(e.get("watch_addresses", False)))
 
     ipv6 = state.uses_ipv6()
     for gid, g in _map(doc.get("groups"), "document", "groups").items():
@@ -213,7 +215,8 @@ def dump(state: State) -> Dict[str, Any]:
         out["interfaces"][eid] = {
             "groups": list(e.groups), "ipv4": [str(a) for a in e.ipv4],
             "ipv6": [str(a) for a in e.ipv6], "device": e.device, "mode": e.mode,
-            "timeouts": dict(vars(e.timeouts)), "description": e.description}
+            "timeouts": dict(vars(e.timeouts)), "description": e.description,
+            "watch_addresses": e.watch_addresses}
     out["settings"] = {"exempt": [str(c) for c in state.settings.exempt],
                        "exempt_dhcp": state.settings.exempt_dhcp,
                        "max_groups_per_interface": state.settings.max_groups_per_interface,
