@@ -29,6 +29,7 @@ from .model import (
     check_id,
     default_egress,
     make_rule,
+    parse_address,
     parse_cidr,
     protocol_label,
 )
@@ -563,9 +564,9 @@ def describe_network_interfaces(state: State, p: Params) -> Result:
 def _assign(unassign: bool) -> Callable[[State, Params], Result]:
     def action(state: State, p: Params) -> Result:
         eni = find_interface(state, _required(p, "NetworkInterfaceId"))
-        v4 = [aws.parse_address(a, eni.eni_id, "PrivateIpAddresses", 4)
+        v4 = [parse_address(a, eni.eni_id, "PrivateIpAddresses", 4)
               for a in _list_param(p, "PrivateIpAddresses")]
-        v6 = [aws.parse_address(a, eni.eni_id, "Ipv6Addresses", 6)
+        v6 = [parse_address(a, eni.eni_id, "Ipv6Addresses", 6)
               for a in _list_param(p, "Ipv6Addresses")]
         for have, addrs in ((eni.ipv4, v4), (eni.ipv6, v6)):
             for a in addrs:
@@ -620,4 +621,4 @@ def run(state: State, action: str, params: Optional[Params]) -> Result:
     try:
         return fn(state, params or {})
     except ValidationError as exc:
-        raise ApiError("InvalidParameterValue", str(exc)) from None
+        raise ApiError(exc.code, str(exc)) from None

@@ -1,4 +1,6 @@
-"""The ``sgctl`` command line (one-shot: no daemon needed)."""
+"""The ``sgctl`` command line. ``apply``/``status``/``conntrack`` go through
+the daemon when one answers on the socket and work one-shot otherwise; the
+EC2-shaped subcommands (commands.py) need the daemon."""
 
 from __future__ import annotations
 
@@ -8,9 +10,23 @@ import os
 import sys
 from typing import List, Optional
 
+from .actions import ApiError
 from .model import ValidationError
 
 EXIT_OK, EXIT_FAIL, EXIT_INVALID = 0, 1, 2
+
+
+def _daemon_running(args: argparse.Namespace) -> bool:
+    from . import api
+
+    return api.ping(args.socket)
+
+
+def _call(args: argparse.Namespace, action: str, params: dict) -> dict:
+    from . import api
+
+    with api.Client(args.socket) as c:
+        return c.call(action, params)
 
 
 def _dataplane(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -22,6 +38,20 @@ def _dataplane(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_apply(args: argparse.Namespace) -> int:
     from .formats import load_file
 
+    if _daemon_running(args):
+        from .formats import cfn
+
+        try:
+            text = open(args.file).read()
+        except OSError as exc:
+            raise ValidationError(args.file, "(file)", exc.strerror or str(exc)) from None
+        out = _call(args, "Apply", {"Document": text, "StackName": cfn.stack_name_for(args.file)})
+        for rid in out["StaleRules"]:
+            print(f"warning: rule {rid} references a group that does not exist (stale)",
+                  file=sys.stderr)
+        print(f"applied {args.file} through the daemon: {out['Groups']} groups, {out['Rules']} "
+              f"rules, {out['Interfaces']} interfaces (generation {out['Generation']})")
+        return EXIT_OK
     state = load_file(args.file)  # raises ValidationError before anything changes
     for rule in state.stale_rules:
         print(f"warning: {rule.group_id} {rule.rule_id}: references group {rule.peer.value}, "
@@ -39,51 +69,30 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import netlink
-    from .dataplane import endpoint_counters
+    from .status import print_table, report
 
-    dp = _dataplane(args)
-    try:
-        if not os.path.exists(f"{args.pin_dir}/sg_endpoints"):
-            print(f"nothing applied (no pinned maps under {args.pin_dir})")
-            return EXIT_OK
-        applied = dp.load_applied()
-        rows = []
-        for eni_id, s in sorted(applied.summary.items()):
-            ep = applied.endpoints.get(eni_id, {})
-            idx = ep.get("ifindex")
-            att = netlink.attached(idx) if idx and netlink.ifindex(s["device"]) == idx else {}
-            counters = endpoint_counters(dp, ep["ep_id"]) if ep else {}
-            rows.append({"interface": eni_id, **s, "ifindex": idx, "ep_id": ep.get("ep_id"),
-                         "attached": att,
-                         "counters": {f"{d}/{r}": {"packets": p, "bytes": b}
-                                      for (d, r), (p, b) in sorted(counters.items())}})
-        desired = applied.desired or {}
-        out = {"interfaces": rows,
-               "exempt": desired.get("settings", {}).get("exempt", []),
-               "exempt_dhcp": desired.get("settings", {}).get("exempt_dhcp", True),
-               "stale_rules": desired.get("stale_rules", []),
-               "policies": applied.policies}
-        if args.output == "json":
-            print(json.dumps(out, indent=2))
-            return EXIT_OK
-        print(f"{'INTERFACE':<18} {'DEVICE':<14} {'MODE':<9} {'IN':>5} {'OUT':>5} "
-              f"{'POLICY':>6}  {'XDP':<8} GROUPS")
-        for r in rows:
-            xdp = r["attached"].get("xdp_mode", "gone") if r["attached"] else "gone"
-            print(f"{r['interface']:<18} {r['device']:<14} {r['mode']:<9} "
-                  f"{r['rules_ingress']:>5} {r['rules_egress']:>5} {r['policy_id']:>6}  "
-                  f"{xdp:<8} {','.join(r['groups'])}")
-        print(f"exempt: {', '.join(out['exempt']) or 'none'}; DHCP "
-              f"{'exempt' if out['exempt_dhcp'] else 'filtered'}")
-        for rid in out["stale_rules"]:
-            print(f"stale rule {rid}: references a group that does not exist")
-        return EXIT_OK
-    finally:
-        dp.close()
+    if _daemon_running(args):
+        out = _call(args, "DescribeStatus", {})
+    else:
+        dp = _dataplane(args)
+        try:
+            if not os.path.exists(f"{args.pin_dir}/sg_endpoints"):
+                print(f"nothing applied (no pinned maps under {args.pin_dir})")
+                return EXIT_OK
+            out = report(dp, dp.load_applied())
+        finally:
+            dp.close()
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(out)
+    return EXIT_OK
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
+    if _daemon_running(args):
+        print(f"sgctl: a daemon is serving {args.socket}; stop it before reset", file=sys.stderr)
+        return EXIT_FAIL
     dp = _dataplane(args)
     done = dp.reset()
     print(f"detached from {len(done)} device(s); removed {args.pin_dir}")
@@ -100,6 +109,84 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    import logging
+
+    from .daemon import Daemon, DaemonConfig
+
+    logging.basicConfig(level=logging.INFO, format="sgctl[%(process)d] %(levelname)s %(message)s")
+    cfg = DaemonConfig(state_dir=args.state_dir, pin_dir=args.pin_dir, socket=args.socket,
+                       socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
+                       ct_max=args.conntrack_max, watch_addresses=args.watch_addresses,
+                       gc_interval=args.gc_interval)
+    Daemon(cfg).run()
+    return EXIT_OK
+
+
+def cmd_action(args: argparse.Namespace) -> int:
+    from .commands import params_of, print_table
+
+    if not _daemon_running(args):
+        print(f"sgctl: no daemon answers on {args.socket} (start `sgctl daemon`)", file=sys.stderr)
+        return EXIT_FAIL
+    out = _call(args, args.action, params_of(args))
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(out)
+    return EXIT_OK
+
+
+def cmd_conntrack(args: argparse.Namespace) -> int:
+    from . import conntrack
+
+    params = {"NetworkInterfaceId": args.interface} if args.interface else {}
+    if _daemon_running(args):
+        if args.op == "flush":
+            print(f"flushed {_call(args, 'FlushConntrack', params)['Flushed']} entries")
+            return EXIT_OK
+        rows = _call(args, "DescribeConntrack", params)["Connections"]
+    else:
+        dp = _dataplane(args)
+        try:
+            if not os.path.exists(f"{args.pin_dir}/sg_conntrack"):
+                print(f"nothing applied (no pinned maps under {args.pin_dir})")
+                return EXIT_OK
+            eps = dp.load_applied().endpoints
+            ep_ids = None
+            if args.interface:
+                match = [ep["ep_id"] for e, ep in eps.items()
+                         if args.interface in (e, ep["device"])]
+                if not match:
+                    print(f"sgctl: {args.interface} is not bound here", file=sys.stderr)
+                    return EXIT_FAIL
+                ep_ids = match
+            if args.op == "flush":
+                print(f"flushed {conntrack.flush(dp, ep_ids)} entries")
+                return EXIT_OK
+            names = {ep["ep_id"]: e for e, ep in eps.items()}
+            rows = [{**c.as_dict(), "interface": names.get(c.ep_id)}
+                    for c in conntrack.connections(dp, ep_ids)]
+        finally:
+            dp.close()
+    if args.output == "json":
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(f"{'INTERFACE':<18} {'PROTO':<6} {'LOCAL':<28} {'REMOTE':<28} {'STATE':<12} "
+          f"{'ORIGIN':<8} {'IDLE':>6} {'TIMEOUT':>8}")
+    for r in rows:
+        print(f"{r['interface'] or '-':<18} {r['protocol']:<6} {r['local'] + ':' + str(r['lport']):<28}"
+              f" {r['remote'] + ':' + str(r['rport']):<28} {r['state']:<12} {r['origin']:<8} "
+              f"{r['idle']:>6} {r['timeout']:>8}")
+    return EXIT_OK
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    out = _call(args, args.action_name, json.loads(args.json))
+    print(json.dumps(out, indent=2))
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgctl", description="AWS-style security groups, in eBPF")
     p.add_argument("--pin-dir", default=os.environ.get("SGCTL_PIN_DIR", "/sys/fs/bpf/sgctl"),
@@ -109,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--conntrack-max", type=int,
                    default=int(os.environ.get("SGCTL_CONNTRACK_MAX", 1 << 20)),
                    help="conntrack table size (fixed when the maps are first created)")
+    p.add_argument("--socket", default=os.environ.get("SGCTL_SOCKET", "/run/sgctl/api.sock"),
+                   help="the daemon's API socket")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("apply", help="replace the whole desired state with a file's content")
     a.add_argument("-f", "--file", required=True)
@@ -121,6 +210,26 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a file without applying it")
     v.add_argument("-f", "--file", required=True)
     v.set_defaults(fn=cmd_validate)
+    d = sub.add_parser("daemon", help="run the controller in the foreground, serving the API")
+    d.add_argument("--socket-mode", default="600", help="octal mode of the API socket")
+    d.add_argument("--socket-group", help="group owning the API socket (use with --socket-mode 660)")
+    d.add_argument("--watch-addresses", action="store_true",
+                   help="every bound interface takes its addresses from its device")
+    d.add_argument("--gc-interval", type=float, default=10.0,
+                   help="seconds between conntrack garbage collections")
+    d.set_defaults(fn=cmd_daemon)
+    c = sub.add_parser("conntrack", help="list or flush tracked connections")
+    c.add_argument("op", choices=("list", "flush"))
+    c.add_argument("--interface", help="eni- id or device name")
+    c.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    c.set_defaults(fn=cmd_conntrack)
+    raw = sub.add_parser("api", help="call any API action with JSON parameters")
+    raw.add_argument("action_name")
+    raw.add_argument("--json", default="{}")
+    raw.set_defaults(fn=cmd_api)
+    from .commands import add_commands
+
+    add_commands(sub, cmd_action)
     return p
 
 
@@ -131,6 +240,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValidationError as exc:
         print(f"sgctl: invalid input, nothing changed: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except ApiError as exc:
+        print(f"sgctl: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_INVALID if exc.status < 500 else EXIT_FAIL
     except Exception as exc:  # dataplane/netlink errors: say what failed, no traceback
         from .dataplane import DataplaneError
         from .netlink import AttachError

@@ -59,10 +59,12 @@ _DEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 class ValidationError(ValueError):
     """Bad input. ``obj`` names the object, ``fieldname`` the field."""
 
-    def __init__(self, obj: str, fieldname: str, message: str) -> None:
+    def __init__(self, obj: str, fieldname: str, message: str,
+                 code: str = "InvalidParameterValue") -> None:
         self.obj = obj
         self.fieldname = fieldname
         self.message = message
+        self.code = code  # the EC2 error code the API answers with
         super().__init__(f"{obj}: {fieldname}: {message}")
 
 
@@ -489,7 +491,8 @@ def validate(state: State) -> State:
             eni.groups = [default_id]
         if len(eni.groups) > s.max_groups_per_interface:
             raise ValidationError(eid, "Groups", f"{len(eni.groups)} groups, at most "
-                                  f"{s.max_groups_per_interface} allowed")
+                                  f"{s.max_groups_per_interface} allowed",
+                                  "SecurityGroupsPerInterfaceLimitExceeded")
         if len(set(eni.groups)) != len(eni.groups):
             raise ValidationError(eid, "Groups", "a group is listed twice")
         for gid in eni.groups:
@@ -509,7 +512,8 @@ def validate(state: State) -> State:
         nrules = sum(len(state.groups[g].rules) for g in eni.groups)
         if nrules > s.max_rules_per_interface:
             raise ValidationError(eid, "Groups", f"{nrules} rules, at most "
-                                  f"{s.max_rules_per_interface} per interface allowed")
+                                  f"{s.max_rules_per_interface} per interface allowed",
+                                  "RulesPerSecurityGroupLimitExceeded")
     return state
 
 

@@ -1,0 +1,307 @@
+"""``sgctl daemon``: owns the dataplane, serves the API, follows the host.
+
+Threads: the API server (one thread per request, serialised on ``lock``),
+the netlink watcher (marks the host view dirty), the reconciler (re-applies
+when a bound device or a watched address changed) and the conntrack GC.
+
+A mutation is all-or-nothing: the action runs on a copy of the desired
+state, the copy is validated, enforced, then stored, and only then becomes
+current. Enforcement happens before the store write so that a store that
+says "accepted" was enforced; a crash in between re-enforces the stored
+(previous) state on restart. Shutdown (SIGTERM) stops serving and leaves
+programs, maps and conntrack in place: enforcement continues, and the next
+daemon adopts them without detaching anything.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from pyroute2 import IPRoute
+
+from . import actions, api, conntrack
+from .actions import ApiError
+from .dataplane import Dataplane, DataplaneError
+from .model import State, ValidationError, validate
+from .netlink import AttachError
+from .store import Store
+
+log = logging.getLogger("sgctl")
+
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
+LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
+
+
+@dataclass
+class DaemonConfig:
+    state_dir: str
+    pin_dir: str
+    socket: str = api.DEFAULT_SOCKET
+    socket_mode: int = 0o600
+    socket_group: Optional[str] = None
+    ct_max: int = 1 << 20
+    watch_addresses: bool = False  # every bound interface follows its device's addresses
+    gc_interval: float = 10.0
+    debounce: float = 0.005  # seconds to gather a burst of netlink events
+
+
+HostView = Tuple[Tuple[str, Optional[int], Tuple[str, ...]], ...]
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg.state_dir)
+        self.dp = Dataplane(pin_dir=cfg.pin_dir, state_dir=cfg.state_dir, ct_max=cfg.ct_max)
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.dirty = threading.Event()
+        self.state = validate(State())
+        self.generation = 0
+        self.view: Optional[HostView] = None  # host facts the enforced state was built from
+        self.gc_last: Optional[conntrack.GcResult] = None
+        self.threads: List[threading.Thread] = []
+        self.server: Optional[Any] = None
+        self.started = time.time()
+
+    # ------------------------------------------------------------ host view
+
+    def watched(self, state: State) -> List[str]:
+        return [e.eni_id for e in state.bound_interfaces()
+                if e.watch_addresses or self.cfg.watch_addresses]
+
+    def host_view(self, state: State) -> HostView:
+        """For every bound interface: its device's ifindex (None = absent) and,
+        when watched, the device's addresses (global scope)."""
+        watch = set(self.watched(state))
+        with IPRoute() as ipr:
+            index = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+            addrs: Dict[int, List[str]] = {}
+            if watch:
+                for a in ipr.get_addr():
+                    ip = ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+                    if ip.version == 6 and ip in LINK_LOCAL6:
+                        continue
+                    addrs.setdefault(a["index"], []).append(str(ip))
+        out = []
+        for eni in state.bound_interfaces():
+            idx = index.get(eni.device)
+            got = tuple(sorted(addrs.get(idx, []))) if eni.eni_id in watch and idx else ()
+            out.append((eni.eni_id, idx, got))
+        return tuple(out)
+
+    def effective(self, state: State, view: HostView) -> State:
+        """The desired state with watched interfaces' addresses taken from
+        their devices (a device that is absent keeps the configured ones)."""
+        watch = set(self.watched(state))
+        if not watch:
+            return state
+        eff = state.copy()
+        for eni_id, idx, got in view:
+            if eni_id in watch and idx is not None:
+                eni = eff.interfaces[eni_id]
+                ips = [ipaddress.ip_address(a) for a in got]
+                eni.ipv4 = [a for a in ips if a.version == 4]  # type: ignore[misc]
+                eni.ipv6 = [a for a in ips if a.version == 6]  # type: ignore[misc]
+        return eff
+
+    # ------------------------------------------------------------ enforcement
+
+    def enforce(self, state: State) -> None:
+        view = self.host_view(state)
+        self.dp.apply(self.effective(state, view), missing_ok=True)
+        self.view = view
+
+    def commit(self, new: State) -> None:
+        """Validate, enforce, store, make current; on failure nothing changes."""
+        try:
+            validate(new)
+        except ValidationError as exc:
+            raise ApiError(exc.code, str(exc)) from None
+        start = time.monotonic()
+        try:
+            self.enforce(new)
+        except (DataplaneError, AttachError, OSError) as exc:
+            log.error("enforcing generation %d failed, restoring %d: %s",
+                      self.generation + 1, self.generation, exc)
+            try:
+                self.enforce(self.state)
+            except Exception as again:  # report both; the old state stays the desired one
+                log.error("restoring generation %d failed too: %s", self.generation, again)
+            raise ApiError("InternalError", f"the dataplane refused the change: {exc}",
+                           500) from None
+        self.store.save(self.generation + 1, new)
+        self.state = new
+        self.generation += 1
+        log.info("generation %d enforced in %.1f ms", self.generation,
+                 (time.monotonic() - start) * 1000)
+
+    # ------------------------------------------------------------ API
+
+    def handle(self, action: str, params: Dict[str, Any]) -> Dict[str, Any]:
+        own = {"Apply": self.act_apply, "DescribeStatus": self.act_status,
+               "DescribeConntrack": self.act_conntrack, "FlushConntrack": self.act_flush}
+        with self.lock:
+            if action in own:
+                return own[action](params)
+            fn = actions.ACTIONS.get(action)
+            if fn is None or not fn[1]:
+                return actions.run(self.state, action, params)
+            new = self.state.copy()
+            result = actions.run(new, action, params)
+            self.commit(new)
+            log.info("%s accepted", action)
+            return result
+
+    def act_apply(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        from .formats import load_document, load_text
+
+        doc = params.get("Document")
+        if doc is None:
+            raise ApiError("MissingParameter", "The request must contain the parameter Document")
+        name = str(params.get("StackName") or "stack")
+        try:
+            new = load_text(doc, name) if isinstance(doc, str) else load_document(doc, name)
+        except ValidationError as exc:
+            raise ApiError(exc.code, str(exc)) from None
+        self.commit(new)
+        return {"Return": True, "Generation": self.generation,
+                "Groups": len(new.groups), "Rules": sum(len(g.rules) for g in new.groups.values()),
+                "Interfaces": len(new.interfaces),
+                "StaleRules": [r.rule_id for r in new.stale_rules]}
+
+    def act_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        from .status import report
+
+        live = self.gc_last.live if self.gc_last else None
+        out = report(self.dp, self.dp.load_applied(), live)
+        out["daemon"] = {"pid": os.getpid(), "generation": self.generation,
+                         "programs": self.dp.prog_tag(), "uptime": int(time.time() - self.started),
+                         "conntrack_max": self.dp.ct_max,
+                         "conntrack_entries": sum(live.values()) if live else 0,
+                         "last_gc": self.gc_last.__dict__ if self.gc_last else None}
+        return out
+
+    def _ep_ids(self, params: Dict[str, Any]) -> Optional[List[int]]:
+        eni = params.get("NetworkInterfaceId")
+        if eni is None:
+            return None
+        eps = self.dp.load_applied().endpoints
+        by_device = {ep["device"]: ep for ep in eps.values()}
+        ep = eps.get(eni) or by_device.get(eni)
+        if ep is None:
+            raise ApiError("InvalidNetworkInterfaceID.NotFound",
+                           f"{eni} is not an interface (or device) bound on this host")
+        return [ep["ep_id"]]
+
+    def act_conntrack(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        conns = conntrack.connections(self.dp, self._ep_ids(params))
+        names = {ep["ep_id"]: e for e, ep in self.dp.load_applied().endpoints.items()}
+        return {"Connections": [{**c.as_dict(), "interface": names.get(c.ep_id)} for c in conns]}
+
+    def act_flush(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        return {"Flushed": conntrack.flush(self.dp, self._ep_ids(params))}
+
+    def health(self) -> Dict[str, Any]:
+        return {"ok": True, "generation": self.generation, "pid": os.getpid()}
+
+    # ------------------------------------------------------------ threads
+
+    def _spawn(self, name: str, fn: Any) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def watch_netlink(self) -> None:
+        with IPRoute() as ipr:
+            ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+            while not self.stopping.is_set():
+                ready, _, _ = select.select([ipr], [], [], 0.5)
+                if ready:
+                    ipr.get()
+                    self.dirty.set()
+
+    def reconcile_loop(self) -> None:
+        while not self.stopping.is_set():
+            if not self.dirty.wait(0.5):
+                continue
+            time.sleep(self.cfg.debounce)
+            self.dirty.clear()
+            try:
+                with self.lock:
+                    view = self.host_view(self.state)
+                    if view != self.view:
+                        start = time.monotonic()
+                        self.enforce(self.state)
+                        log.info("host changed; re-enforced in %.1f ms",
+                                 (time.monotonic() - start) * 1000)
+            except Exception as exc:  # keep watching; the next event retries
+                log.error("reconcile failed: %s", exc)
+
+    def gc_loop(self) -> None:
+        while not self.stopping.wait(self.cfg.gc_interval):
+            try:
+                self.gc_last = conntrack.gc(self.dp)
+                if self.gc_last.removed:
+                    log.info("conntrack gc: %d of %d entries expired (%.1f ms)",
+                             self.gc_last.removed, self.gc_last.scanned,
+                             self.gc_last.seconds * 1000)
+            except Exception as exc:
+                log.error("conntrack gc failed: %s", exc)
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        stored = self.store.load()
+        if stored is not None:
+            self.state, self.generation = stored.state, stored.generation
+        self.dp.programs()
+        for name in ("sg_endpoints", "sg_conntrack", "sg_config", "sg_verdicts"):
+            self.dp.map(name)  # opened once, before threads share them
+        with self.lock:
+            self.enforce(self.state)
+        self.gc_last = conntrack.gc(self.dp)
+        log.info("generation %d enforced (%d groups, %d interfaces); programs %s",
+                 self.generation, len(self.state.groups), len(self.state.interfaces),
+                 self.dp.prog_tag())
+        self.server = api.serve(self.cfg.socket, self.handle, self.health,
+                                self.cfg.socket_mode, self.cfg.socket_group)
+        self._spawn("api", self.server.serve_forever)
+        self._spawn("netlink", self.watch_netlink)
+        self._spawn("reconcile", self.reconcile_loop)
+        self._spawn("gc", self.gc_loop)
+        log.info("serving on %s", self.cfg.socket)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            try:
+                os.unlink(self.cfg.socket)
+            except FileNotFoundError:
+                pass
+        for t in self.threads:
+            t.join(timeout=2)
+        self.dp.close()
+        log.info("stopped; enforcement stays in place")
+
+    def run(self) -> None:
+        """Foreground until SIGTERM/SIGINT."""
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            self.stop()

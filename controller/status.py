@@ -1,0 +1,54 @@
+"""The status report shared by the one-shot CLI and the daemon."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from . import netlink
+from .dataplane import Applied, Dataplane, endpoint_counters
+
+
+def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = None) -> Dict[str, Any]:
+    """Bindings, attachment, counters (and allowance figures when ``live``,
+    the per-endpoint conntrack counts of the last GC, is known)."""
+    from .conntrack import allowance
+
+    rows = []
+    for eni_id, s in sorted(applied.summary.items()):
+        ep = applied.endpoints.get(eni_id, {})
+        idx = ep.get("ifindex")
+        att = netlink.attached(idx) if idx and netlink.ifindex(s["device"]) == idx else {}
+        counters = endpoint_counters(dp, ep["ep_id"]) if ep else {}
+        row = {"interface": eni_id, **s, "ifindex": idx, "ep_id": ep.get("ep_id"),
+               "attached": att,
+               "counters": {f"{d}/{r}": {"packets": p, "bytes": b}
+                            for (d, r), (p, b) in sorted(counters.items())}}
+        if live is not None and ep:
+            row.update(allowance(dp, live, ep["ep_id"]))
+        rows.append(row)
+    desired = applied.desired or {}
+    return {"interfaces": rows,
+            "exempt": desired.get("settings", {}).get("exempt", []),
+            "exempt_dhcp": desired.get("settings", {}).get("exempt_dhcp", True),
+            "stale_rules": desired.get("stale_rules", []),
+            "policies": applied.policies}
+
+
+def print_table(out: Dict[str, Any]) -> None:
+    print(f"{'INTERFACE':<18} {'DEVICE':<14} {'MODE':<9} {'IN':>5} {'OUT':>5} "
+          f"{'POLICY':>6}  {'XDP':<8} GROUPS")
+    for r in out["interfaces"]:
+        xdp = r["attached"].get("xdp_mode", "gone") if r["attached"] else "gone"
+        if r.get("pending"):
+            xdp = "pending"
+        print(f"{r['interface']:<18} {r['device']:<14} {r['mode']:<9} "
+              f"{r['rules_ingress']:>5} {r['rules_egress']:>5} {r['policy_id']:>6}  "
+              f"{xdp:<8} {','.join(r['groups'])}")
+    print(f"exempt: {', '.join(out['exempt']) or 'none'}; DHCP "
+          f"{'exempt' if out['exempt_dhcp'] else 'filtered'}")
+    for rid in out["stale_rules"]:
+        print(f"stale rule {rid}: references a group that does not exist")
+    if "daemon" in out:
+        d = out["daemon"]
+        print(f"daemon: pid {d['pid']}, generation {d['generation']}, programs {d['programs']}, "
+              f"conntrack {d['conntrack_entries']}/{d['conntrack_max']}")
