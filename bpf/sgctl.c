@@ -105,9 +105,9 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 }
 
 static __always_inline int sg_verdict(struct sg_endpoint *ep, __u8 dir, struct sg_pkt *p,
-				      void *data, void *end)
+				      void *data, void *end, __u32 bytes)
 {
-	int rc = parse_packet(data, end, p);
+	int rc = parse_packet(data, end, bytes, p);
 	if (rc)
 		return rc;
 	__u32 zero = 0;
@@ -145,7 +145,7 @@ static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void 
 	else
 		dir = ep->mode == SG_MODE_HOST ? SG_DIR_EGRESS : SG_DIR_INGRESS;
 	struct sg_pkt p = {};
-	int reason = sg_verdict(ep, dir, &p, data, end);
+	int reason = sg_verdict(ep, dir, &p, data, end, bytes);
 	count_verdict(ep->ep_id, dir, reason, bytes);
 	return SG_IS_ALLOWED(reason);
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import socket
 import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -90,7 +91,8 @@ def connections(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> List[C
         idx, t = eps.get(k.ep_id, (0, Timeouts()))
         out.append(Connection(
             ep_id=k.ep_id, ifindex=idx, proto=k.proto, local=_addr(k.local, k.family),
-            lport=k.lport, remote=_addr(k.remote, k.family), rport=k.rport,
+            lport=socket.ntohs(k.lport), remote=_addr(k.remote, k.family),
+            rport=socket.ntohs(k.rport),
             state=STATE_NAMES.get(e.state, str(e.state)),
             origin="ingress" if e.origin == abi.DIR_INGRESS else "egress",
             idle=max(0, now - e.last_seen), timeout=timeout_of(t, k.proto, e.state),

@@ -94,8 +94,10 @@ class Dataplane:
     # ------------------------------------------------------------ programs
 
     def cflags(self) -> List[str]:
+        # SGCTL_EXTRA_CFLAGS: for developers and the upgrade test (a different
+        # build of the same code, replaced on the hooks while the maps stay)
         return [f'-DSG_PIN_DIR="{self.pin_dir}"', f"-DSG_CT_MAX={self.ct_max}",
-                "-Wno-unused-function"]
+                "-Wno-unused-function", *os.environ.get("SGCTL_EXTRA_CFLAGS", "").split()]
 
     def source_tag(self) -> str:
         h = hashlib.sha256(program_source().encode() + " ".join(self.cflags()).encode())

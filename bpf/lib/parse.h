@@ -42,7 +42,16 @@
 
 struct hdr_cursor {
 	void *pos;
+	void *start;
+	__u32 wire_len;  /* whole packet: tc sees only the linear part in [data, end) */
 };
+
+/* Bytes of the packet from the cursor to its end on the wire. */
+static __always_inline __u32 cursor_wire_left(struct hdr_cursor *c)
+{
+	__u32 off = c->pos - c->start;
+	return off < c->wire_len ? c->wire_len - off : 0;
+}
 
 struct sg_vlan_hdr {
 	__be16 tci;
@@ -125,7 +134,7 @@ static __always_inline int parse_ipv4(struct hdr_cursor *c, void *end, struct sg
 	if (c->pos + hlen > end)
 		return SG_DROP_IPV4_MALFORMED;
 	__u32 tot = bpf_ntohs(ip->tot_len);
-	if (tot < hlen || c->pos + tot > end)
+	if (tot < hlen || tot > cursor_wire_left(c))
 		return SG_DROP_IPV4_MALFORMED;
 	p->f.family = 4;
 	p->f.proto = ip->protocol;
@@ -147,7 +156,8 @@ static __always_inline int parse_ipv6(struct hdr_cursor *c, void *end, struct sg
 	struct ipv6hdr *ip6 = c->pos;
 	if ((void *)(ip6 + 1) > end)
 		return SG_DROP_IPV6_MALFORMED;
-	if (ip6->version != 6 || c->pos + sizeof(*ip6) + bpf_ntohs(ip6->payload_len) > end)
+	if (ip6->version != 6 ||
+	    sizeof(*ip6) + bpf_ntohs(ip6->payload_len) > cursor_wire_left(c))
 		return SG_DROP_IPV6_MALFORMED;
 	p->f.family = 6;
 	__builtin_memcpy(p->f.src, &ip6->saddr, 16);
@@ -276,9 +286,9 @@ static __always_inline int parse_l4(struct hdr_cursor *c, void *end, struct sg_p
 
 /* The whole frame. Returns 0 for an IP packet to judge, SG_ALLOW_EXEMPT
  * for ARP, or a drop reason. */
-static __always_inline int parse_packet(void *data, void *end, struct sg_pkt *p)
+static __always_inline int parse_packet(void *data, void *end, __u32 wire_len, struct sg_pkt *p)
 {
-	struct hdr_cursor c = { .pos = data };
+	struct hdr_cursor c = { .pos = data, .start = data, .wire_len = wire_len };
 	__u16 eth_type = 0;
 	int rc = parse_ethhdr(&c, end, &eth_type);
 	if (rc)

@@ -1,0 +1,451 @@
+"""End-to-end with the daemon: a real `sgctl daemon` process, changes through
+its API and CLI, traffic between namespaces (DESIGN 3, issue 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+
+from controller import api, netlink
+from controller.api import Client
+from controller.dataplane import Dataplane
+from tests.harness import unique
+from tests.netns import Instance, Servers, Topology, sh
+
+pytestmark = pytest.mark.netns
+ROOT = Path(__file__).resolve().parent.parent
+CT_MAX = 65536
+
+
+class DaemonProc:
+    """One `sgctl daemon` with its own pins, state directory and socket."""
+
+    def __init__(self) -> None:
+        self.pin_dir = f"/sys/fs/bpf/{unique('sgdm')}"
+        self.state_dir = tempfile.mkdtemp(prefix="sgctl-daemon-")
+        self.socket = os.path.join(self.state_dir, "api.sock")
+        self.proc: Optional[subprocess.Popen] = None
+        self.log = open(os.path.join(self.state_dir, "daemon.log"), "ab")
+
+    def base(self) -> List[str]:
+        return [sys.executable, "-m", "controller.cli", "--pin-dir", self.pin_dir,
+                "--state-dir", self.state_dir, "--socket", self.socket,
+                "--conntrack-max", str(CT_MAX)]
+
+    def start(self, *flags: str, env: Optional[Dict[str, str]] = None) -> None:
+        self.proc = subprocess.Popen([*self.base(), "daemon", "--gc-interval", "0.3", *flags],
+                                     cwd=ROOT, stdout=self.log, stderr=self.log,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 90
+        while not api.ping(self.socket):
+            assert self.proc.poll() is None, f"daemon exited: {self.logs()}"
+            assert time.monotonic() < deadline, "daemon did not start"
+            time.sleep(0.1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=20)
+
+    def logs(self) -> str:
+        return Path(self.state_dir, "daemon.log").read_text()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*self.base(), *args], capture_output=True, text=True, cwd=ROOT)
+
+    def client(self) -> Client:
+        return Client(self.socket)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+        self.cli("reset")
+        self.log.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    t = Topology(unique("")[-5:], ["web", "cli"])
+    servers = Servers()
+    try:
+        web = t.instances["web"]
+        for port in (22, 80, 8080):
+            servers.tcp(web, port)
+        servers.udp(web, 53)
+        servers.udp(web, 9999)
+        yield t
+    finally:
+        servers.close()
+        t.close()
+
+
+@pytest.fixture
+def daemon() -> Iterator[DaemonProc]:
+    d = DaemonProc()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def wait_for(cond: Callable[[], bool], seconds: float = 5.0) -> float:
+    """Seconds until ``cond()`` held; fails after ``seconds``."""
+    start = time.monotonic()
+    while not cond():
+        assert time.monotonic() - start < seconds, "condition never held"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def web_setup(c: Client, topo: Topology, ingress: List[Dict[str, Any]]) -> str:
+    """Group for web with ``ingress`` permissions, web's interface bound to it."""
+    web = topo.instances["web"]
+    gid = c.call("CreateSecurityGroup", {"GroupName": unique("web"),
+                                         "Description": "web"})["GroupId"]
+    if ingress:
+        c.call("AuthorizeSecurityGroupIngress", {"GroupId": gid, "IpPermissions": ingress})
+    c.call("CreateNetworkInterface", {
+        "Groups": [gid], "PrivateIpAddress": web.ip4,
+        "TagSpecifications": [{"ResourceType": "network-interface", "Tags": [
+            {"Key": "host-interface", "Value": web.host_dev}]}]})
+    return str(gid)
+
+
+def tcp_perm(port: int, cidr: str) -> Dict[str, Any]:
+    return {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, "IpRanges": [{"CidrIp": cidr}]}
+
+
+def udp_perm(port: int, cidr: str) -> Dict[str, Any]:
+    return {"IpProtocol": "udp", "FromPort": port, "ToPort": port, "IpRanges": [{"CidrIp": cidr}]}
+
+
+def xdp_prog(dev: str) -> int:
+    idx = netlink.ifindex(dev)
+    assert idx is not None
+    return int(netlink.attached(idx)["xdp_prog_id"])
+
+
+class Stream:
+    """An established TCP echo stream and a UDP ping-pong, each on a thread,
+    counting every byte/datagram that did not come back."""
+
+    def __init__(self, inst: Instance, dst: str, tcp_port: int = 80, udp_port: int = 53) -> None:
+        self.stop = threading.Event()
+        self.errors: List[str] = []
+        self.tcp_rounds = self.udp_rounds = self.udp_lost = 0
+        sock = inst.tcp_connect(dst, tcp_port, timeout=2.0)
+        assert sock is not None, "stream's TCP connection could not be opened"
+        self.tcp = sock
+        with inst.inside():
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.settimeout(1.0)
+        self.dst, self.udp_port = dst, udp_port
+        self.threads = [threading.Thread(target=self._tcp_loop, daemon=True),
+                        threading.Thread(target=self._udp_loop, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _tcp_loop(self) -> None:
+        payload = b"x" * 1000
+        while not self.stop.is_set():
+            try:
+                self.tcp.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = self.tcp.recv(len(payload) - len(got))
+                    if not chunk:
+                        raise OSError("connection closed")
+                    got += chunk
+                self.tcp_rounds += 1
+            except OSError as exc:
+                self.errors.append(f"tcp: {exc}")
+                return
+
+    def _udp_loop(self) -> None:
+        seq = 0
+        while not self.stop.is_set():
+            seq += 1
+            msg = seq.to_bytes(8, "big")
+            self.udp.sendto(msg, (self.dst, self.udp_port))
+            try:
+                while True:  # skip late echoes of earlier datagrams
+                    data, _ = self.udp.recvfrom(64)
+                    if data == msg:
+                        break
+                self.udp_rounds += 1
+            except socket.timeout:
+                self.udp_lost += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        self.tcp.close()
+        self.udp.close()
+
+
+class Prober:
+    """Denied traffic sent all along: UDP to a port no rule allows. Any
+    answer means a denied packet got through."""
+
+    def __init__(self, inst: Instance, dst: str, port: int) -> None:
+        self.stop = threading.Event()
+        self.sent = self.answered = 0
+        with inst.inside():
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(0.01)
+        self.thread = threading.Thread(target=self._loop, args=(dst, port), daemon=True)
+        self.thread.start()
+
+    def _loop(self, dst: str, port: int) -> None:
+        while not self.stop.is_set():
+            self.sock.sendto(b"probe", (dst, port))
+            self.sent += 1
+            try:
+                self.sock.recvfrom(64)
+                self.answered += 1
+            except socket.timeout:
+                pass
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_rules_through_api_and_cli_take_effect(topo: Topology, daemon: DaemonProc) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    daemon.start()
+    with daemon.client() as c:
+        gid = web_setup(c, topo, [])
+    assert not cli.can_tcp(web.ip4, 80), "a new group has no ingress"
+    res = daemon.cli("authorize-ingress", "--group-id", gid, "--protocol", "tcp", "--port", "80",
+                     "--cidr", cli.ip4 + "/32", "-o", "json")
+    assert res.returncode == 0, res.stderr
+    rid = json.loads(res.stdout)["SecurityGroupRules"][0]["SecurityGroupRuleId"]
+    assert cli.can_tcp(web.ip4, 80)
+    assert not cli.can_tcp(web.ip4, 22)
+    dup = daemon.cli("authorize-ingress", "--group-id", gid, "--protocol", "tcp", "--port", "80",
+                     "--cidr", cli.ip4 + "/32")
+    assert dup.returncode == 2 and "InvalidPermission.Duplicate" in dup.stderr
+    res = daemon.cli("revoke-ingress", "--group-id", gid, "--security-group-rule-ids", rid)
+    assert res.returncode == 0, res.stderr
+    assert not cli.can_tcp(web.ip4, 80), "revoked: new connections are refused"
+    table = daemon.cli("describe-security-groups", "--group-ids", gid)
+    assert table.returncode == 0 and gid in table.stdout
+    status = json.loads(daemon.cli("status", "-o", "json").stdout)
+    row = status["interfaces"][0]
+    assert row["device"] == web.host_dev and row["attached"]["tc_filters"] == 1
+    assert status["daemon"]["generation"] >= 4
+
+
+def test_membership_follows_address_on_member_device(topo: Topology, daemon: DaemonProc) -> None:
+    """web admits TCP 80 from group sg-m; sg-m's member is a host-mode
+    interface whose addresses are watched. An address added to its device
+    joins the group (and is let in); removed, it leaves."""
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    member = unique("sgm")
+    extra = "198.18.0.77"
+    sh("ip", "link", "add", member, "type", "veth", "peer", "name", member + "p")
+    sh("sysctl", "-qw", f"net.ipv4.conf.{topo.bridge}.arp_ignore=1")
+    sh("ip", "netns", "exec", cli.ns, "ip", "addr", "add", f"{extra}/24", "dev", "eth0")
+    try:
+        sh("ip", "link", "set", member, "up")
+        daemon.start()
+        with daemon.client() as c:
+            mgid = c.call("CreateSecurityGroup", {"GroupName": unique("m"),
+                                                  "Description": "members"})["GroupId"]
+            web_setup(c, topo, [{"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80,
+                                 "UserIdGroupPairs": [{"GroupId": mgid}]}])
+            c.call("CreateNetworkInterface", {"Groups": [mgid], "TagSpecifications": [{
+                "ResourceType": "network-interface", "Tags": [
+                    {"Key": "host-interface", "Value": member},
+                    {"Key": "host-interface-mode", "Value": "host"},
+                    {"Key": "host-interface-addresses", "Value": "watch"}]}]})
+
+        def can(src: str) -> bool:
+            with cli.inside():
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(0.1)
+            try:
+                s.bind((src, 0))
+                s.connect((web.ip4, 80))
+                return True
+            except OSError:
+                return False
+            finally:
+                s.close()
+
+        assert not can(extra)
+        sh("ip", "addr", "add", f"{extra}/32", "dev", member)
+        took = wait_for(lambda: can(extra))
+        print(f"address joined the group; first allowed connection after {took * 1000:.0f} ms")
+        assert not can(cli.ip4), "only the member's address was added"
+        sh("ip", "addr", "del", f"{extra}/32", "dev", member)
+        wait_for(lambda: not can(extra))
+        assert "re-enforced" in daemon.logs()
+    finally:
+        sh("ip", "link", "del", member, check=False)
+        sh("ip", "netns", "exec", cli.ns, "ip", "addr", "del", f"{extra}/24", "dev", "eth0",
+           check=False)
+
+
+def test_device_appearing_later_is_bound_and_removed_is_cleaned(daemon: DaemonProc) -> None:
+    dev = unique("sgl")
+    daemon.start()
+    with daemon.client() as c:
+        c.call("CreateNetworkInterface", {"TagSpecifications": [{
+            "ResourceType": "network-interface", "Tags": [{"Key": "host-interface", "Value": dev}]}]})
+
+    def row() -> Dict[str, Any]:
+        return dict(json.loads(daemon.cli("status", "-o", "json").stdout)["interfaces"][0])
+
+    assert row()["pending"] is True
+    try:
+        sh("ip", "link", "add", dev, "type", "veth", "peer", "name", dev + "p")
+        wait_for(lambda: netlink.ifindex(dev) is not None and xdp_prog(dev) != 0)
+        wait_for(lambda: row()["pending"] is False)
+        assert row()["attached"]["tc_filters"] == 1
+    finally:
+        sh("ip", "link", "del", dev, check=False)
+    wait_for(lambda: row()["pending"] is True)
+    dp = Dataplane(pin_dir=daemon.pin_dir, state_dir=daemon.state_dir, ct_max=CT_MAX)
+    try:
+        assert dp.map("sg_endpoints").keys() == [], "the gone device's endpoint is removed"
+    finally:
+        dp.close()
+
+
+def test_no_loss_under_500_policy_updates(topo: Topology, daemon: DaemonProc) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    daemon.start()
+    with daemon.client() as c:
+        gid = web_setup(c, topo, [tcp_perm(80, cli.ip4 + "/32"), udp_perm(53, cli.ip4 + "/32")])
+        stream = Stream(cli, web.ip4)
+        prober = Prober(cli, web.ip4, 9999)
+        latencies = []
+        new_flows = 0
+        try:
+            for i in range(500):
+                # rules that touch web's policy (and cli's own address) but never
+                # allow the stream's nor the prober's ports
+                p = tcp_perm(10000 + i // 2, cli.ip4 + "/32")
+                action = ("AuthorizeSecurityGroupIngress" if i % 2 == 0
+                          else "RevokeSecurityGroupIngress")
+                start = time.monotonic()
+                c.call(action, {"GroupId": gid, "IpPermissions": [p]})
+                latencies.append(time.monotonic() - start)
+                if i % 25 == 0:  # new flows are judged by the policy of the moment
+                    assert cli.can_tcp(web.ip4, 80), f"new connection refused at update {i}"
+                    new_flows += 1
+        finally:
+            stream.finish()
+            prober.finish()
+    print(f"500 updates: median {statistics.median(latencies) * 1000:.1f} ms, "
+          f"max {max(latencies) * 1000:.1f} ms; tcp rounds {stream.tcp_rounds}, "
+          f"udp rounds {stream.udp_rounds}, probes {prober.sent}")
+    print(json.loads(daemon.cli("status", "-o", "json").stdout)["interfaces"][0]["counters"])
+    assert stream.errors == []
+    assert stream.udp_lost == 0
+    assert stream.tcp_rounds > 100 and stream.udp_rounds > 100, "the streams really ran"
+    assert prober.sent > 100 and prober.answered == 0, "denied traffic got through"
+    assert new_flows == 20
+
+
+def test_restart_under_traffic_and_upgrade(topo: Topology, daemon: DaemonProc) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    daemon.start()
+    with daemon.client() as c:
+        web_setup(c, topo, [tcp_perm(80, cli.ip4 + "/32"), udp_perm(53, cli.ip4 + "/32")])
+    prog = xdp_prog(web.host_dev)
+    stream = Stream(cli, web.ip4)
+    try:
+        time.sleep(0.3)
+
+        def flows() -> List[Dict[str, Any]]:
+            res = daemon.cli("conntrack", "list", "--interface", web.host_dev, "-o", "json")
+            assert res.returncode == 0, res.stderr
+            return [f for f in json.loads(res.stdout) if f["remote"] == cli.ip4]
+
+        before = {(f["protocol"], f["rport"]) for f in flows()}
+        assert ("tcp", stream.tcp.getsockname()[1]) in before
+        daemon.kill(signal.SIGKILL)
+        rounds = stream.tcp_rounds
+        time.sleep(0.5)
+        assert stream.tcp_rounds > rounds, "enforcement went on without the daemon"
+        assert xdp_prog(web.host_dev) == prog
+        daemon.start()
+        assert xdp_prog(web.host_dev) == prog, "restart adopts the attached program"
+        assert before <= {(f["protocol"], f["rport"]) for f in flows()}, "conntrack intact"
+        rounds = stream.tcp_rounds
+        time.sleep(0.3)
+        assert stream.tcp_rounds > rounds
+
+        # upgrade: a different build of the programs replaces the old one on
+        # each hook; maps (and connections) stay
+        daemon.kill(signal.SIGTERM)
+        daemon.start(env={"SGCTL_EXTRA_CFLAGS": "-DSG_BUILD_ID=2"})
+        new = xdp_prog(web.host_dev)
+        assert new != prog, "the new build is attached"
+        pins = [n for n in os.listdir(daemon.pin_dir) if n.startswith("prog_")]
+        assert len(pins) == 2, f"old programs unpinned: {pins}"
+        rounds = stream.tcp_rounds
+        time.sleep(0.3)
+        assert stream.tcp_rounds > rounds
+        assert before <= {(f["protocol"], f["rport"]) for f in flows()}
+        assert cli.can_tcp(web.ip4, 80) and not cli.can_tcp(web.ip4, 22)
+    finally:
+        stream.finish()
+    assert stream.errors == [] and stream.udp_lost == 0
+
+
+def test_conntrack_list_flush_gc_and_allowance(topo: Topology, daemon: DaemonProc) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    daemon.start()
+    with daemon.client() as c:
+        web_setup(c, topo, [udp_perm(53, cli.ip4 + "/32")])
+    assert cli.udp_exchange(web.ip4, 53)
+
+    def flows() -> List[Dict[str, Any]]:
+        return [f for f in json.loads(daemon.cli("conntrack", "list", "-o", "json").stdout)
+                if f["remote"] == cli.ip4]
+
+    assert [f["state"] for f in flows()] == ["established"]
+    wait_for(lambda: json.loads(daemon.cli("status", "-o", "json").stdout)
+             ["interfaces"][0].get("conntrack_entries") == 1)
+    row = json.loads(daemon.cli("status", "-o", "json").stdout)["interfaces"][0]
+    assert row["conntrack_allowance_available"] == CT_MAX - 1
+    assert row["conntrack_allowance_exceeded"] == 0
+    # GC: move the datapath clock past the UDP timeout; the daemon's GC removes it
+    dp = Dataplane(pin_dir=daemon.pin_dir, state_dir=daemon.state_dir, ct_max=CT_MAX)
+    try:
+        from controller.conntrack import datapath_now
+
+        dp.set_clock(datapath_now(dp) + 3600)
+        wait_for(lambda: flows() == [])
+        dp.set_clock(0)
+    finally:
+        dp.close()
+    assert "expired" in daemon.logs()
+    assert cli.udp_exchange(web.ip4, 53)
+    assert len(flows()) == 1
+    res = daemon.cli("conntrack", "flush", "--interface", web.host_dev)
+    assert res.returncode == 0 and "flushed 1" in res.stdout
+    assert flows() == []
