@@ -218,9 +218,17 @@ class _Builder:
         return pol
 
 
-def compile_state(state: State, only: Optional[Iterable[Tuple[str, ...]]] = None) -> Compiled:
-    """Compile the policy of every group set used by a bound interface."""
-    rule_index = {rid: i + 1 for i, rid in enumerate(sorted(r.rule_id for r in all_rules(state)))}
+def compile_state(state: State, only: Optional[Iterable[Tuple[str, ...]]] = None,
+                  rule_index: Optional[Dict[str, int]] = None) -> Compiled:
+    """Compile the policy of every group set used by a bound interface.
+
+    ``rule_index`` (rule id -> index, the rule's number in the kernel) lets
+    the caller keep each rule's number across changes, so that a policy whose
+    rules did not change compiles to the same entries; by default rules are
+    numbered in id order."""
+    if rule_index is None:
+        rule_index = {rid: i + 1
+                      for i, rid in enumerate(sorted(r.rule_id for r in all_rules(state)))}
     builder = _Builder(state, rule_index)
     wanted = set(only) if only is not None else {
         tuple(e.groups) for e in state.interfaces.values() if e.device}

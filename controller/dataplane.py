@@ -71,6 +71,8 @@ class Applied:
     policies: Dict[str, dict] = field(default_factory=dict)  # "sg-a,sg-b" -> {policy_id, fp}
     next_policy_id: int = 1
     next_ep_id: int = 1
+    rule_index: Dict[str, int] = field(default_factory=dict)  # rule id -> kernel rule number
+    next_rule_index: int = 1
     prog_ids: List[int] = field(default_factory=list)
     summary: Dict[str, dict] = field(default_factory=dict)  # eni -> status info
     desired: Optional[dict] = None  # native dump of the desired state
@@ -252,7 +254,9 @@ class Dataplane:
         of being an error (the daemon binds it when the device appears)."""
         from . import netlink
 
-        compiled: Compiled = compile_state(state)
+        applied = self.load_applied()
+        rule_index = self.number_rules(applied, state)
+        compiled: Compiled = compile_state(state, rule_index=rule_index)
         ifindexes: Dict[str, int] = {}
         pending: List[str] = []
         for eni in state.bound_interfaces():
@@ -266,7 +270,6 @@ class Dataplane:
                                      "does not exist on this host")
             ifindexes[eni.eni_id] = idx
         progs = self.programs() if attach else None
-        applied = self.load_applied()
         ours = self.known_prog_ids(applied)  # ours to replace or detach; others are refused
         if attach:
             for idx in ifindexes.values():
@@ -342,6 +345,7 @@ class Dataplane:
             self.unpin_old_programs(progs.tag)
         applied.endpoints = endpoints
         applied.policies = policies
+        applied.rule_index = rule_index
         applied.summary = {
             eni.eni_id: {"device": eni.device, "mode": eni.mode, "groups": list(eni.groups),
                          "rules_ingress": len(state.rules_of(eni, "ingress")),
@@ -357,6 +361,21 @@ class Dataplane:
         self.save_applied(applied)
         self._applied = applied
         return applied
+
+    @staticmethod
+    def number_rules(applied: Applied, state: State) -> Dict[str, int]:
+        """Each rule keeps its number for as long as it exists; new rules get
+        fresh numbers (never a recently freed one: conntrack entries still
+        name the rule that admitted them)."""
+        out: Dict[str, int] = {}
+        for g in state.groups.values():
+            for r in g.rules:
+                num = applied.rule_index.get(r.rule_id)
+                if num is None:
+                    num = applied.next_rule_index
+                    applied.next_rule_index = num + 1 if num < 0xFFFFFFF0 else 1
+                out[r.rule_id] = num
+        return out
 
     def prog_tag(self) -> Optional[str]:
         return self._progs.tag if self._progs is not None else None

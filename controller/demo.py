@@ -1,19 +1,25 @@
-"""`make demo`: a hypervisor in miniature, policy applied by the real CLI."""
+"""`make demo`: a hypervisor in miniature, policy applied by the real CLI
+through the daemon, changed through the API, enforced across a daemon crash."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
+from typing import Optional
 
 NS = {"web": ("sgdemo-nweb", "sgdemo-web", "198.18.0.10"),
       "app": ("sgdemo-napp", "sgdemo-app", "198.18.0.20"),
       "client": ("sgdemo-ncli", "sgdemo-cli", "198.18.0.30")}
 BRIDGE = "sgdemo-br"
 PIN = "/sys/fs/bpf/sgctl-demo"
+STATE = os.environ.get("SGCTL_DEMO_STATE", tempfile.gettempdir() + "/sgctl-demo")
+SOCKET = STATE + "/api.sock"
 
 POLICY = textwrap.dedent("""\
     sgctl: 1
@@ -59,6 +65,7 @@ def setup() -> None:
 def cleanup(procs: list) -> None:
     for p in procs:
         p.kill()
+        p.wait()
     sgctl("reset", quiet=True)
     for ns, host, _ in NS.values():
         sh("ip", "link", "del", host, check=False)
@@ -66,10 +73,30 @@ def cleanup(procs: list) -> None:
     sh("ip", "link", "del", BRIDGE, check=False)
 
 
+def base() -> list:
+    return [sys.executable, "-m", "controller.cli", "--pin-dir", PIN, "--state-dir", STATE,
+            "--socket", SOCKET, "--conntrack-max", "65536"]
+
+
+def start_daemon() -> Optional[subprocess.Popen]:
+    print("\n$ sgctl daemon &")
+    os.makedirs(STATE, exist_ok=True)
+    log = open(STATE + "/daemon.log", "ab")
+    proc = subprocess.Popen([*base(), "daemon"], stdout=log, stderr=log)
+    deadline = time.monotonic() + 60
+    from .api import ping
+
+    while not ping(SOCKET):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            print("demo: the daemon did not start:\n" + open(STATE + "/daemon.log").read())
+            return None
+        time.sleep(0.1)
+    print(f"  serving on {SOCKET} (pid {proc.pid})")
+    return proc
+
+
 def sgctl(*args: str, quiet: bool = False) -> int:
-    state = os.environ.get("SGCTL_DEMO_STATE", tempfile.gettempdir() + "/sgctl-demo")
-    cmd = [sys.executable, "-m", "controller.cli", "--pin-dir", PIN, "--state-dir", state,
-           "--conntrack-max", "65536", *args]
+    cmd = [*base(), *args]
     if not quiet:
         print(f"\n$ sgctl {' '.join(args)}")
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -117,13 +144,17 @@ def main() -> int:
         print("Three instances on a bridge: web 198.18.0.10, app 198.18.0.20, client 198.18.0.30")
         print("\nBefore any policy, everything flows:")
         good &= show("client -> web tcp/22", tcp("client", "web", 22), True)
+        daemon = start_daemon()
+        if daemon is None:
+            return 1
+        procs.append(daemon)
         path = Path(tempfile.mkdtemp()) / "policy.yaml"
         path.write_text(POLICY)
         print("\nThe policy (native YAML):\n" + textwrap.indent(POLICY, "  "))
         if sgctl("apply", "-f", str(path)) != 0:
             return 1
         sgctl("status")
-        print("\nTraffic after `sgctl apply` (the process has exited; the kernel enforces):")
+        print("\nTraffic after `sgctl apply` (the kernel enforces, no packet goes to user space):")
         good &= show("client -> web tcp/80 (http from anywhere)", tcp("client", "web", 80), True)
         good &= show("client -> web tcp/22 (no rule)", tcp("client", "web", 22), False)
         good &= show("app -> web ping (icmp from sg-app)", ping("app", "web"), True)
@@ -137,10 +168,32 @@ def main() -> int:
         print("\nA bad file is rejected and the old policy stays:")
         sgctl("apply", "-f", str(bad))
         good &= show("client -> web tcp/80", tcp("client", "web", 80), True)
-        sgctl("status", "-o", "json", quiet=True)
+        print("\nA rule added through the API (EC2's AuthorizeSecurityGroupIngress):")
+        sgctl("authorize-ingress", "--group-id", "sg-web", "--protocol", "tcp", "--port", "22",
+              "--cidr", "198.18.0.30/32", "--description", "ssh from the client")
+        good &= show("client -> web tcp/22", tcp("client", "web", 22), True)
+        sgctl("describe-security-group-rules", "--group-id", "sg-web")
+        sgctl("revoke-ingress", "--group-id", "sg-web", "--protocol", "tcp", "--port", "22",
+              "--cidr", "198.18.0.30/32")
+        good &= show("client -> web tcp/22 (revoked)", tcp("client", "web", 22), False)
+        print("\nThe daemon crashes (kill -9); enforcement does not depend on it:")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+        procs.remove(daemon)
+        good &= show("client -> web tcp/80", tcp("client", "web", 80), True)
+        good &= show("client -> web tcp/22", tcp("client", "web", 22), False)
+        daemon = start_daemon()
+        if daemon is None:
+            return 1
+        procs.append(daemon)
+        print("  (it adopted the pinned maps and attached programs: nothing was detached)")
+        sgctl("status")
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait()
+        procs.remove(daemon)
     finally:
         cleanup(procs)
-        print("\ncleaned up: namespaces, bridge, pins")
+        print("\ncleaned up: daemon, namespaces, bridge, pins")
     print("demo " + ("passed" if good else "FAILED"))
     return 0 if good else 1
 

@@ -33,6 +33,8 @@ from controller.evaluator import (
     addr,
 )
 from controller.evaluator import Packet as P
+from controller.formats import load_document
+from controller.model import State
 from controller.packets import DST_MAC, SRC_MAC, frame, l3
 from controller.reasons import Reason as R
 from tests.states import one_interface
@@ -413,3 +415,42 @@ def test_unbound_device_passes(kernel, test_devs) -> None:
     assert kernel.counters(0, "egress")[R.PASS_UNBOUND] == before[R.PASS_UNBOUND] + 1
 
 
+
+
+def test_changes_rewrite_only_the_policies_they_touch(kernel, test_devs) -> None:
+    """A change to one group, or to the addresses of a referenced group's
+    member, rewrites only the policies that contain them; a restarted
+    controller (new Dataplane on the same pins) rewrites nothing."""
+    from controller.dataplane import Dataplane
+
+    def state(b_ports: str, member_ip: str) -> State:
+        return load_document({"sgctl": 1, "groups": {
+            "sg-a": {"name": "a", "ingress": [{"proto": "tcp", "ports": 22, "from": "sg-m"}]},
+            "sg-b": {"name": "b", "ingress": [{"proto": "tcp", "ports": b_ports,
+                                                "from": "198.18.0.0/16"}]},
+            "sg-m": {"name": "m"}},
+            "interfaces": {
+                "eni-a": {"groups": ["sg-a"], "device": test_devs[0]},
+                "eni-b": {"groups": ["sg-b"], "device": test_devs[1]},
+                "eni-m": {"groups": ["sg-m"], "ipv4": [member_ip]}}})
+
+    def ids() -> Dict[str, int]:
+        summary = kernel.dp.load_applied().summary
+        return {e: summary[e]["policy_id"] for e in ("eni-a", "eni-b")}
+
+    kernel.apply(state("80", "198.18.7.1"))
+    first = ids()
+    kernel.apply(state("80-81", "198.18.7.1"))  # sg-b changed
+    second = ids()
+    assert second["eni-a"] == first["eni-a"] and second["eni-b"] != first["eni-b"]
+    kernel.apply(state("80-81", "198.18.7.2"))  # a member of sg-m moved
+    third = ids()
+    assert third["eni-a"] != second["eni-a"] and third["eni-b"] == second["eni-b"]
+    assert kernel.run("eni-a", "ingress", tin(5000, 22, src=addr("198.18.7.2"))) == R.ALLOW_NEW
+    assert kernel.run("eni-a", "ingress", tin(5000, 22, src=addr("198.18.7.1"))) == R.DROP_NO_RULE
+    again = Dataplane(kernel.dp.pin_dir, str(kernel.dp.state_dir), kernel.dp.ct_max)
+    try:
+        applied = again.apply(state("80-81", "198.18.7.2"), attach=False)
+        assert {e: applied.summary[e]["policy_id"] for e in ("eni-a", "eni-b")} == third
+    finally:
+        again.close()
