@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import tempfile
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import pytest
@@ -345,3 +346,14 @@ def test_transport_errors(api: Client) -> None:
     resp = api.conn.getresponse()
     assert resp.status == 400
     assert json.loads(resp.read())["Error"]["Code"] == "MalformedQueryString"
+
+
+def test_openapi_document_lists_every_action() -> None:
+    import yaml
+
+    from controller.actions import ACTIONS
+
+    doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "api.yaml").read_text())
+    paths = {p.strip("/") for p in doc["paths"]}
+    own = {"Apply", "DescribeStatus", "DescribeConntrack", "FlushConntrack", "healthz"}
+    assert paths == set(ACTIONS) | own
