@@ -59,6 +59,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     dp = _dataplane(args)
     try:
         applied = dp.apply(state)
+        from .store import Store
+
+        store = Store(args.state_dir)  # a daemon started later enforces this state
+        prev = store.load()
+        store.save(prev.generation + 1 if prev else 1, state)
     finally:
         dp.close()
     bound = len(applied.endpoints)

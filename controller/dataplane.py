@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from . import abi, bpfsys
 from .compiler import DIR_INDEX, FAMILY_INDEX, Compiled, Policy, compile_state, network_bytes
 from .model import MODE_HOST, State
-from .store import write_atomic
+from .store import Store, write_atomic
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sgctl"
@@ -416,11 +416,12 @@ class Dataplane:
         shutil.rmtree(self.pin_dir, ignore_errors=True)
         self._applied, self._written, self._scanned = None, {}, False
         self._attached, self._ep_written = {}, {}
-        try:
-            self.applied_path.unlink()
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        for path in (self.applied_path, Store(str(self.state_dir)).path):
+            try:
+                path.unlink()
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
         return done
 
 

@@ -449,3 +449,24 @@ def test_conntrack_list_flush_gc_and_allowance(topo: Topology, daemon: DaemonPro
     res = daemon.cli("conntrack", "flush", "--interface", web.host_dev)
     assert res.returncode == 0 and "flushed 1" in res.stdout
     assert flows() == []
+
+
+def test_daemon_takes_over_a_one_shot_apply(topo: Topology, daemon: DaemonProc) -> None:
+    """apply without a daemon, then start one: it enforces that state, detaching nothing."""
+    import yaml
+
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    path = Path(daemon.state_dir) / "policy.yaml"
+    path.write_text(yaml.safe_dump({"sgctl": 1, "groups": {"sg-w": {"name": "w", "ingress": [
+        {"proto": "tcp", "ports": 80, "from": cli.ip4 + "/32"}]}}, "interfaces": {
+        "eni-w": {"groups": ["sg-w"], "ipv4": [web.ip4], "device": web.host_dev}}}))
+    res = daemon.cli("apply", "-f", str(path))
+    assert res.returncode == 0 and "through the daemon" not in res.stdout, res.stderr
+    prog = xdp_prog(web.host_dev)
+    daemon.start()
+    assert xdp_prog(web.host_dev) == prog
+    assert cli.can_tcp(web.ip4, 80) and not cli.can_tcp(web.ip4, 22)
+    with daemon.client() as c:
+        rules = c.call("DescribeSecurityGroupRules", {"Filters": [
+            {"Name": "group-id", "Values": ["sg-w"]}]})["SecurityGroupRules"]
+    assert [r["FromPort"] for r in rules if not r["IsEgress"]] == [80]

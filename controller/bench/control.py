@@ -1,0 +1,160 @@
+"""Control-plane timings through a real daemon (python -m controller.bench.control).
+
+- one rule change (Authorize/Revoke alternately) from API call to enforcement
+  (the API answers after the kernel maps are switched), median of N, on a
+  group of 10 / 1k / 10k rules bound to a device;
+- whole-state Apply of 10 ... 100k rules;
+- address added to a watched member device -> the kernel program's verdict
+  flips, polled with BPF_PROG_TEST_RUN every millisecond.
+
+Everything runs on its own veth pair, pins and socket, removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+from .. import api, bpfsys
+from ..evaluator import TCP_SYN, Packet, addr
+from ..packets import frame
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def rules(n: int, seed: int = 1, nested: bool = False) -> List[Dict[str, Any]]:
+    """n distinct TCP rules with mixed CIDRs (70% /32, 25% /24, 5% /16 in
+    10.0.0.0/8) and port ranges. ``nested``: prefix lengths from /8 to /32
+    all inside 10.0.0.0/8, the worst case for the peer-class compiler."""
+    rnd = random.Random(seed)
+    out: List[Dict[str, Any]] = []
+    seen: set = set()
+    while len(out) < n:
+        if nested:
+            plen = rnd.choice((8, 16, 20, 24, 28, 32))
+        else:
+            plen = rnd.choices((32, 24, 16), (70, 25, 5))[0]
+        net = f"10.{rnd.randrange(256)}.{rnd.randrange(256)}.{rnd.randrange(256)}/{plen}"
+        lo = rnd.randrange(1, 60000)
+        hi = lo + rnd.choice((0, 0, 1, 10, 100))
+        key = (net, lo, hi)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"proto": "tcp", "ports": f"{lo}-{hi}", "from": net})
+    return out
+
+
+class Bench:
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.dev, self.member = f"sgbc{tag}", f"sgbm{tag}"
+        self.tmp = tempfile.mkdtemp(prefix="sgctl-bench-")
+        self.pin = f"/sys/fs/bpf/sgbench{tag}"
+        self.sock = os.path.join(self.tmp, "api.sock")
+        self.base = [sys.executable, "-m", "controller.cli", "--pin-dir", self.pin,
+                     "--state-dir", self.tmp, "--socket", self.sock, "--conntrack-max", "65536"]
+        for d in (self.dev, self.member):
+            _sh("ip", "link", "add", d, "type", "veth", "peer", "name", d + "p")
+            _sh("ip", "link", "set", d, "up")
+        self.log = open(os.path.join(self.tmp, "daemon.log"), "ab")
+        self.proc = subprocess.Popen([*self.base, "daemon", "--gc-interval", "3600"],
+                                     stdout=self.log, stderr=self.log)
+        while not api.ping(self.sock):
+            if self.proc.poll() is not None:
+                raise RuntimeError(open(os.path.join(self.tmp, "daemon.log")).read())
+            time.sleep(0.1)
+        self.client = api.Client(self.sock, timeout=600)
+
+    def apply(self, ingress: List[Dict[str, Any]], extra: Dict[str, Any]) -> float:
+        doc = {"sgctl": 1, "groups": {"sg-bench": {"name": "bench", "ingress": ingress},
+                                      "sg-m": {"name": "m"}},
+               "interfaces": {"eni-bench": {"groups": ["sg-bench"], "ipv4": ["198.18.0.10"],
+                                            "device": self.dev}, **extra}}
+        start = time.monotonic()
+        self.client.call("Apply", {"Document": doc})
+        return time.monotonic() - start
+
+    def rule_change(self, n_rules: int, samples: int) -> Dict[str, float]:
+        self.apply(rules(n_rules), {})
+        perm = {"IpProtocol": "tcp", "FromPort": 7, "ToPort": 7,
+                "IpRanges": [{"CidrIp": "198.18.99.0/24"}]}
+        times = []
+        for i in range(samples):
+            action = "AuthorizeSecurityGroupIngress" if i % 2 == 0 else "RevokeSecurityGroupIngress"
+            start = time.monotonic()
+            self.client.call(action, {"GroupId": "sg-bench", "IpPermissions": [perm]})
+            times.append(time.monotonic() - start)
+        return {"rules": n_rules, "samples": samples,
+                "median_ms": statistics.median(times) * 1000, "max_ms": max(times) * 1000}
+
+    def membership(self, samples: int) -> Dict[str, float]:
+        """ip addr add on a watched member -> kernel verdict flips."""
+        self.apply([{"proto": "tcp", "ports": 22, "from": "sg-m"}],
+                   {"eni-m": {"groups": ["sg-m"], "device": self.member, "mode": "host",
+                              "watch_addresses": True}})
+        idx = int(open(f"/sys/class/net/{self.dev}/ifindex").read())
+        tags = [n for n in os.listdir(self.pin) if n.startswith("prog_tc_")]
+        tc = bpfsys.obj_get(os.path.join(self.pin, tags[0]))
+        times = []
+        try:
+            for i in range(samples):
+                src = f"198.19.{i // 200}.{i % 200 + 1}"
+                pkt = frame(Packet(addr(src), addr("198.18.0.10"), 6, 40000 + i, 22,
+                                   tcp_flags=TCP_SYN))
+                assert bpfsys.test_run(tc, pkt, idx, xdp=False)[0] != 0, "allowed too early"
+                start = time.monotonic()
+                _sh("ip", "addr", "add", f"{src}/32", "dev", self.member)
+                while bpfsys.test_run(tc, pkt, idx, xdp=False)[0] != 0:  # TC_ACT_OK = 0
+                    if time.monotonic() - start > 5:
+                        raise RuntimeError("membership never took effect")
+                    time.sleep(0.001)
+                times.append(time.monotonic() - start)
+                _sh("ip", "addr", "del", f"{src}/32", "dev", self.member)
+                time.sleep(0.05)
+        finally:
+            os.close(tc)
+        return {"samples": samples, "median_ms": statistics.median(times) * 1000,
+                "max_ms": max(times) * 1000}
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait()
+        subprocess.run([*self.base, "reset"], capture_output=True)
+        for d in (self.dev, self.member):
+            subprocess.run(["ip", "link", "del", d], capture_output=True)
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main() -> int:
+    quick = "--quick" in sys.argv
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up on kill, too
+    b = Bench()
+    out: Dict[str, Any] = {}
+    try:
+        sizes = (10, 1000) if quick else (10, 1000, 10000)
+        out["rule_change"] = [b.rule_change(n, 20 if quick else 100) for n in sizes]
+        out["apply"] = [{"rules": n, "seconds": b.apply(rules(n), {})}
+                        for n in ((10, 1000) if quick else (10, 1000, 10000, 50000, 100000))]
+        out["membership"] = b.membership(5 if quick else 50)
+    finally:
+        b.close()
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
