@@ -78,7 +78,8 @@ class Bench:
         self.client = api.Client(self.sock, timeout=600)
 
     def apply(self, ingress: List[Dict[str, Any]], extra: Dict[str, Any]) -> float:
-        doc = {"sgctl": 1, "groups": {"sg-bench": {"name": "bench", "ingress": ingress},
+        doc = {"sgctl": 1, "groups": {"sg-bench": {"name": "bench", "ingress": ingress,
+                                                   "egress": []},
                                       "sg-m": {"name": "m"}},
                "interfaces": {"eni-bench": {"groups": ["sg-bench"], "ipv4": ["198.18.0.10"],
                                             "device": self.dev}, **extra}}
@@ -146,9 +147,14 @@ def main() -> int:
     out: Dict[str, Any] = {}
     try:
         sizes = (10, 1000) if quick else (10, 1000, 10000)
-        out["rule_change"] = [b.rule_change(n, 20 if quick else 100) for n in sizes]
-        out["apply"] = [{"rules": n, "seconds": b.apply(rules(n), {})}
-                        for n in ((10, 1000) if quick else (10, 1000, 10000, 50000, 100000))]
+        out["rule_change"] = []
+        for n in sizes:
+            out["rule_change"].append(b.rule_change(n, 20 if quick else 100))
+            print(out["rule_change"][-1], file=sys.stderr)
+        out["apply"] = []
+        for n in ((10, 1000) if quick else (10, 1000, 10000, 50000, 100000)):
+            out["apply"].append({"rules": n, "seconds": b.apply(rules(n), {})})
+            print(out["apply"][-1], file=sys.stderr)
         out["membership"] = b.membership(5 if quick else 50)
     finally:
         b.close()
