@@ -62,8 +62,9 @@ static __always_inline void frag_key_of(struct sg_frag_key *k, __u32 ep_id, stru
 
 /* DESIGN 1.3 for one parsed IP packet (fragments handled by the caller). */
 static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *cfg, __u8 dir,
-				     struct sg_pkt *p, __u64 now)
+				     struct sg_scratch *s, __u64 now)
 {
+	struct sg_pkt *p = &s->p;
 	if (sg_exempt(cfg, dir, &p->f))
 		return SG_ALLOW_EXEMPT;
 
@@ -92,21 +93,22 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	}
 
 	/* 3. the rules */
-	struct sg_port_val *v = policy_match(ep, dir, &p->f);
-	if (!v)
+	struct sg_match *m = &s->m;
+	if (!policy_match(ep->policy_id, dir, s))
 		return SG_DROP_NO_RULE;
 	if (p->icmp_error)
 		return SG_ALLOW_NEW;
-	if (policy_untracked(ep, dir, &p->f, v))
+	if (policy_untracked(ep, dir, &p->f, m, &s->wm))
 		return SG_ALLOW_UNTRACKED;
-	if (ct_create(&key, exists, dir, p, ep, v->rule_index, now))
+	if (ct_create(&key, exists, dir, p, ep, m->rule_index, now))
 		return SG_DROP_CT_FULL;
 	return SG_ALLOW_NEW;
 }
 
-static __always_inline int sg_verdict(struct sg_endpoint *ep, __u8 dir, struct sg_pkt *p,
+static __always_inline int sg_verdict(struct sg_endpoint *ep, __u8 dir, struct sg_scratch *s,
 				      void *data, void *end, __u32 bytes)
 {
+	struct sg_pkt *p = &s->p;
 	int rc = parse_packet(data, end, bytes, p);
 	if (rc)
 		return rc;
@@ -123,7 +125,7 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, __u8 dir, struct s
 			return SG_ALLOW_FRAGMENT;
 		return SG_DROP_FRAG_UNKNOWN;
 	}
-	rc = sg_decide(ep, cfg, dir, p, now);
+	rc = sg_decide(ep, cfg, dir, s, now);
 	if (p->frag == SG_FRAG_FIRST && SG_IS_ALLOWED(rc))
 		sg_frags.update(&fk, &now);
 	return rc;
@@ -144,8 +146,12 @@ static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void 
 		dir = ep->mode == SG_MODE_HOST ? SG_DIR_INGRESS : SG_DIR_EGRESS;
 	else
 		dir = ep->mode == SG_MODE_HOST ? SG_DIR_EGRESS : SG_DIR_INGRESS;
-	struct sg_pkt p = {};
-	int reason = sg_verdict(ep, dir, &p, data, end, bytes);
+	__u32 zero = 0;
+	struct sg_scratch *s = sg_scratch.lookup(&zero);
+	if (!s)  /* cannot happen: an array slot always exists */
+		return 0;
+	__builtin_memset(s, 0, sizeof(*s));
+	int reason = sg_verdict(ep, dir, s, data, end, bytes);
 	count_verdict(ep->ep_id, dir, reason, bytes);
 	return SG_IS_ALLOWED(reason);
 }

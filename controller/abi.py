@@ -14,7 +14,7 @@ MODE_WORKLOAD, MODE_HOST = 0, 1
 PROTO_ANY = 256
 FLAG_WORLD = 0x1
 CFG_EXEMPT_DHCP = 0x1
-CT_NEW, CT_ESTABLISHED, CT_STREAM, CT_CLOSING = 1, 2, 3, 4
+PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout
 COUNTER_SLOTS = 1024
@@ -30,13 +30,36 @@ class Endpoint(ct.Structure):
 
 
 class PeerKey(ct.Structure):
-    _fields_ = [("prefixlen", u32), ("policy_id", u32), ("dir", u8), ("family", u8),
-                ("pad", u16), ("addr", Addr)]
+    _fields_ = [("policy_id", u32), ("dir", u8), ("family", u8), ("plen", u8), ("pad", u8),
+                ("addr", Addr)]
+
+
+class PlensKey(ct.Structure):
+    _fields_ = [("policy_id", u32), ("dir", u8), ("family", u8), ("pad", u16)]
+
+
+class Plen(ct.Structure):
+    _fields_ = [("mask", Addr), ("plen", u8), ("pad", u8 * 3)]
+
+
+class Plens(ct.Structure):
+    _fields_ = [("n", u32), ("len", Plen * PLEN_SLOTS)]
+
+
+class Seg(ct.Structure):
+    _fields_ = [("lo", u16), ("hi", u16), ("rule_index", u32), ("flags", u32)]
+
+
+class PortsKey(ct.Structure):
+    _fields_ = [("cls", u32), ("proto", u16), ("pad", u16)]
+
+
+class Ports(ct.Structure):
+    _fields_ = [("n", u32), ("seg", Seg * SEGS_INLINE)]
 
 
 class PortKey(ct.Structure):
-    _fields_ = [("prefixlen", u32), ("policy_id", u32), ("cls", u32), ("proto", u16),
-                ("port", u16)]
+    _fields_ = [("prefixlen", u32), ("cls", u32), ("proto", u16), ("port", u16)]
 
 
 class PortVal(ct.Structure):
@@ -73,7 +96,9 @@ class Counter(ct.Structure):
 # map name -> (key type, value type); the C side is bpf/lib/maps.h
 MAPS = {
     "sg_endpoints": (u32, Endpoint),
-    "sg_peer_lpm": (PeerKey, u32),
+    "sg_plens": (PlensKey, Plens),
+    "sg_peers": (PeerKey, u32),
+    "sg_ports": (PortsKey, Ports),
     "sg_port_lpm": (PortKey, PortVal),
     "sg_conntrack": (CtKey, CtEntry),
     "sg_frags": (FragKey, u64),

@@ -69,6 +69,7 @@ def num_cpus() -> int:
 
 
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+ENOTSUPP = 524  # the kernel's "operation not supported" (not in errno)
 
 
 class Map:
@@ -127,6 +128,37 @@ class Map:
                 _check(rc, f"iterate {os.path.basename(self.path)}")
             out.append(nxt)
             cur = nxt
+
+    def update_batch(self, keys: List[Any], vals: List[Any]) -> None:
+        """Many updates in one BPF_MAP_UPDATE_BATCH (hash maps); per element
+        where the map type has no batch operation."""
+        if not keys:
+            return
+        karr = (self.key_t * len(keys))(*keys)
+        varr = (self.val_t * len(vals))(*vals)
+        fn = lib().bpf_map_update_batch
+        fn.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
+        count = ct.c_uint32(len(keys))
+        rc = fn(self.fd, karr, varr, ct.byref(count), None)
+        if rc < 0 and ct.get_errno() in (errno.EINVAL, ENOTSUPP, errno.EOPNOTSUPP):
+            for k, v in zip(keys, vals):
+                self.update(k, v)
+            return
+        _check(rc, f"batch update {os.path.basename(self.path)} ({count.value}/{len(keys)} done)")
+
+    def delete_many(self, keys: List[Any]) -> int:
+        """Delete keys (BPF_MAP_DELETE_BATCH where possible); missing ones are fine."""
+        if not keys:
+            return 0
+        karr = (self.key_t * len(keys))(*keys)
+        fn = lib().bpf_map_delete_batch
+        fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
+        count = ct.c_uint32(len(keys))
+        if fn(self.fd, karr, ct.byref(count), None) == 0:
+            return len(keys)
+        # a missing key stops the batch (ENOENT) or the map has no batch op: one by one
+        done = count.value
+        return done + sum(self.delete(k) for k in keys[done:])
 
     def batch_items(self, chunk: int = 4096) -> Iterator[Tuple[Any, Any]]:
         """All entries with BPF_MAP_LOOKUP_BATCH: one syscall per ``chunk``

@@ -1,24 +1,30 @@
 """Desired state -> map entries. A pure function: no kernel, no I/O.
 
-Classification without a per-rule loop (DESIGN.md 2.2):
+Classification without a per-rule loop (DESIGN.md 2.2, reshaped by what the
+benchmarks showed -- see docs/design-notes.md):
 
-1. *Peer classes.* For one policy (a set of groups), direction and family,
-   every CIDR the rules mention (prefix lists and group members expanded) is
-   a prefix. Prefix P gets the class whose rule set is *every rule whose
-   peer contains P*; since rules only allow, the longest match of the remote
-   address then carries the union of the rules that match it. Prefixes with
-   the same rule set share a class.
+1. *Prefixes.* For one policy (a set of groups), direction and family, every
+   CIDR the rules mention (prefix lists and group members expanded) is a
+   prefix whose *class* is the set of rules naming exactly that prefix. The
+   datapath looks the remote address up in one hash per prefix length
+   present, longest first, and checks the classes of the first
+   ``CHAIN_MAX`` prefixes that contain it. So that nothing is lost for an
+   address inside more nested prefixes than that, a prefix that can be the
+   last one checked (it has a chain of ``CHAIN_MAX - 1`` nested prefixes
+   below it) also carries the rules of all its ancestors. Rules are copied
+   nowhere else, so entries grow linearly with rules.
 2. *Port segments.* For each class and protocol the port space (or ICMP
-   type<<8|code) is cut into intervals with a constant rule set; each
-   interval becomes <= 30 LPM prefixes. Rules of protocol -1 are folded into
-   every specific protocol of the class and also kept under ``PROTO_ANY`` for
-   protocols with no rule of their own, so the datapath does at most two
-   lookups: (class, proto, port), then (class, ANY).
+   type<<8|code) is cut into disjoint intervals with a constant rule set.
+   Up to ``SEGS_INLINE`` of them sit in the class's map value; more go to an
+   LPM trie as <= 30 prefixes each. Rules of protocol -1 are folded into
+   every specific protocol of the class and also kept under ``PROTO_ANY``.
+   Classes are identified by content, so identical ones are shared by every
+   policy and a change rewrites only the classes it touches.
 3. *Untracked flows* (1.4) need, per packet: does a world rule (peer
    0.0.0.0/0 or ::/0) allow it here (segment flag ``WORLD``), is the other
    direction world-open on all ports for the protocol (endpoint bits
    ``open_all``), and -- for replies -- does a world rule of the other
-   direction allow the reversed packet (a lookup in the *world class*).
+   direction allow the reversed packet (the *world class*).
 """
 
 from __future__ import annotations
@@ -82,38 +88,32 @@ def range_to_prefixes(lo: int, hi: int, bits: int = 16) -> List[Tuple[int, int]]
     return out
 
 
-@dataclass(frozen=True)
-class PeerEntry:
-    direction: str
-    family: int
-    network: IPNetwork
-    cls: int
+CHAIN_MAX = 4  # SG_CHAIN_MAX: containing prefixes whose classes the datapath checks
+SEGS_INLINE = 8  # SG_SEGS_INLINE
 
-
-@dataclass(frozen=True)
-class PortEntry:
-    cls: int
-    proto: int  # 0-255 or PROTO_ANY
-    port: int  # prefix value (host order)
-    plen: int  # 0-16
-    rule_index: int
-    flags: int
+# A class's content: (rule index, protocol, first, last, world) per rule.
+ClassKey = FrozenSet[Tuple[int, int, int, int, bool]]
+PeerKey = Tuple[int, int, int, int]  # (dir index, family, prefix length, network as int)
 
 
 @dataclass
 class Policy:
-    """Everything one group set needs in the maps (policy id assigned later)."""
+    """Everything one group set needs in the maps (ids assigned by the dataplane)."""
 
     groups: Tuple[str, ...]
-    peers: List[PeerEntry] = field(default_factory=list)
-    ports: List[PortEntry] = field(default_factory=list)
-    world_class: Dict[Tuple[str, int], int] = field(default_factory=dict)  # (dir, fam) -> cls
+    peers: Dict[PeerKey, ClassKey] = field(default_factory=dict)
+    plens: Dict[Tuple[int, int], Tuple[int, ...]] = field(default_factory=dict)  # longest first
+    world: Dict[Tuple[int, int], ClassKey] = field(default_factory=dict)  # (dir, fam) -> world rules
     open_all: int = 0
-    nclasses: int = 0
+
+    @property
+    def nclasses(self) -> int:
+        return len(set(self.peers.values()))
 
     def fingerprint(self) -> str:
         """Stable across processes: decides whether a policy must be rewritten."""
-        text = repr((self.peers, self.ports, sorted(self.world_class.items()), self.open_all))
+        text = repr((sorted((k, sorted(v)) for k, v in self.peers.items()),
+                     sorted((k, sorted(v)) for k, v in self.world.items()), self.open_all))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -155,67 +155,75 @@ def _segments(items: Iterable[Tuple[int, int, int, bool]]) -> List[Tuple[int, in
     return out
 
 
-class _Builder:
-    def __init__(self, state: State, rule_index: Dict[str, int]) -> None:
-        self.state = state
-        self.rule_index = rule_index
+def class_segments(content: ClassKey) -> Dict[int, List[Tuple[int, int, int, int]]]:
+    """protocol -> disjoint (first, last, lowest rule index, flags) of one class."""
+    any_items = [(lo, hi, idx, world) for idx, proto, lo, hi, world in content
+                 if proto == PROTO_ALL]
+    out: Dict[int, List[Tuple[int, int, int, int]]] = {}
+    for proto in sorted({x[1] for x in content if x[1] != PROTO_ALL}):
+        spans = [(lo, hi, idx, world) for idx, p, lo, hi, world in content if p == proto]
+        out[proto] = _segments(spans + any_items)
+    if any_items:
+        out[PROTO_ANY] = [(0, PORT_SPACE - 1, min(x[2] for x in any_items),
+                           FLAG_WORLD if any(x[3] for x in any_items) else 0)]
+    return out
 
-    def port_entries(self, cls: int, rules: FrozenSet[Rule]) -> List[PortEntry]:
-        by_proto: Dict[int, List[Rule]] = {}
+
+def _fold_chains(own: Dict[IPNetwork, set]) -> Dict[IPNetwork, set]:
+    """Give every prefix with CHAIN_MAX - 1 nested prefixes below it the
+    rules of all its ancestors (see the module docstring)."""
+    plens = sorted({n.prefixlen for n in own}, reverse=True)
+    parent: Dict[IPNetwork, IPNetwork] = {}
+    height: Dict[IPNetwork, int] = {n: 0 for n in own}
+    for net in sorted(own, key=lambda n: -n.prefixlen):
+        for plen in plens:
+            if plen >= net.prefixlen:
+                continue
+            sup = net.supernet(new_prefix=plen)
+            if sup in own:
+                parent[net] = sup
+                height[sup] = max(height[sup], height[net] + 1)
+                break
+    out = dict(own)
+    for net, h in height.items():
+        if h >= CHAIN_MAX - 1 and net in parent:
+            rules = set(own[net])
+            up: Optional[IPNetwork] = parent[net]
+            while up is not None:
+                rules |= own[up]
+                up = parent.get(up)
+            out[net] = rules
+    return out
+
+
+def compile_policy(state: State, groups: Tuple[str, ...], rule_index: Dict[str, int]) -> Policy:
+    pol = Policy(groups)
+    for direction in DIRECTIONS:
+        d = DIR_INDEX[direction]
+        rules = [r for g in groups for r in state.groups[g].rules_in(direction)]
+        own: Dict[int, Dict[IPNetwork, set]] = {4: {}, 6: {}}
+        world: Dict[int, set] = {4: set(), 6: set()}
         for r in rules:
-            by_proto.setdefault(r.protocol, []).append(r)
-        any_rules = by_proto.pop(PROTO_ALL, [])
-        out: List[PortEntry] = []
-        for proto in sorted(by_proto):
-            spans = [(*port_range(r), self.rule_index[r.rule_id], r.peer.is_world())
-                     for r in by_proto[proto] + any_rules]
-            for lo, hi, idx, flags in _segments(spans):
-                for port, plen in range_to_prefixes(lo, hi):
-                    out.append(PortEntry(cls, proto, port, plen, idx, flags))
-        if any_rules:
-            idx = min(self.rule_index[r.rule_id] for r in any_rules)
-            flags = FLAG_WORLD if any(r.peer.is_world() for r in any_rules) else 0
-            out.append(PortEntry(cls, PROTO_ANY, 0, 0, idx, flags))
-        return out
-
-    def policy(self, groups: Tuple[str, ...]) -> Policy:
-        pol = Policy(groups)
-        classes: Dict[FrozenSet[Rule], int] = {}
-
-        def class_of(ruleset: FrozenSet[Rule]) -> int:
-            if ruleset not in classes:
-                classes[ruleset] = len(classes) + 1
-                pol.ports.extend(self.port_entries(classes[ruleset], ruleset))
-            return classes[ruleset]
-
-        for direction in DIRECTIONS:
-            rules = [r for g in groups for r in self.state.groups[g].rules_in(direction)]
-            for family in (4, 6):
-                by_net: Dict[IPNetwork, List[Rule]] = {}
-                for r in rules:
-                    for net in self.state.peer_networks(r.peer):
-                        if net.version == family:
-                            by_net.setdefault(net, []).append(r)
-                plens = sorted({n.prefixlen for n in by_net})
-                for net in sorted(by_net, key=lambda n: (n.prefixlen, int(n.network_address))):
-                    members: set = set()
-                    for plen in plens:
-                        if plen > net.prefixlen:
-                            break
-                        sup = net.supernet(new_prefix=plen) if plen < net.prefixlen else net
-                        members.update(by_net.get(sup, ()))
-                    pol.peers.append(PeerEntry(direction, family, net,
-                                               class_of(frozenset(members))))
-                world = frozenset(r for r in rules
-                                  if r.peer.is_world() and r.peer.network.version == family)
-                if world:
-                    pol.world_class[(direction, family)] = class_of(world)
-                for proto in (PROTO_TCP, PROTO_UDP):
-                    if any(r.protocol == PROTO_ALL or (r.protocol == proto and r.from_port == 0
-                                                       and r.to_port == 65535) for r in world):
-                        pol.open_all |= open_all_bit(direction, family, proto)
-        pol.nclasses = len(classes)
-        return pol
+            lo, hi = port_range(r)
+            item = (rule_index[r.rule_id], r.protocol, lo, hi, r.peer.is_world())
+            for net in state.peer_networks(r.peer):
+                own[net.version].setdefault(net, set()).add(item)
+            if r.peer.is_world():
+                world[r.peer.network.version].add(item)
+        for family in (4, 6):
+            if not own[family]:
+                continue
+            for net, items in _fold_chains(own[family]).items():
+                pol.peers[(d, family, net.prefixlen, int(net.network_address))] = frozenset(items)
+            pol.plens[(d, family)] = tuple(sorted({n.prefixlen for n in own[family]},
+                                                  reverse=True))
+            if world[family]:
+                pol.world[(d, family)] = frozenset(world[family])
+            for proto in (PROTO_TCP, PROTO_UDP):
+                if any(x[1] == PROTO_ALL or (x[1] == proto and x[2] == 0 and x[3] == 65535)
+                       for x in world[family]):
+                    pol.open_all |= open_all_bit(direction, family, proto)
+    return pol
 
 
 def compile_state(state: State, only: Optional[Iterable[Tuple[str, ...]]] = None,
@@ -229,10 +237,10 @@ def compile_state(state: State, only: Optional[Iterable[Tuple[str, ...]]] = None
     if rule_index is None:
         rule_index = {rid: i + 1
                       for i, rid in enumerate(sorted(r.rule_id for r in all_rules(state)))}
-    builder = _Builder(state, rule_index)
     wanted = set(only) if only is not None else {
         tuple(e.groups) for e in state.interfaces.values() if e.device}
-    return Compiled({g: builder.policy(g) for g in sorted(wanted)}, rule_index)
+    return Compiled({g: compile_policy(state, g, rule_index) for g in sorted(wanted)},
+                    rule_index)
 
 
 def network_bytes(net: IPNetwork) -> bytes:

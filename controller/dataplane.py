@@ -1,10 +1,10 @@
 """The dataplane adapter: compile/load the programs with bcc, keep them and
 the maps pinned, write compiled policy into the maps, attach with pyroute2.
 
-Policy switch (DESIGN 2.3): a changed group set gets a fresh ``policy_id``;
-its peer/port entries are written first, then each endpoint's value is
-replaced in one map update, then entries of unused policy ids are deleted.
-Unchanged group sets keep their id and are not rewritten.
+Policy switch (DESIGN 2.3): a changed group set's entries are written under
+a policy id no endpoint uses (its inactive one: only the difference; see
+policymaps.py), then each endpoint's value is replaced in one map update.
+Unchanged group sets are not rewritten.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import json
 import os
 import re
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import abi, bpfsys
-from .compiler import DIR_INDEX, FAMILY_INDEX, Compiled, Policy, compile_state, network_bytes
+from .compiler import FAMILY_INDEX, Compiled, compile_state, network_bytes
 from .model import MODE_HOST, State
+from .policymaps import PolicyMaps
 from .store import Store, write_atomic
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -73,6 +73,7 @@ class Applied:
     next_ep_id: int = 1
     rule_index: Dict[str, int] = field(default_factory=dict)  # rule id -> kernel rule number
     next_rule_index: int = 1
+    next_class_id: int = 1
     prog_ids: List[int] = field(default_factory=list)
     summary: Dict[str, dict] = field(default_factory=dict)  # eni -> status info
     desired: Optional[dict] = None  # native dump of the desired state
@@ -88,8 +89,7 @@ class Dataplane:
         self._progs: Optional[Programs] = None
         # what this process wrote, so that repeated applies touch only what changed
         self._applied: Optional[Applied] = None
-        self._written: Dict[int, Policy] = {}  # policy id -> its entries
-        self._scanned = False  # one full scan of the policy maps per process
+        self._pm = PolicyMaps(self.map)  # classification maps: classes and images
         self._attached: Dict[int, str] = {}  # ifindex -> program tag attached there
         self._ep_written: Dict[int, bytes] = {}  # ifindex -> endpoint value written
 
@@ -183,46 +183,6 @@ class Dataplane:
 
     # ------------------------------------------------------------ policy writes
 
-    @staticmethod
-    def _peer_keys(policy_id: int, pol: Policy) -> Iterator[abi.PeerKey]:
-        for pe in pol.peers:
-            yield abi.PeerKey(prefixlen=64 + pe.network.prefixlen, policy_id=policy_id,
-                              dir=DIR_INDEX[pe.direction], family=pe.family,
-                              addr=abi.addr_words(network_bytes(pe.network)))
-
-    @staticmethod
-    def _port_items(policy_id: int, pol: Policy) -> Iterator[Tuple[abi.PortKey, abi.PortVal]]:
-        for po in pol.ports:
-            yield (abi.PortKey(prefixlen=80 + po.plen, policy_id=policy_id, cls=po.cls,
-                               proto=po.proto, port=socket.htons(po.port)),
-                   abi.PortVal(rule_index=po.rule_index, flags=po.flags))
-
-    def write_policy(self, policy_id: int, pol: Policy) -> None:
-        peers, ports = self.map("sg_peer_lpm"), self.map("sg_port_lpm")
-        for key, pe in zip(self._peer_keys(policy_id, pol), pol.peers):
-            peers.update(key, ct.c_uint32(pe.cls))
-        for pkey, pval in self._port_items(policy_id, pol):
-            ports.update(pkey, pval)
-
-    def gc_policies(self, live: set) -> int:
-        """Delete the entries of policy ids not in ``live``: exactly the keys
-        written by this process when it remembers them, else by a map scan."""
-        dead = [pid for pid in self._written if pid not in live]
-        removed = 0
-        for pid in dead:
-            pol = self._written.pop(pid)
-            removed += sum(self.map("sg_peer_lpm").delete(k) for k in self._peer_keys(pid, pol))
-            removed += sum(self.map("sg_port_lpm").delete(k) for k, _ in self._port_items(pid, pol))
-        if self._scanned:
-            return removed
-        self._scanned = True
-        for name in ("sg_peer_lpm", "sg_port_lpm"):
-            m = self.map(name)
-            for old in m.keys():
-                if old.policy_id not in live:
-                    removed += m.delete(old)
-        return removed
-
     def sync_exempt(self, state: State) -> None:
         m = self.map("sg_exempt_lpm")
         want: Dict[bytes, Any] = {}
@@ -277,8 +237,12 @@ class Dataplane:
                     netlink.check_attachable(idx, ours)
         eps = self.map("sg_endpoints")
 
-        # 1. policies: reuse unchanged group sets, write changed ones under new ids
+        # 1. policies: unchanged group sets keep theirs; a changed one gets its
+        #    difference written into its inactive policy id (or a fresh id)
+        pm = self._pm
+        pm.start(applied.next_class_id)
         policies: Dict[str, dict] = {}
+        drop: List[int] = []
         for groups, pol in compiled.policies.items():
             name = ",".join(groups)
             fp = pol.fingerprint()
@@ -286,13 +250,23 @@ class Dataplane:
             if old and old["fingerprint"] == fp:
                 policies[name] = old
                 continue
-            pid = applied.next_policy_id
-            applied.next_policy_id += 1
-            self.write_policy(pid, pol)
-            self._written[pid] = pol
-            policies[name] = {"policy_id": pid, "fingerprint": fp,
-                              "peers": len(pol.peers), "ports": len(pol.ports),
-                              "classes": pol.nclasses}
+            img = pm.image_of(pol)
+            active = old["active"] if old else None
+            inactive = next((i for i in (old or {}).get("ids", []) if i != active), None)
+            if inactive is not None and inactive in pm.images:
+                target = inactive
+                written = pm.write(target, img, pm.images[inactive])
+            else:
+                target = applied.next_policy_id
+                applied.next_policy_id += 1
+                written = pm.write(target, img, None)
+                if inactive is not None:
+                    drop.append(inactive)
+            policies[name] = {"active": target, "ids": [target] + ([active] if active else []),
+                              "fingerprint": fp, "open_all": pol.open_all,
+                              "world": {f"{d},{fam}": c for (d, fam), c in img.world.items()},
+                              "peers": len(img.peers), "classes": len(set(img.peers.values())),
+                              "written": written}
         # 2. endpoints: one update each switches to the new policy
         endpoints: Dict[str, dict] = {}
         for eni in state.bound_interfaces():
@@ -307,11 +281,13 @@ class Dataplane:
             else:
                 ep_id = applied.next_ep_id
                 applied.next_ep_id += 1
-            val = abi.Endpoint(ep_id=ep_id, policy_id=policies[name]["policy_id"],
+            rec = policies[name]
+            val = abi.Endpoint(ep_id=ep_id, policy_id=rec["active"],
                                mode=abi.MODE_HOST if eni.mode == MODE_HOST else abi.MODE_WORKLOAD,
-                               open_all=pol.open_all)
-            for (direction, family), cls in pol.world_class.items():
-                val.world_class[DIR_INDEX[direction] * 2 + FAMILY_INDEX[family]] = cls
+                               open_all=rec["open_all"])
+            for key, cls in rec["world"].items():
+                d, fam = (int(x) for x in key.split(","))
+                val.world_class[d * 2 + FAMILY_INDEX[fam]] = cls
             for i, tname in enumerate(abi.TO_NAMES):
                 val.timeouts[i] = getattr(eni.timeouts, tname)
             if bytes(val) != self._ep_written.get(idx):
@@ -338,9 +314,13 @@ class Dataplane:
                 self._ep_written.pop(ep["ifindex"], None)
         if gone:
             self.flush_conntrack({ep["ep_id"] for ep in gone.values()})
-        # 4. delete entries of policy ids nobody uses any more
-        live = {p["policy_id"] for p in policies.values()}
-        self.gc_policies(live)
+        # 4. delete policy ids nobody uses any more, then unused classes
+        live = {i for p in policies.values() for i in p["ids"]}
+        known = {i for p in applied.policies.values() for i in p.get("ids", [])}
+        for pid in sorted((known - live) | set(drop) | (set(pm.images) - live)):
+            pm.delete_policy(pid)
+        pm.gc_classes(unknown_policies=bool(live - set(pm.images)))
+        applied.next_class_id = pm.next_class
         if attach and progs is not None:
             self.unpin_old_programs(progs.tag)
         applied.endpoints = endpoints
@@ -350,7 +330,7 @@ class Dataplane:
             eni.eni_id: {"device": eni.device, "mode": eni.mode, "groups": list(eni.groups),
                          "rules_ingress": len(state.rules_of(eni, "ingress")),
                          "rules_egress": len(state.rules_of(eni, "egress")),
-                         "policy_id": policies[",".join(eni.groups)]["policy_id"],
+                         "policy_id": policies[",".join(eni.groups)]["active"],
                          "addresses": [str(a) for a in eni.addresses()],
                          "pending": eni.eni_id in pending}
             for eni in state.bound_interfaces()}
@@ -414,7 +394,7 @@ class Dataplane:
                 netlink.detach(int(key.value), ids)  # type: ignore[attr-defined]
         self.close()
         shutil.rmtree(self.pin_dir, ignore_errors=True)
-        self._applied, self._written, self._scanned = None, {}, False
+        self._applied, self._pm = None, PolicyMaps(self.map)
         self._attached, self._ep_written = {}, {}
         for path in (self.applied_path, Store(str(self.state_dir)).path):
             try:

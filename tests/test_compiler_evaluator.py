@@ -8,9 +8,11 @@ import random
 import pytest
 
 from controller.compiler import (
+    CHAIN_MAX,
     FLAG_WORLD,
     PROTO_ANY,
     _segments,
+    class_segments,
     compile_state,
     open_all_bit,
     range_to_prefixes,
@@ -58,17 +60,43 @@ def test_segments_random_against_brute_force() -> None:
             assert bool(got[0][3]) == any(w for _, w in live)
 
 
-def test_peer_classes_carry_union_of_containing_rules() -> None:
+def _ingress_classes(pol) -> dict:  # type: ignore[no-untyped-def]
+    return {str(ipaddress.ip_network((net, plen))): content
+            for (d, fam, plen, net), content in pol.peers.items() if d == 0}
+
+
+def test_prefix_classes_hold_their_own_rules() -> None:
     state = one_interface(ingress=[{"proto": "tcp", "ports": 80, "from": "198.18.0.0/15"},
                                    {"proto": "tcp", "ports": 22, "from": "198.18.1.0/24"},
                                    {"proto": "udp", "ports": 53, "from": "198.18.1.1/32"}],
                           egress=[])
     pol = next(iter(compile_state(state).policies.values()))
-    cls = {str(p.network): p.cls for p in pol.peers if p.direction == "ingress"}
-    ports = {(p.cls, p.proto) for p in pol.ports}
-    assert (cls["198.18.1.1/32"], 17) in ports and (cls["198.18.1.1/32"], 6) in ports
-    assert (cls["198.18.0.0/15"], 17) not in ports
-    assert pol.open_all == 0 and not pol.world_class
+    cls = _ingress_classes(pol)
+    assert {x[1] for x in cls["198.18.1.1/32"]} == {17}, "no copies of the containing rules"
+    assert {(x[1], x[2]) for x in cls["198.18.0.0/15"]} == {(6, 80)}
+    assert pol.plens[(0, 4)] == (32, 24, 15)
+    assert pol.open_all == 0 and not pol.world
+
+
+def test_deep_nesting_folds_ancestors_into_the_last_checked_prefix() -> None:
+    nets = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.0/28", "10.1.2.1/32"]
+    state = one_interface(ingress=[{"proto": "tcp", "ports": 100 + i, "from": n}
+                                   for i, n in enumerate(nets)], egress=[])
+    pol = next(iter(compile_state(state).policies.values()))
+    cls = _ingress_classes(pol)
+    ports = {n: {x[2] for x in cls[n]} for n in nets}
+    assert CHAIN_MAX == 4
+    # 10.1.0.0/16 has 3 nested prefixes below it: it may be the 4th checked
+    assert ports["10.1.0.0/16"] == {100, 101}
+    assert ports["10.1.2.0/24"] == {102} and ports["10.1.2.1/32"] == {104}
+    assert ports["10.0.0.0/8"] == {100}
+
+
+def test_class_segments_fold_protocol_any() -> None:
+    content = frozenset({(1, 6, 80, 80, False), (2, -1, 0, 65535, True)})
+    segs = class_segments(content)
+    assert segs[6] == [(0, 79, 2, FLAG_WORLD), (80, 80, 1, FLAG_WORLD), (81, 65535, 2, FLAG_WORLD)]
+    assert segs[PROTO_ANY] == [(0, 65535, 2, FLAG_WORLD)]
 
 
 def test_world_bits_and_any_protocol() -> None:
@@ -76,8 +104,8 @@ def test_world_bits_and_any_protocol() -> None:
     pol = next(iter(compile_state(state).policies.values()))
     assert pol.open_all & open_all_bit("egress", 4, 6) and pol.open_all & open_all_bit("egress", 6, 17)
     assert not pol.open_all & open_all_bit("ingress", 4, 6)
-    assert ("ingress", 4) in pol.world_class and ("egress", 6) in pol.world_class
-    assert any(p.proto == PROTO_ANY and p.flags & FLAG_WORLD for p in pol.ports)
+    assert (0, 4) in pol.world and (1, 6) in pol.world
+    assert any(x[1] == -1 and x[4] for x in pol.world[(1, 4)])
 
 
 def test_unchanged_group_set_keeps_fingerprint() -> None:
@@ -93,7 +121,7 @@ def test_compiles_10k_rules() -> None:
               "from": str(ipaddress.ip_network((0xC6120000 + (i << 8), 24)))} for i in range(10000)]
     state = one_interface(ingress=rules)
     pol = next(iter(compile_state(state).policies.values()))
-    assert len([p for p in pol.peers if p.direction == "ingress"]) == 10000
+    assert len([k for k in pol.peers if k[0] == 0]) == 10000
 
 
 def test_evaluator_tracked_flow_and_timeouts() -> None:

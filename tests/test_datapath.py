@@ -454,3 +454,22 @@ def test_changes_rewrite_only_the_policies_they_touch(kernel, test_devs) -> None
         assert {e: applied.summary[e]["policy_id"] for e in ("eni-a", "eni-b")} == third
     finally:
         again.close()
+
+
+def test_address_inside_more_nested_prefixes_than_the_datapath_checks(kernel, test_devs) -> None:
+    """6 nested prefixes, each with its own port: every port is allowed from
+    the innermost address (the datapath checks 4 prefixes; the compiler
+    folds the rest into the 4th), and the evaluator agrees."""
+    nets = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/23", "10.1.2.0/24", "10.1.2.0/28",
+            "10.1.2.1/32"]
+    state = one_interface(device=test_devs[0], egress=[],
+                          ingress=[{"proto": "tcp", "ports": 100 + i, "from": n}
+                                   for i, n in enumerate(nets)])
+    kernel.apply(state)
+    ev = Evaluator(state, clock=lambda: 1000)
+    for src, port in [("10.1.2.1", p) for p in range(99, 107)] + [("10.1.3.1", 101),
+                                                                  ("10.1.3.1", 103)]:
+        pkt = tin(5000 + port, port, src=addr(src))
+        want = ev.packet("eni-a", "ingress", pkt).reason
+        assert kernel.run("eni-a", "ingress", pkt) == want, (src, port)
+    assert ev.packet("eni-a", "ingress", tin(1, 100, src=addr("10.1.2.1"))).reason == R.ALLOW_NEW

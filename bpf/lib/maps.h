@@ -19,6 +19,12 @@
 #ifndef SG_PEER_MAX
 #define SG_PEER_MAX 2097152
 #endif
+#ifndef SG_PLENS_MAX
+#define SG_PLENS_MAX 65536
+#endif
+#ifndef SG_CLASS_MAX
+#define SG_CLASS_MAX 2097152
+#endif
 #ifndef SG_PORT_MAX
 #define SG_PORT_MAX 4194304
 #endif
@@ -31,10 +37,16 @@
 /* bound devices: ifindex -> endpoint, policy and timeouts */
 BPF_TABLE_PINNED("hash", __u32, struct sg_endpoint, sg_endpoints, SG_ENDPOINTS_MAX,
 		 SG_PIN_DIR "/sg_endpoints");
-/* stage 1 of classification: (policy, dir, family, remote address) -> peer class */
-BPF_TABLE_PINNED("lpm_trie", struct sg_peer_key, __u32, sg_peer_lpm, SG_PEER_MAX,
-		 SG_PIN_DIR "/sg_peer_lpm", BPF_F_NO_PREALLOC);
-/* stage 2: (policy, class, protocol, port or type/code) -> rule index + flags */
+/* classification 1: prefix lengths present per (policy, dir, family) */
+BPF_TABLE_PINNED("hash", struct sg_plens_key, struct sg_plens, sg_plens, SG_PLENS_MAX,
+		 SG_PIN_DIR "/sg_plens", BPF_F_NO_PREALLOC);
+/* classification 2: (policy, dir, family, plen, masked remote address) -> class */
+BPF_TABLE_PINNED("hash", struct sg_peer_key, __u32, sg_peers, SG_PEER_MAX,
+		 SG_PIN_DIR "/sg_peers", BPF_F_NO_PREALLOC);
+/* classification 3: (class, protocol) -> port segments */
+BPF_TABLE_PINNED("hash", struct sg_ports_key, struct sg_ports, sg_ports, SG_CLASS_MAX,
+		 SG_PIN_DIR "/sg_ports", BPF_F_NO_PREALLOC);
+/* ... or, for classes with many segments, (class, protocol, port) -> rule index + flags */
 BPF_TABLE_PINNED("lpm_trie", struct sg_port_key, struct sg_port_val, sg_port_lpm, SG_PORT_MAX,
 		 SG_PIN_DIR "/sg_port_lpm", BPF_F_NO_PREALLOC);
 /* tracked connections of every endpoint; never evicted while live (1.4) */

@@ -1,36 +1,97 @@
-/* Rule classification: a fixed number of lookups whatever the rule count
- * (DESIGN 2.2; the compiler side is controller/compiler.py). */
+/* Rule classification with a bounded number of hash lookups whatever the
+ * rule count (DESIGN 2.2; the layout is explained on the structs in
+ * types.h, the compiler side is controller/compiler.py). */
 #ifndef SG_POLICY_H
 #define SG_POLICY_H
 
 #include "maps.h"
 #include "parse.h"
+#include "scratch.h"
 
-static __always_inline struct sg_port_val *
-port_lookup(__u32 policy_id, __u32 cls, __u8 proto, __be16 port)
+static __always_inline void match_take(struct sg_match *m, __u32 rule_index, __u32 flags)
 {
-	struct sg_port_key k = {
-		.prefixlen = 96, .policy_id = policy_id, .cls = cls, .proto = proto, .port = port,
-	};
-	struct sg_port_val *v = sg_port_lpm.lookup(&k);
-	if (v)
-		return v;
-	k.proto = SG_PROTO_ANY;
-	k.port = 0;
-	return sg_port_lpm.lookup(&k);
+	if (!m->found || rule_index < m->rule_index)
+		m->rule_index = rule_index;
+	m->found = 1;
+	m->flags |= flags;
 }
 
-/* remote address -> peer class (0 = no rule mentions it) */
-static __always_inline __u32 peer_class(__u32 policy_id, __u8 dir, struct sg_flow *f)
+/* Port check of one class: the protocol's segments (which include the
+ * class's protocol -1 rules), else the class's protocol -1 entry. */
+static __always_inline int class_match(__u32 cls, __u8 proto, __be16 port_be, struct sg_match *m)
 {
-	struct sg_peer_key k = {
-		.prefixlen = f->family == 4 ? 96 : 192,
-		.policy_id = policy_id, .dir = dir, .family = f->family,
-	};
+	struct sg_ports_key k = { .cls = cls, .proto = proto };
+	struct sg_ports *ps = sg_ports.lookup(&k);
+	if (!ps) {
+		k.proto = SG_PROTO_ANY;
+		ps = sg_ports.lookup(&k);
+		if (!ps || ps->n == 0)
+			return 0;
+		match_take(m, ps->seg[0].rule_index, ps->seg[0].flags);
+		return 1;
+	}
+	if (ps->n == SG_SEGS_LPM) {
+		struct sg_port_key lk = { .prefixlen = 64, .cls = cls, .proto = proto, .port = port_be };
+		struct sg_port_val *v = sg_port_lpm.lookup(&lk);
+		if (!v)
+			return 0;
+		match_take(m, v->rule_index, v->flags);
+		return 1;
+	}
+	__u16 port = bpf_ntohs(port_be);
+#pragma unroll
+	for (int i = 0; i < SG_SEGS_INLINE; i++) {
+		if (i >= ps->n)
+			break;
+		if (port >= ps->seg[i].lo && port <= ps->seg[i].hi) {
+			match_take(m, ps->seg[i].rule_index, ps->seg[i].flags);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* Step 3 of the verdict: does any rule of the endpoint's groups allow the
+ * packet? Remote address -> classes of the prefixes containing it (longest
+ * first, at most SG_CHAIN_MAX) -> their port segments. */
+static __always_inline int policy_match(__u32 policy_id, __u8 dir, struct sg_scratch *s)
+{
+	struct sg_flow *f = &s->p.f;
+	struct sg_plens_key pk = { .policy_id = policy_id, .dir = dir, .family = f->family };
+	struct sg_plens *pl = sg_plens.lookup(&pk);
+	if (!pl)
+		return 0;
+	struct sg_peer_key k = { .policy_id = policy_id, .dir = dir, .family = f->family };
 	__be32 *remote = dir == SG_DIR_INGRESS ? f->src : f->dst;
-	__builtin_memcpy(k.addr, remote, 16);
-	__u32 *cls = sg_peer_lpm.lookup(&k);
-	return cls ? *cls : 0;
+	/* 1. the classes of the (at most SG_CHAIN_MAX longest) prefixes that
+	 *    contain the remote address; one hash lookup per prefix length */
+	s->ncls = 0;
+	for (int i = 0; i < SG_PLEN_SLOTS; i++) {
+		if (i >= pl->n)
+			break;
+		struct sg_plen *l = &pl->len[i];
+		k.addr[0] = remote[0] & l->mask[0];
+		k.addr[1] = remote[1] & l->mask[1];
+		k.addr[2] = remote[2] & l->mask[2];
+		k.addr[3] = remote[3] & l->mask[3];
+		k.plen = l->plen;
+		__u32 *c = sg_peers.lookup(&k);
+		if (!c)
+			continue;
+		__u32 n = s->ncls;
+		if (n >= SG_CHAIN_MAX)
+			break;
+		s->cls[n & (SG_CHAIN_MAX - 1)] = *c;
+		s->ncls = n + 1;
+	}
+	/* 2. their port segments */
+#pragma unroll
+	for (int j = 0; j < SG_CHAIN_MAX; j++) {
+		if (j >= s->ncls)
+			break;
+		class_match(s->cls[j], f->proto, f->rule_port, &s->m);
+	}
+	return s->m.found;
 }
 
 static __always_inline int open_all(struct sg_endpoint *ep, __u8 dir, __u8 family, __u8 proto)
@@ -44,12 +105,12 @@ static __always_inline int open_all(struct sg_endpoint *ep, __u8 dir, __u8 famil
  * this direction is world-open and a world rule of the other direction
  * allows the reversed packet. */
 static __always_inline int policy_untracked(struct sg_endpoint *ep, __u8 dir, struct sg_flow *f,
-					    struct sg_port_val *v)
+					    struct sg_match *m, struct sg_match *wm)
 {
 	if (f->proto != SG_IPPROTO_TCP && f->proto != SG_IPPROTO_UDP)
 		return 0;
 	__u8 back = dir ^ 1;
-	if ((v->flags & SG_FLAG_WORLD) && open_all(ep, back, f->family, f->proto))
+	if ((m->flags & SG_FLAG_WORLD) && open_all(ep, back, f->family, f->proto))
 		return 1;
 	if (!open_all(ep, dir, f->family, f->proto))
 		return 0;
@@ -59,17 +120,8 @@ static __always_inline int policy_untracked(struct sg_endpoint *ep, __u8 dir, st
 	__u32 wcls = ep->world_class[idx];
 	if (!wcls)
 		return 0;
-	return port_lookup(ep->policy_id, wcls, f->proto, f->sport) != 0;
-}
-
-/* Step 3 of the verdict: does any rule of the endpoint's groups allow it? */
-static __always_inline struct sg_port_val *
-policy_match(struct sg_endpoint *ep, __u8 dir, struct sg_flow *f)
-{
-	__u32 cls = peer_class(ep->policy_id, dir, f);
-	if (!cls)
-		return 0;
-	return port_lookup(ep->policy_id, cls, f->proto, f->rule_port);
+	wm->found = 0;
+	return class_match(wcls, f->proto, f->sport, wm);
 }
 
 #endif

@@ -46,28 +46,81 @@ struct sg_endpoint {
 	__u32 timeouts[SG_TO_MAX]; /* seconds */
 };
 
-/* sg_peer_lpm key: prefixlen = 64 + address prefix length */
+/* Classification (DESIGN 2.2, as measured better here): the remote address
+ * is looked up in one hash per prefix length present in the policy, longest
+ * first; each hit is the class of *that prefix's own* rules. The first
+ * SG_CHAIN_MAX hits are checked against their classes' port segments. The
+ * compiler folds the rules of all ancestors into any prefix that could be
+ * the last one checked, so an address inside more nested prefixes loses
+ * nothing; rules are never copied into the more specific prefixes otherwise,
+ * which keeps entries linear in the rule count. */
+#define SG_PLEN_SLOTS  129 /* prefix lengths 0..128 */
+#define SG_CHAIN_MAX   4   /* matching prefixes whose classes are checked */
+#define SG_SEGS_INLINE 8   /* port segments kept in a class's value */
+#define SG_SEGS_LPM    0xFF /* sg_ports.n: more segments; see sg_port_lpm */
+
+/* sg_peers key: the remote address masked to plen bits */
 struct sg_peer_key {
-	__u32 prefixlen;
 	__u32 policy_id;
 	__u8  dir;
 	__u8  family;         /* 4 or 6 */
-	__u16 pad;
+	__u8  plen;
+	__u8  pad;
 	__be32 addr[4];       /* IPv4 in addr[0] */
 };
 
-/* sg_port_lpm key: prefixlen = 80 + port prefix length */
-struct sg_port_key {
-	__u32 prefixlen;
+/* sg_plens: the prefix lengths present for (policy, dir, family), longest first */
+struct sg_plens_key {
 	__u32 policy_id;
+	__u8  dir;
+	__u8  family;
+	__u16 pad;
+};
+
+struct sg_plen {
+	__be32 mask[4];       /* the prefix length as an address mask */
+	__u8  plen;
+	__u8  pad[3];
+};
+
+struct sg_plens {
+	__u32 n;
+	struct sg_plen len[SG_PLEN_SLOTS];
+};
+
+/* A port interval of one class and protocol with a constant rule set.
+ * Ports (or ICMP type<<8|code) in host order. */
+struct sg_seg {
+	__u16 lo;
+	__u16 hi;
+	__u32 rule_index;     /* lowest rule index of the interval (counters) */
+	__u32 flags;          /* SG_FLAG_* */
+};
+
+/* sg_ports key: classes are shared by every policy (content-addressed) */
+struct sg_ports_key {
 	__u32 cls;
 	__u16 proto;          /* 0-255 or SG_PROTO_ANY */
-	__be16 port;          /* port, or ICMP type<<8|code, network order */
+	__u16 pad;
+};
+
+struct sg_ports {
+	__u32 n;              /* segments used, or SG_SEGS_LPM */
+	struct sg_seg seg[SG_SEGS_INLINE]; /* sorted, disjoint */
+};
+
+/* sg_port_lpm key (classes with more than SG_SEGS_INLINE segments):
+ * prefixlen = 48 + port prefix length */
+struct sg_port_key {
+	__u32 prefixlen;
+	__u32 cls;
+	__u16 proto;
+	__be16 port;          /* network order */
 };
 
 struct sg_port_val {
-	__u32 rule_index;     /* lowest rule index of the segment (counters) */
-	__u32 flags;          /* SG_FLAG_* */
+	__u32 rule_index;
+	__u32 flags;
 };
 
 /* Connection key: always (instance side, remote side), so both directions

@@ -1,0 +1,146 @@
+"""Per-packet cost with BPF_PROG_TEST_RUN (DESIGN 4), in ns/packet.
+
+The programs run on a host-mode endpoint (XDP = ingress) whose group holds
+N ingress rules (bench.control.rules: mixed CIDRs and port ranges). Cases:
+
+- ``empty``: an XDP program that returns XDP_PASS (the baseline);
+- ``established``: a packet of a tracked TCP connection;
+- ``denied``: a SYN from an address no rule mentions;
+- ``denied_near``: a SYN from inside a rule's CIDR to a port it does not allow
+  (the classifier finds classes but no port);
+- ``new``: SYNs of distinct connections allowed by a rule (each run once, so
+  each is a new flow: classification + conntrack insert), against ``empty``
+  run the same way.
+
+``repeat`` runs give the mean of many runs of one packet; the median of
+several repeats is reported.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+from typing import Any, Dict, List, Optional
+
+from .. import bpfsys
+from ..dataplane import Dataplane
+from ..evaluator import TCP_ACK, TCP_SYN, Packet, addr
+from ..formats import load_document
+from ..packets import frame
+from .control import rules
+
+LOCAL = "198.18.0.10"
+EMPTY_XDP = "int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }"
+
+
+def empty_program() -> int:
+    from bcc import BPF
+
+    b = BPF(text=EMPTY_XDP)
+    fn = b.load_func(b"xdp_pass", BPF.XDP)
+    return os.dup(fn.fd)
+
+
+def _median_ns(fd: int, data: bytes, idx: int, repeat: int, runs: int) -> float:
+    return statistics.median(bpfsys.test_run(fd, data, idx, True, repeat=repeat)[1]
+                             for _ in range(runs))
+
+
+class PacketBench:
+    def __init__(self, ct_max: int = 1 << 20) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.dev = f"sgbp{tag}"
+        subprocess.run(["ip", "link", "add", self.dev, "type", "veth", "peer", "name",
+                        self.dev + "p"], check=True)
+        self.idx = int(open(f"/sys/class/net/{self.dev}/ifindex").read())
+        self.tmp = tempfile.mkdtemp(prefix="sgctl-pkt-")
+        self.dp = Dataplane(pin_dir=f"/sys/fs/bpf/sgbp{tag}", state_dir=self.tmp, ct_max=ct_max)
+        self.progs = self.dp.programs()
+        self.empty = empty_program()
+        self.rules: List[Dict[str, Any]] = []
+
+    def apply(self, n: int, nested: bool = False) -> None:
+        self.rules = rules(n, nested=nested)
+        self.dp.apply(load_document({"sgctl": 1, "groups": {"sg-b": {
+            "name": "b", "ingress": self.rules, "egress": []}},
+            "interfaces": {"eni-b": {"groups": ["sg-b"], "ipv4": [LOCAL], "device": self.dev,
+                                     "mode": "host"}}}), attach=False)
+        self.flush()
+        self.dp.set_clock(1000)
+
+    def flush(self) -> None:
+        m = self.dp.map("sg_conntrack")
+        for k, _ in list(m.batch_items()):
+            m.delete(k)
+
+    def allowed_packet(self, sport: int, flags: int = TCP_SYN) -> bytes:
+        r = self.rules[len(self.rules) // 2]
+        net = ipaddress.ip_network(r["from"], strict=False)
+        lo = int(str(r["ports"]).split("-")[0])
+        return frame(Packet(net.network_address, addr(LOCAL), 6, sport, lo, tcp_flags=flags))
+
+    def measure(self, repeat: int = 100000, runs: int = 5, new_flows: int = 2000) -> Dict[str, float]:
+        xdp = self.progs.xdp_fd
+        out: Dict[str, float] = {}
+        out["empty"] = _median_ns(self.empty, frame(Packet(addr("198.19.0.1"), addr(LOCAL), 6, 1,
+                                                            1)), self.idx, repeat, runs)
+        syn = self.allowed_packet(40000)
+        assert bpfsys.test_run(xdp, syn, self.idx, True)[0] == 2, "allowed SYN was dropped"
+        ack = self.allowed_packet(40000, TCP_ACK)
+        out["established"] = _median_ns(xdp, ack, self.idx, repeat, runs)
+        denied = frame(Packet(addr("198.19.0.1"), addr(LOCAL), 6, 1234, 1))
+        assert bpfsys.test_run(xdp, denied, self.idx, True)[0] == 1, "denied SYN passed"
+        out["denied"] = _median_ns(xdp, denied, self.idx, repeat, runs)
+        r = self.rules[len(self.rules) // 2]
+        near = frame(Packet(ipaddress.ip_network(r["from"], strict=False).network_address, addr(LOCAL), 6,
+                            1234, 7))
+        out["denied_near"] = _median_ns(xdp, near, self.idx, repeat, runs)
+        frames = [self.allowed_packet(1024 + i) for i in range(new_flows)]
+        empties = [bpfsys.test_run(self.empty, f, self.idx, True)[1] for f in frames]
+        news = [bpfsys.test_run(xdp, f, self.idx, True)[1] for f in frames]
+        out["empty_once"] = statistics.median(empties)
+        out["new"] = statistics.median(news)
+        return out
+
+    def close(self) -> None:
+        os.close(self.empty)
+        self.dp.reset()
+        subprocess.run(["ip", "link", "del", self.dev], capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def fill_conntrack(dp: Dataplane, n: int, ep_id: int) -> None:
+    """n idle-but-live entries of other flows (the table's size matters, not their content)."""
+    from .. import abi
+
+    m = dp.map("sg_conntrack")
+    for i in range(n):
+        k = abi.CtKey(ep_id=ep_id, family=4, proto=17, lport=i & 0xFFFF, rport=i >> 16)
+        k.remote[0] = 0x0A000000 + i
+        m.update(k, abi.CtEntry(last_seen=1000, state=abi.CT_ESTABLISHED))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import json
+    import sys
+
+    sizes = [int(a) for a in (argv or sys.argv[1:]) if a.isdigit()] or [10, 100, 1000, 10000]
+    nested = "--nested" in sys.argv
+    b = PacketBench()
+    try:
+        for n in sizes:
+            b.apply(n, nested)
+            print(json.dumps({"rules": n, **{k: round(v, 1) for k, v in b.measure().items()}}))
+    finally:
+        b.close()
+    _ = ct
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
