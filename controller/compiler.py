@@ -111,9 +111,11 @@ class Policy:
         return len(set(self.peers.values()))
 
     def fingerprint(self) -> str:
-        """Stable across processes: decides whether a policy must be rewritten."""
-        text = repr((sorted((k, sorted(v)) for k, v in self.peers.items()),
-                     sorted((k, sorted(v)) for k, v in self.world.items()), self.open_all))
+        """Stable across processes: decides whether a policy must be rewritten.
+        (The hash of a frozenset of int tuples does not depend on the process's
+        hash seed; only str/bytes hashes do.)"""
+        text = repr((sorted((k, len(v), hash(v)) for k, v in self.peers.items()),
+                     sorted((k, len(v), hash(v)) for k, v in self.world.items()), self.open_all))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -169,17 +171,18 @@ def class_segments(content: ClassKey) -> Dict[int, List[Tuple[int, int, int, int
     return out
 
 
-def _fold_chains(own: Dict[IPNetwork, set]) -> Dict[IPNetwork, set]:
-    """Give every prefix with CHAIN_MAX - 1 nested prefixes below it the
-    rules of all its ancestors (see the module docstring)."""
-    plens = sorted({n.prefixlen for n in own}, reverse=True)
-    parent: Dict[IPNetwork, IPNetwork] = {}
-    height: Dict[IPNetwork, int] = {n: 0 for n in own}
-    for net in sorted(own, key=lambda n: -n.prefixlen):
+def _fold_chains(own: Dict[Tuple[int, int], set], bits: int) -> Dict[Tuple[int, int], set]:
+    """Give every prefix (plen, network as int) with CHAIN_MAX - 1 nested
+    prefixes below it the rules of all its ancestors (module docstring)."""
+    plens = sorted({p for p, _ in own}, reverse=True)
+    full = (1 << bits) - 1
+    parent: Dict[Tuple[int, int], Tuple[int, int]] = {}
+    height: Dict[Tuple[int, int], int] = dict.fromkeys(own, 0)
+    for net in sorted(own, key=lambda n: -n[0]):
         for plen in plens:
-            if plen >= net.prefixlen:
+            if plen >= net[0]:
                 continue
-            sup = net.supernet(new_prefix=plen)
+            sup = (plen, net[1] & (full ^ ((1 << (bits - plen)) - 1)))
             if sup in own:
                 parent[net] = sup
                 height[sup] = max(height[sup], height[net] + 1)
@@ -188,7 +191,7 @@ def _fold_chains(own: Dict[IPNetwork, set]) -> Dict[IPNetwork, set]:
     for net, h in height.items():
         if h >= CHAIN_MAX - 1 and net in parent:
             rules = set(own[net])
-            up: Optional[IPNetwork] = parent[net]
+            up: Optional[Tuple[int, int]] = parent[net]
             while up is not None:
                 rules |= own[up]
                 up = parent.get(up)
@@ -201,22 +204,23 @@ def compile_policy(state: State, groups: Tuple[str, ...], rule_index: Dict[str, 
     for direction in DIRECTIONS:
         d = DIR_INDEX[direction]
         rules = [r for g in groups for r in state.groups[g].rules_in(direction)]
-        own: Dict[int, Dict[IPNetwork, set]] = {4: {}, 6: {}}
+        own: Dict[int, Dict[Tuple[int, int], set]] = {4: {}, 6: {}}
         world: Dict[int, set] = {4: set(), 6: set()}
         for r in rules:
             lo, hi = port_range(r)
             item = (rule_index[r.rule_id], r.protocol, lo, hi, r.peer.is_world())
-            for net in state.peer_networks(r.peer):
-                own[net.version].setdefault(net, set()).add(item)
+            for peer_net in state.peer_networks(r.peer):
+                key = (peer_net.prefixlen, int(peer_net.network_address))
+                own[peer_net.version].setdefault(key, set()).add(item)
             if r.peer.is_world():
                 world[r.peer.network.version].add(item)
         for family in (4, 6):
             if not own[family]:
                 continue
-            for net, items in _fold_chains(own[family]).items():
-                pol.peers[(d, family, net.prefixlen, int(net.network_address))] = frozenset(items)
-            pol.plens[(d, family)] = tuple(sorted({n.prefixlen for n in own[family]},
-                                                  reverse=True))
+            bits = 32 if family == 4 else 128
+            for (plen, addr), items in _fold_chains(own[family], bits).items():
+                pol.peers[(d, family, plen, addr)] = frozenset(items)
+            pol.plens[(d, family)] = tuple(sorted({p for p, _ in own[family]}, reverse=True))
             if world[family]:
                 pol.world[(d, family)] = frozenset(world[family])
             for proto in (PROTO_TCP, PROTO_UDP):

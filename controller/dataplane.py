@@ -179,7 +179,7 @@ class Dataplane:
         return applied
 
     def save_applied(self, applied: Applied) -> None:
-        write_atomic(self.applied_path, json.dumps(applied.__dict__, indent=1, sort_keys=True))
+        write_atomic(self.applied_path, json.dumps(applied.__dict__, separators=(",", ":")))
 
     # ------------------------------------------------------------ policy writes
 

@@ -6,6 +6,7 @@ that is wrong: ``ValidationError("sg-123 ingress[2]", "FromPort", "...")``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
@@ -136,6 +137,12 @@ def _int_field(value: object, obj: str, fieldname: str) -> int:
 # --------------------------------------------------------------------------- peers
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _parse_network(text: str) -> IPNetwork:
+    """Canonical CIDR text -> network (parsed once: compiles are hot)."""
+    return ipaddress.ip_network(text)
+
+
 @dataclass(frozen=True, order=True)
 class Peer:
     """Exactly one of: a CIDR, a managed prefix list, a security group."""
@@ -150,11 +157,11 @@ class Peer:
     @property
     def network(self) -> IPNetwork:
         assert self.kind == "cidr"
-        return ipaddress.ip_network(self.value)
+        return _parse_network(self.value)
 
     def is_world(self) -> bool:
         """True for the literal peers 0.0.0.0/0 and ::/0 (untracked eligibility, 1.4)."""
-        return self.kind == "cidr" and self.network.prefixlen == 0
+        return self.kind == "cidr" and self.value in ("0.0.0.0/0", "::/0")
 
     def __str__(self) -> str:
         return self.value

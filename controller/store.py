@@ -75,4 +75,4 @@ class Store:
         from .formats import native
 
         doc = {"generation": generation, "state": native.dump(state)}
-        write_atomic(self.path, json.dumps(doc, indent=1, sort_keys=True))
+        write_atomic(self.path, json.dumps(doc, separators=(",", ":")))
