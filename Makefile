@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.sgctl-installed
 
-.PHONY: setup demo test test-unit test-kernel lint typecheck clean
+.PHONY: setup demo test test-unit test-kernel lint typecheck clean bench bench-full
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,14 @@ test: setup
 
 test-unit: setup
 	$(PY) -m pytest -q -ra -m "not kernel and not netns" tests
+
+# Benchmarks (not part of test): a few minutes / a longer run with more samples.
+# Both write BENCHMARKS.md, docs/bench/results.json and docs/bench/*.png.
+bench: setup
+	$(PY) -m controller.bench --profile quick
+
+bench-full: setup
+	$(PY) -m controller.bench --profile full
 
 lint: setup
 	$(VENV)/bin/ruff check controller tests

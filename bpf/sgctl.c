@@ -65,8 +65,6 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 				     struct sg_scratch *s, __u64 now)
 {
 	struct sg_pkt *p = &s->p;
-	if (sg_exempt(cfg, dir, &p->f))
-		return SG_ALLOW_EXEMPT;
 
 	/* 1. a tracked connection of this endpoint, either direction */
 	struct sg_ct_key key = {};
@@ -91,6 +89,11 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 		if (ie && !ct_expired(ep, &ik, ie, now))
 			return SG_ALLOW_RELATED;
 	}
+
+	/* infrastructure traffic is never filtered (after conntrack: established
+	 * flows skip this lookup; exempt traffic itself is never tracked) */
+	if (sg_exempt(cfg, dir, &p->f))
+		return SG_ALLOW_EXEMPT;
 
 	/* 3. the rules */
 	struct sg_match *m = &s->m;
@@ -150,7 +153,8 @@ static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void 
 	struct sg_scratch *s = sg_scratch.lookup(&zero);
 	if (!s)  /* cannot happen: an array slot always exists */
 		return 0;
-	__builtin_memset(s, 0, sizeof(*s));
+	__builtin_memset(&s->p, 0, sizeof(s->p));  /* the rest is set before it is read */
+	__builtin_memset(&s->m, 0, sizeof(s->m));
 	int reason = sg_verdict(ep, dir, s, data, end, bytes);
 	count_verdict(ep->ep_id, dir, reason, bytes);
 	return SG_IS_ALLOWED(reason);

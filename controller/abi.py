@@ -42,8 +42,11 @@ class Plen(ct.Structure):
     _fields_ = [("mask", Addr), ("plen", u8), ("pad", u8 * 3)]
 
 
+TOP16_WORDS = 1024
+
+
 class Plens(ct.Structure):
-    _fields_ = [("n", u32), ("len", Plen * PLEN_SLOTS)]
+    _fields_ = [("n", u32), ("len", Plen * PLEN_SLOTS), ("top16", u64 * TOP16_WORDS)]
 
 
 class Seg(ct.Structure):

@@ -209,15 +209,21 @@ SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff)
 SKB_IFINDEX_OFFSET = 40
 
 
+BPF_F_TEST_XDP_LIVE_FRAMES = 2
+
+
 def test_run(prog_fd: int, frame: bytes, ifindex: int, xdp: bool,
-             repeat: int = 1) -> Tuple[int, int]:
+             repeat: int = 1, live: bool = False) -> Tuple[int, int]:
     """BPF_PROG_TEST_RUN one frame as if received (XDP) or sent (tc) on ifindex.
-    Returns (program return value, mean duration in ns)."""
+    Returns (program return value, mean duration in ns). ``live``: XDP only,
+    the frames really go where the program sends them (XDP_TX: out of
+    ``ifindex``), ``repeat`` times -- a traffic generator."""
     data = ct.create_string_buffer(frame, len(frame))
     out = ct.create_string_buffer(len(frame) + 512)
     opts = TestRunOpts(sz=ct.sizeof(TestRunOpts), data_in=ct.cast(data, ct.c_void_p),
-                       data_out=ct.cast(out, ct.c_void_p), data_size_in=len(frame),
-                       data_size_out=len(out), repeat=repeat)
+                       data_out=None if live else ct.cast(out, ct.c_void_p),
+                       data_size_in=len(frame), data_size_out=0 if live else len(out),
+                       repeat=repeat, flags=BPF_F_TEST_XDP_LIVE_FRAMES if live else 0)
     if xdp:
         ctx = XdpMd(data=0, data_end=len(frame), ingress_ifindex=ifindex)
         ctx_buf: ct.Array = ct.create_string_buffer(bytes(ctx), ct.sizeof(ctx))

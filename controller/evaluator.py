@@ -296,8 +296,6 @@ class Evaluator:
         return verdict
 
     def _decide(self, eni: NetworkInterface, direction: str, pkt: Packet) -> Verdict:
-        if self.exempt(direction, pkt):
-            return Verdict(Reason.ALLOW_EXEMPT)
         # 1. a tracked connection of this interface, either direction
         key = ct_key(eni.eni_id, pkt, direction)
         entry = None if pkt.is_icmp_error else self.live_entry(eni, key)
@@ -312,6 +310,10 @@ class Evaluator:
             inner_key = ct_key(eni.eni_id, pkt.embedded, reverse(direction))
             if self.live_entry(eni, inner_key) is not None:
                 return Verdict(Reason.ALLOW_RELATED, tracked=True)
+        # infrastructure traffic is never filtered (checked after conntrack, which is
+        # cheaper for established flows; exempt traffic itself is never tracked)
+        if self.exempt(direction, pkt):
+            return Verdict(Reason.ALLOW_EXEMPT)
         # 3. the rules
         rules = self.matching_rules(eni, direction, pkt)
         if not rules:

@@ -42,6 +42,7 @@ class Image:
 
     peers: Dict[PeerKey, int] = field(default_factory=dict)  # -> class id
     plens: Dict[PlensKeyT, Tuple[int, ...]] = field(default_factory=dict)
+    top16: Dict[PlensKeyT, bytes] = field(default_factory=dict)  # 8 KiB bitmaps
     world: Dict[PlensKeyT, int] = field(default_factory=dict)  # -> world class id
 
     def classes(self) -> Set[int]:
@@ -52,6 +53,27 @@ def _mask_words(family: int, plen: int) -> ct.Array[ct.c_uint32]:
     bits = 32 if family == 4 else 128
     mask = ((1 << plen) - 1) << (bits - plen) if plen else 0
     return abi.addr_words(mask.to_bytes(bits // 8, "big"))
+
+
+def top16_bitmaps(pol: Policy) -> Dict[PlensKeyT, bytes]:
+    """Per (dir, family): which values of an address's top 16 bits some
+    prefix covers (the datapath's first, cheapest test)."""
+    out: Dict[PlensKeyT, bytes] = {}
+    for (d, family) in pol.plens:
+        bits = bytearray(abi.TOP16_WORDS * 8)
+        width = 32 if family == 4 else 128
+        for (pd, pf, plen, net) in pol.peers:
+            if pd != d or pf != family:
+                continue
+            top = net >> (width - 16)
+            span = 1 << (16 - plen) if plen < 16 else 1
+            if span >= 1 << 16:
+                bits[:] = b"\xff" * len(bits)
+                break
+            for b in range(top, top + span):
+                bits[b >> 3] |= 1 << (b & 7)
+        out[(d, family)] = bytes(bits)
+    return out
 
 
 def _peer_key(pid: int, k: PeerKey) -> abi.PeerKey:
@@ -111,7 +133,7 @@ class PolicyMaps:
 
     def image_of(self, pol: Policy) -> Image:
         return Image(peers={k: self.intern(c) for k, c in pol.peers.items()},
-                     plens=dict(pol.plens),
+                     plens=dict(pol.plens), top16=top16_bitmaps(pol),
                      world={k: self.intern(c) for k, c in pol.world.items()})
 
     # ------------------------------------------------------------ images
@@ -126,10 +148,12 @@ class PolicyMaps:
         peers.update_batch([_peer_key(pid, k) for k, _ in up], [ct.c_uint32(c) for _, c in up])
         peers.delete_many([_peer_key(pid, k) for k in gone])
         for (d, family), lens in new.plens.items():
-            if old.plens.get((d, family)) != lens:
+            bitmap = new.top16[(d, family)]
+            if old.plens.get((d, family)) != lens or old.top16.get((d, family)) != bitmap:
                 val = abi.Plens(n=len(lens))
                 for i, plen in enumerate(lens):
                     val.len[i] = abi.Plen(mask=_mask_words(family, plen), plen=plen)
+                ct.memmove(ct.addressof(val.top16), bitmap, len(bitmap))
                 plens.update(abi.PlensKey(policy_id=pid, dir=d, family=family), val)
         for d, family in old.plens:
             if (d, family) not in new.plens:

@@ -12,7 +12,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # 1. system packages ---------------------------------------------------------
-PKGS="python3-bpfcc libbpfcc libbpf1 bpftool iproute2 iputils-ping"
+# the benchmark suite (and its smoke test) compares with iptables, nftables and iperf3
+PKGS="python3-bpfcc libbpfcc libbpf1 bpftool iproute2 iputils-ping iptables nftables conntrack iperf3"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -61,8 +61,11 @@ static __always_inline int policy_match(__u32 policy_id, __u8 dir, struct sg_scr
 	struct sg_plens *pl = sg_plens.lookup(&pk);
 	if (!pl)
 		return 0;
-	struct sg_peer_key k = { .policy_id = policy_id, .dir = dir, .family = f->family };
 	__be32 *remote = dir == SG_DIR_INGRESS ? f->src : f->dst;
+	__u32 top = bpf_ntohl(remote[0]) >> 16;
+	if (!((pl->top16[(top >> 6) & (SG_TOP16_WORDS - 1)] >> (top & 63)) & 1))
+		return 0;
+	struct sg_peer_key k = { .policy_id = policy_id, .dir = dir, .family = f->family };
 	/* 1. the classes of the (at most SG_CHAIN_MAX longest) prefixes that
 	 *    contain the remote address; one hash lookup per prefix length */
 	s->ncls = 0;

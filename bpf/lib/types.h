@@ -83,9 +83,15 @@ struct sg_plen {
 	__u8  pad[3];
 };
 
+#define SG_TOP16_WORDS 1024 /* 65536 bits: one per value of an address's top 16 bits */
+
 struct sg_plens {
 	__u32 n;
 	struct sg_plen len[SG_PLEN_SLOTS];
+	/* bit b set: some prefix contains addresses whose top 16 bits are b.
+	 * A clear bit ends classification before any prefix lookup (floods of
+	 * addresses no rule mentions cost one lookup). */
+	__u64 top16[SG_TOP16_WORDS];
 };
 
 /* A port interval of one class and protocol with a constant rule set.

@@ -164,3 +164,84 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def netfilter_times(sizes: List[int], samples: int) -> List[Dict[str, Any]]:
+    """The same rule sets through iptables-restore and nft -f (in a scratch
+    namespace), and one added rule/element, for comparison."""
+    from .device import iptables_rules, nft_elements, nft_rules
+
+    ns = f"sgcp{os.getpid() % 100000}"
+    _sh("ip", "netns", "add", ns)
+    ex = ("ip", "netns", "exec", ns)
+
+    def timed(cmd: tuple, inp: str = "") -> float:
+        start = time.monotonic()
+        subprocess.run(cmd, input=inp, text=True, check=True, capture_output=True)
+        return time.monotonic() - start
+
+    out = []
+    try:
+        for n in sizes:
+            rs = rules(n)
+            subprocess.run((*ex, "iptables", "-F", "INPUT"), capture_output=True)
+            ipt = timed((*ex, "iptables-restore", "--noflush"), iptables_rules(rs, "eth0"))
+            ipt_change = statistics.median(
+                timed((*ex, "iptables", "-I", "INPUT", "2", "-s", "198.18.99.0/24", "-p", "tcp",
+                       "--dport", str(7 + i), "-j", "ACCEPT")) for i in range(samples))
+            subprocess.run((*ex, "nft", "delete", "table", "inet", "sgbench"), capture_output=True)
+            start = time.monotonic()
+            timed((*ex, "nft", "-f", "-"), nft_rules("eth0"))
+            for cmd in nft_elements(rs, "eth0"):
+                timed((*ex, "nft", "-f", "-"), cmd)
+            nft = time.monotonic() - start
+            nft_change = statistics.median(
+                timed((*ex, "nft", "add", "element", "inet", "sgbench", "allow4",
+                       f"{{ 198.18.{99 + i % 100}.0/24 . {7 + i} }}")) for i in range(samples))
+            out.append({"rules": n, "iptables_s": ipt, "iptables_change_ms": ipt_change * 1000,
+                        "nft_s": nft, "nft_change_ms": nft_change * 1000})
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    return out
+
+
+def startup() -> Dict[str, float]:
+    """`sgctl apply` on a host with nothing pinned: compile, load, write, attach."""
+    tag = f"{os.getpid() % 100000}"
+    dev, tmp = f"sgsu{tag}", tempfile.mkdtemp(prefix="sgctl-startup-")
+    pin = f"/sys/fs/bpf/sgsu{tag}"
+    base = [sys.executable, "-m", "controller.cli", "--pin-dir", pin, "--state-dir", tmp,
+            "--conntrack-max", "65536"]
+    _sh("ip", "link", "add", dev, "type", "veth", "peer", "name", dev + "p")
+    try:
+        path = os.path.join(tmp, "p.json")
+        with open(path, "w") as f:
+            json.dump({"sgctl": 1, "groups": {"sg-a": {"name": "a", "ingress": rules(10)}},
+                       "interfaces": {"eni-a": {"groups": ["sg-a"], "device": dev}}}, f)
+        start = time.monotonic()
+        subprocess.run([*base, "apply", "-f", path], check=True, capture_output=True)
+        cold = time.monotonic() - start
+        start = time.monotonic()
+        subprocess.run([*base, "apply", "-f", path], check=True, capture_output=True)
+        warm = time.monotonic() - start
+        return {"cold_s": cold, "warm_s": warm}
+    finally:
+        subprocess.run([*base, "reset"], capture_output=True)
+        subprocess.run(["ip", "link", "del", dev], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(sizes: List[int], samples: int) -> Dict[str, Any]:
+    b = Bench()
+    out: Dict[str, Any] = {"rule_change": [], "apply": []}
+    try:
+        for n in sizes:
+            b.apply([], {})
+            out["apply"].append({"rules": n, "seconds": b.apply(rules(n), {})})
+            out["rule_change"].append(b.rule_change(n, samples))
+        out["membership"] = b.membership(max(5, samples // 2))
+    finally:
+        b.close()
+    out["netfilter"] = netfilter_times(sizes, max(5, samples // 4))
+    out["startup"] = startup()
+    return out

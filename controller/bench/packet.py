@@ -18,14 +18,13 @@ several repeats is reported.
 
 from __future__ import annotations
 
-import ctypes as ct
 import ipaddress
 import os
 import shutil
 import statistics
 import subprocess
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from .. import bpfsys
 from ..dataplane import Dataplane
@@ -75,8 +74,7 @@ class PacketBench:
 
     def flush(self) -> None:
         m = self.dp.map("sg_conntrack")
-        for k, _ in list(m.batch_items()):
-            m.delete(k)
+        m.delete_many([k for k, _ in m.batch_items()])
 
     def allowed_packet(self, sport: int, flags: int = TCP_SYN) -> bytes:
         r = self.rules[len(self.rules) // 2]
@@ -114,33 +112,34 @@ class PacketBench:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def fill_conntrack(dp: Dataplane, n: int, ep_id: int) -> None:
-    """n idle-but-live entries of other flows (the table's size matters, not their content)."""
+def fill_conntrack(dp: Dataplane, n: int, ep_id: int = 1, chunk: int = 50000) -> None:
+    """n live entries of other flows (the table's size matters, not their content)."""
     from .. import abi
 
     m = dp.map("sg_conntrack")
-    for i in range(n):
-        k = abi.CtKey(ep_id=ep_id, family=4, proto=17, lport=i & 0xFFFF, rport=i >> 16)
-        k.remote[0] = 0x0A000000 + i
-        m.update(k, abi.CtEntry(last_seen=1000, state=abi.CT_ESTABLISHED))
+    for start in range(0, n, chunk):
+        keys, vals = [], []
+        for i in range(start, min(n, start + chunk)):
+            k = abi.CtKey(ep_id=ep_id, family=4, proto=17, lport=i & 0xFFFF, rport=i >> 16)
+            k.remote[0] = 0x0A000000 + i
+            keys.append(k)
+            vals.append(abi.CtEntry(last_seen=1000, state=abi.CT_ESTABLISHED))
+        m.update_batch(keys, vals)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    import json
-    import sys
-
-    sizes = [int(a) for a in (argv or sys.argv[1:]) if a.isdigit()] or [10, 100, 1000, 10000]
-    nested = "--nested" in sys.argv
-    b = PacketBench()
+def run(sizes: List[int], ct_sizes: List[int], repeat: int, runs: int,
+        new_flows: int) -> Dict[str, Any]:
+    """ns/packet per rule count (empty conntrack) and per conntrack size (1k rules)."""
+    b = PacketBench(ct_max=max([1 << 16, *[n + 4096 for n in ct_sizes]]))
+    out: Dict[str, Any] = {"by_rules": [], "by_conntrack": []}
     try:
         for n in sizes:
-            b.apply(n, nested)
-            print(json.dumps({"rules": n, **{k: round(v, 1) for k, v in b.measure().items()}}))
+            b.apply(n)
+            out["by_rules"].append({"rules": n, **b.measure(repeat, runs, new_flows)})
+        for n in ct_sizes:
+            b.apply(1000)
+            fill_conntrack(b.dp, n)
+            out["by_conntrack"].append({"entries": n, **b.measure(repeat, runs, new_flows)})
     finally:
         b.close()
-    _ = ct
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return out

@@ -1,0 +1,155 @@
+"""TCP throughput with iperf3 between two namespaces on a bridge (DESIGN 4):
+no filter, sgctl (workload mode on the server's host-side veth), iptables
+and nftables (INPUT of the server's namespace, with conntrack); and the
+server's throughput while a denied flood hits its device (sgctl vs the
+others, via the live-frames generator on a second veth into the server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Any, Dict
+
+from .. import bpfsys
+from ..dataplane import Dataplane
+from ..formats import load_document
+from .control import rules
+from .device import BARE, iptables_rules, nft_elements, nft_rules, sh
+
+SRV, CLI = "198.18.6.2", "198.18.6.3"
+
+
+class TcpBench:
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.br, self.srv_ns, self.cli_ns = f"sgtb{tag}", f"sgts{tag}", f"sgtc{tag}"
+        self.srv_host, self.cli_host = f"sgtsh{tag}", f"sgtch{tag}"
+        self.tmp = tempfile.mkdtemp(prefix="sgctl-tcp-")
+        sh("ip", "link", "add", self.br, "type", "bridge")
+        sh("ip", "link", "set", self.br, "up")
+        for ns, host, ip in ((self.srv_ns, self.srv_host, SRV), (self.cli_ns, self.cli_host, CLI)):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "link", "set", host, "master", self.br)
+            sh("ip", "link", "set", host, "up")
+            ex = ("ip", "netns", "exec", ns)
+            sh(*ex, "ip", "link", "set", "lo", "up")
+            sh(*ex, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+            sh(*ex, "ip", "link", "set", "eth0", "up")
+        self.server = subprocess.Popen(["ip", "netns", "exec", self.srv_ns, "iperf3", "-s"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        self.dp = Dataplane(pin_dir=f"/sys/fs/bpf/sgtb{tag}", state_dir=self.tmp, ct_max=1 << 16)
+
+    def clear(self) -> None:
+        ex = ("ip", "netns", "exec", self.srv_ns)
+        sh(*ex, "iptables", "-F", "INPUT", check=False)
+        sh(*ex, "nft", "delete", "table", "inet", "sgbench", check=False)
+        if os.path.exists(self.dp.pin_dir):
+            self.dp.reset()
+            self.dp = Dataplane(pin_dir=self.dp.pin_dir, state_dir=self.tmp, ct_max=1 << 16)
+
+    def use(self, kind: str, n_rules: int) -> None:
+        self.clear()
+        rs = rules(n_rules) + [{"proto": "tcp", "ports": "5201", "from": f"{CLI}/32"}]
+        ex = ("ip", "netns", "exec", self.srv_ns)
+        if kind == "sgctl":
+            self.dp.apply(load_document({"sgctl": 1, "groups": {"sg-s": {"name": "s",
+                                                                         "ingress": rs}},
+                                         "interfaces": {"eni-s": {"groups": ["sg-s"],
+                                                                  "ipv4": [SRV],
+                                                                  "device": self.srv_host}}}))
+        elif kind == "iptables":
+            sh(*ex, "iptables-restore", "--noflush", inp=iptables_rules(rs, "eth0"))
+        elif kind == "nftables":
+            sh(*ex, "nft", "-f", "-", inp=nft_rules("eth0"))
+            for cmd in nft_elements(rs, "eth0"):
+                sh(*ex, "nft", "-f", "-", inp=cmd)
+
+    def throughput(self, seconds: int) -> float:
+        """Gbit/s from the client to the server."""
+        out = sh("ip", "netns", "exec", self.cli_ns, "iperf3", "-c", SRV, "-t", str(seconds),
+                 "-J").stdout
+        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+    def under_flood(self, seconds: int) -> float:
+        """Throughput while a denied flood is sent into the server's host-side
+        device (frames the bridge forwards to the server)."""
+        from bcc import BPF
+
+        gen = BPF(text=BARE)
+        tx = gen.load_func(b"xdp_tx", BPF.XDP)
+        tag = f"{os.getpid() % 100000}"
+        fa, fb = f"sgtfa{tag}", f"sgtfb{tag}"
+        sh("ip", "link", "add", fa, "type", "veth", "peer", "name", fb)
+        try:
+            sh("ip", "link", "set", fb, "master", self.br)
+            for d in (fa, fb):
+                sh("ip", "link", "set", d, "up")
+            stub = gen.load_func(b"xdp_pass", BPF.XDP)
+            self._xdp(fb, stub.fd)  # veth takes XDP frames only with a program on the peer
+            idx = int(open(f"/sys/class/net/{fa}/ifindex").read())
+            mac = sh("ip", "netns", "exec", self.srv_ns, "cat", "/sys/class/net/eth0/address").stdout
+            from scapy.layers.inet import IP, TCP
+            from scapy.layers.l2 import Ether
+
+            frame = bytes(Ether(dst=mac.strip()) / IP(src="198.19.201.1", dst=SRV) /
+                          TCP(sport=40000, dport=5, flags="S") / (b"\0" * 18))
+            result: Dict[str, float] = {}
+
+            def flood() -> None:
+                end = time.monotonic() + seconds + 1
+                while time.monotonic() < end:
+                    bpfsys.test_run(tx.fd, frame, idx, True, repeat=200_000, live=True)
+
+            import threading
+
+            t = threading.Thread(target=flood, daemon=True)
+            t.start()
+            time.sleep(0.3)
+            result["gbps"] = self.throughput(seconds)
+            t.join()
+            return result["gbps"]
+        finally:
+            sh("ip", "link", "del", fa, check=False)
+
+    @staticmethod
+    def _xdp(dev: str, fd: int) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=dev)[0]
+            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", 4)]})
+
+    def close(self) -> None:
+        self.server.terminate()
+        self.server.wait()
+        try:
+            self.clear()
+        finally:
+            self.dp.reset()
+            for link in (self.srv_host, self.cli_host, self.br):
+                sh("ip", "link", "del", link, check=False)
+            for ns in (self.srv_ns, self.cli_ns):
+                sh("ip", "netns", "del", ns, check=False)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run(seconds: int, n_rules: int, flood: bool = True) -> Dict[str, Any]:
+    b = TcpBench()
+    out: Dict[str, Any] = {"seconds": seconds, "rules": n_rules, "throughput": [],
+                           "under_flood": []}
+    try:
+        for kind in ("none", "sgctl", "iptables", "nftables"):
+            b.use(kind, n_rules) if kind != "none" else b.clear()
+            out["throughput"].append({"filter": kind, "gbps": b.throughput(seconds)})
+            if flood:
+                out["under_flood"].append({"filter": kind, "gbps": b.under_flood(seconds)})
+    finally:
+        b.close()
+    return out
+
