@@ -102,7 +102,7 @@ MAPS = {
     "sg_plens": (PlensKey, Plens),
     "sg_peers": (PeerKey, u32),
     "sg_ports": (PortsKey, Ports),
-    "sg_port_lpm": (PortKey, PortVal),
+    "sg_ports_lpm": (PortKey, PortVal),
     "sg_conntrack": (CtKey, CtEntry),
     "sg_frags": (FragKey, u64),
     "sg_exempt_lpm": (ExemptKey, u8),

@@ -247,11 +247,11 @@ class Dataplane:
             name = ",".join(groups)
             fp = pol.fingerprint()
             old = applied.policies.get(name)
-            if old and old["fingerprint"] == fp:
+            if old and old.get("fingerprint") == fp and "active" in old:
                 policies[name] = old
                 continue
             img = pm.image_of(pol)
-            active = old["active"] if old else None
+            active = old.get("active", old.get("policy_id")) if old else None  # (older format)
             inactive = next((i for i in (old or {}).get("ids", []) if i != active), None)
             if inactive is not None and inactive in pm.images:
                 target = inactive
@@ -316,7 +316,8 @@ class Dataplane:
             self.flush_conntrack({ep["ep_id"] for ep in gone.values()})
         # 4. delete policy ids nobody uses any more, then unused classes
         live = {i for p in policies.values() for i in p["ids"]}
-        known = {i for p in applied.policies.values() for i in p.get("ids", [])}
+        known = {i for p in applied.policies.values()
+                 for i in p.get("ids", [p.get("policy_id")]) if i is not None}
         for pid in sorted((known - live) | set(drop) | (set(pm.images) - live)):
             pm.delete_policy(pid)
         pm.gc_classes(unknown_policies=bool(live - set(pm.images)))
@@ -361,9 +362,12 @@ class Dataplane:
         return self._progs.tag if self._progs is not None else None
 
     def unpin_old_programs(self, tag: str) -> None:
-        """After an upgrade every device runs the new programs: drop the old pins."""
+        """After an upgrade every device runs the new programs: drop the old
+        programs' pins, and maps the new layout no longer has."""
         for name in os.listdir(self.pin_dir):
-            if name.startswith("prog_") and not name.endswith("_" + tag):
+            old_prog = name.startswith("prog_") and not name.endswith("_" + tag)
+            old_map = name.startswith("sg_") and name not in abi.MAPS
+            if old_prog or old_map:
                 os.unlink(os.path.join(self.pin_dir, name))
 
     def known_prog_ids(self, applied: Applied) -> set:

@@ -1,5 +1,5 @@
 """The classification maps as the dataplane writes them (bpf/lib/types.h):
-``sg_plens``, ``sg_peers``, ``sg_ports`` and the ``sg_port_lpm`` overflow.
+``sg_plens``, ``sg_peers``, ``sg_ports`` and the ``sg_ports_lpm`` overflow.
 
 - *Classes* are content-addressed and shared by every policy: a class id
   stands for one set of (rule, protocol, ports) forever, so identical rule
@@ -108,7 +108,7 @@ class PolicyMaps:
         self.next_class += 1
         protos, lpm_keys = [], []
         keys, vals = [], []
-        lpm = self.map_of("sg_port_lpm")
+        lpm = self.map_of("sg_ports_lpm")
         for proto, segs in class_segments(content).items():
             val = abi.Ports()
             if len(segs) <= SEGS_INLINE:
@@ -178,7 +178,7 @@ class PolicyMaps:
         for img in self.images.values():
             live |= img.classes()
         dead = [c for c in self.class_keys if c not in live]
-        ports, lpm = self.map_of("sg_ports"), self.map_of("sg_port_lpm")
+        ports, lpm = self.map_of("sg_ports"), self.map_of("sg_ports_lpm")
         for cls in dead:
             protos, lpm_keys = self.class_keys.pop(cls)
             ports.delete_many([abi.PortsKey(cls=cls, proto=p) for p in protos])

@@ -47,8 +47,8 @@ BPF_TABLE_PINNED("hash", struct sg_peer_key, __u32, sg_peers, SG_PEER_MAX,
 BPF_TABLE_PINNED("hash", struct sg_ports_key, struct sg_ports, sg_ports, SG_CLASS_MAX,
 		 SG_PIN_DIR "/sg_ports", BPF_F_NO_PREALLOC);
 /* ... or, for classes with many segments, (class, protocol, port) -> rule index + flags */
-BPF_TABLE_PINNED("lpm_trie", struct sg_port_key, struct sg_port_val, sg_port_lpm, SG_PORT_MAX,
-		 SG_PIN_DIR "/sg_port_lpm", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct sg_port_key, struct sg_port_val, sg_ports_lpm, SG_PORT_MAX,
+		 SG_PIN_DIR "/sg_ports_lpm", BPF_F_NO_PREALLOC);
 /* tracked connections of every endpoint; never evicted while live (1.4) */
 BPF_TABLE_PINNED("hash", struct sg_ct_key, struct sg_ct_entry, sg_conntrack, SG_CT_MAX,
 		 SG_PIN_DIR "/sg_conntrack");

@@ -32,7 +32,7 @@ static __always_inline int class_match(__u32 cls, __u8 proto, __be16 port_be, st
 	}
 	if (ps->n == SG_SEGS_LPM) {
 		struct sg_port_key lk = { .prefixlen = 64, .cls = cls, .proto = proto, .port = port_be };
-		struct sg_port_val *v = sg_port_lpm.lookup(&lk);
+		struct sg_port_val *v = sg_ports_lpm.lookup(&lk);
 		if (!v)
 			return 0;
 		match_take(m, v->rule_index, v->flags);

@@ -57,7 +57,7 @@ struct sg_endpoint {
 #define SG_PLEN_SLOTS  129 /* prefix lengths 0..128 */
 #define SG_CHAIN_MAX   4   /* matching prefixes whose classes are checked */
 #define SG_SEGS_INLINE 8   /* port segments kept in a class's value */
-#define SG_SEGS_LPM    0xFF /* sg_ports.n: more segments; see sg_port_lpm */
+#define SG_SEGS_LPM    0xFF /* sg_ports.n: more segments; see sg_ports_lpm */
 
 /* sg_peers key: the remote address masked to plen bits */
 struct sg_peer_key {
@@ -115,7 +115,7 @@ struct sg_ports {
 	struct sg_seg seg[SG_SEGS_INLINE]; /* sorted, disjoint */
 };
 
-/* sg_port_lpm key (classes with more than SG_SEGS_INLINE segments):
+/* sg_ports_lpm key (classes with more than SG_SEGS_INLINE segments):
  * prefixlen = 48 + port prefix length */
 struct sg_port_key {
 	__u32 prefixlen;

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from . import control, device, packet, report, tcp
+from . import control, device, on_sigterm, packet, report, tcp
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--out", default=str(ROOT), help="where BENCHMARKS.md and docs/bench/ go")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # let each scenario clean up
+    signal.signal(signal.SIGTERM, on_sigterm(os.getpid()))  # let each scenario clean up
     p = PROFILES[args.profile]
     res: Dict[str, Any] = {"machine": machine(), "profile": args.profile}
     steps = [

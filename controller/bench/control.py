@@ -27,6 +27,7 @@ from typing import Any, Dict, List
 from .. import api, bpfsys
 from ..evaluator import TCP_SYN, Packet, addr
 from ..packets import frame
+from . import on_sigterm
 
 
 def _sh(*cmd: str) -> None:
@@ -142,7 +143,7 @@ class Bench:
 
 def main() -> int:
     quick = "--quick" in sys.argv
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up on kill, too
+    signal.signal(signal.SIGTERM, on_sigterm(os.getpid()))  # clean up on kill, too
     b = Bench()
     out: Dict[str, Any] = {}
     try:

@@ -51,7 +51,10 @@ int xdp_tx(struct xdp_md *ctx) { return XDP_TX; }
 
 
 def sh(*cmd: str, check: bool = True, inp: Optional[str] = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True, input=inp)
+    res = subprocess.run(cmd, capture_output=True, text=True, input=inp)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])}: exit {res.returncode}: {res.stderr.strip()}")
+    return res
 
 
 def iptables_rules(rs: List[Dict[str, Any]], dev: str) -> str:
