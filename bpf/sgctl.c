@@ -33,8 +33,8 @@ static __always_inline __u64 sg_now(struct sg_config *cfg)
 	return bpf_ktime_get_coarse_ns() / SG_NSEC_PER_SEC;
 }
 
-/* Traffic security groups never filter: ND, DHCP, infrastructure addresses. */
-static __always_inline int sg_exempt(struct sg_config *cfg, __u8 dir, struct sg_flow *f)
+/* Traffic security groups never filter, by protocol: ND, DHCP. */
+static __always_inline int sg_exempt_proto(struct sg_config *cfg, struct sg_flow *f)
 {
 	if (f->proto == SG_IPPROTO_ICMPV6 && f->icmp_type >= 133 && f->icmp_type <= 137)
 		return 1;
@@ -45,6 +45,12 @@ static __always_inline int sg_exempt(struct sg_config *cfg, __u8 dir, struct sg_
 		if (f->family == 6 && ((s == 547 && d == 546) || (s == 546 && d == 547)))
 			return 1;
 	}
+	return 0;
+}
+
+/* ... and by remote address (metadata, DNS, time sync). */
+static __always_inline int sg_exempt_addr(__u8 dir, struct sg_flow *f)
+{
 	struct sg_exempt_key k = { .prefixlen = f->family == 4 ? 64 : 160, .family = f->family };
 	__builtin_memcpy(k.addr, dir == SG_DIR_EGRESS ? f->dst : f->src, 16);
 	return sg_exempt_lpm.lookup(&k) != 0;
@@ -91,13 +97,20 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	}
 
 	/* infrastructure traffic is never filtered (after conntrack: established
-	 * flows skip this lookup; exempt traffic itself is never tracked) */
-	if (sg_exempt(cfg, dir, &p->f))
+	 * flows skip these lookups; exempt traffic itself is never tracked).
+	 * The prefix bitmap covers the exempt addresses too: a remote address
+	 * outside it can be neither exempt nor allowed, and is dropped here. */
+	if (sg_exempt_proto(cfg, &p->f))
+		return SG_ALLOW_EXEMPT;
+	struct sg_plens *pl = policy_plens(ep->policy_id, dir, &p->f);
+	if (pl && !policy_top16(pl, dir, &p->f))
+		return SG_DROP_NO_RULE;
+	if (sg_exempt_addr(dir, &p->f))
 		return SG_ALLOW_EXEMPT;
 
 	/* 3. the rules */
 	struct sg_match *m = &s->m;
-	if (!policy_match(ep->policy_id, dir, s))
+	if (!pl || !policy_match(pl, ep->policy_id, dir, s))
 		return SG_DROP_NO_RULE;
 	if (p->icmp_error)
 		return SG_ALLOW_NEW;

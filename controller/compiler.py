@@ -105,6 +105,7 @@ class Policy:
     plens: Dict[Tuple[int, int], Tuple[int, ...]] = field(default_factory=dict)  # longest first
     world: Dict[Tuple[int, int], ClassKey] = field(default_factory=dict)  # (dir, fam) -> world rules
     open_all: int = 0
+    exempt: Tuple[Tuple[int, int, int], ...] = ()  # (family, plen, network) of exempt addresses
 
     @property
     def nclasses(self) -> int:
@@ -115,7 +116,8 @@ class Policy:
         (The hash of a frozenset of int tuples does not depend on the process's
         hash seed; only str/bytes hashes do.)"""
         text = repr((sorted((k, len(v), hash(v)) for k, v in self.peers.items()),
-                     sorted((k, len(v), hash(v)) for k, v in self.world.items()), self.open_all))
+                     sorted((k, len(v), hash(v)) for k, v in self.world.items()), self.open_all,
+                     self.exempt))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -200,7 +202,8 @@ def _fold_chains(own: Dict[Tuple[int, int], set], bits: int) -> Dict[Tuple[int, 
 
 
 def compile_policy(state: State, groups: Tuple[str, ...], rule_index: Dict[str, int]) -> Policy:
-    pol = Policy(groups)
+    pol = Policy(groups, exempt=tuple(sorted(
+        (n.version, n.prefixlen, int(n.network_address)) for n in state.settings.exempt)))
     for direction in DIRECTIONS:
         d = DIR_INDEX[direction]
         rules = [r for g in groups for r in state.groups[g].rules_in(direction)]
@@ -215,6 +218,7 @@ def compile_policy(state: State, groups: Tuple[str, ...], rule_index: Dict[str, 
             if r.peer.is_world():
                 world[r.peer.network.version].add(item)
         for family in (4, 6):
+            pol.plens[(d, family)] = ()  # always written: its bitmap covers exempt addresses
             if not own[family]:
                 continue
             bits = 32 if family == 4 else 128

@@ -62,7 +62,8 @@ def top16_bitmaps(pol: Policy) -> Dict[PlensKeyT, bytes]:
     for (d, family) in pol.plens:
         bits = bytearray(abi.TOP16_WORDS * 8)
         width = 32 if family == 4 else 128
-        for (pd, pf, plen, net) in pol.peers:
+        exempt = [(d, fam, plen, net) for fam, plen, net in pol.exempt if fam == family]
+        for (pd, pf, plen, net) in [*pol.peers, *exempt]:
             if pd != d or pf != family:
                 continue
             top = net >> (width - 16)

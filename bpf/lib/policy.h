@@ -54,17 +54,26 @@ static __always_inline int class_match(__u32 cls, __u8 proto, __be16 port_be, st
 /* Step 3 of the verdict: does any rule of the endpoint's groups allow the
  * packet? Remote address -> classes of the prefixes containing it (longest
  * first, at most SG_CHAIN_MAX) -> their port segments. */
-static __always_inline int policy_match(__u32 policy_id, __u8 dir, struct sg_scratch *s)
+static __always_inline struct sg_plens *policy_plens(__u32 policy_id, __u8 dir, struct sg_flow *f)
 {
-	struct sg_flow *f = &s->p.f;
 	struct sg_plens_key pk = { .policy_id = policy_id, .dir = dir, .family = f->family };
-	struct sg_plens *pl = sg_plens.lookup(&pk);
-	if (!pl)
-		return 0;
+	return sg_plens.lookup(&pk);
+}
+
+/* Could any prefix of the policy (or an exempt address) contain the remote
+ * address? One bit test on its top 16 bits. */
+static __always_inline int policy_top16(struct sg_plens *pl, __u8 dir, struct sg_flow *f)
+{
 	__be32 *remote = dir == SG_DIR_INGRESS ? f->src : f->dst;
 	__u32 top = bpf_ntohl(remote[0]) >> 16;
-	if (!((pl->top16[(top >> 6) & (SG_TOP16_WORDS - 1)] >> (top & 63)) & 1))
-		return 0;
+	return (pl->top16[(top >> 6) & (SG_TOP16_WORDS - 1)] >> (top & 63)) & 1;
+}
+
+static __always_inline int policy_match(struct sg_plens *pl, __u32 policy_id, __u8 dir,
+					struct sg_scratch *s)
+{
+	struct sg_flow *f = &s->p.f;
+	__be32 *remote = dir == SG_DIR_INGRESS ? f->src : f->dst;
 	struct sg_peer_key k = { .policy_id = policy_id, .dir = dir, .family = f->family };
 	/* 1. the classes of the (at most SG_CHAIN_MAX longest) prefixes that
 	 *    contain the remote address; one hash lookup per prefix length */
