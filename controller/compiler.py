@@ -29,8 +29,10 @@ benchmarks showed -- see docs/design-notes.md):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
@@ -115,8 +117,10 @@ class Policy:
         """Stable across processes: decides whether a policy must be rewritten.
         (The hash of a frozenset of int tuples does not depend on the process's
         hash seed; only str/bytes hashes do.)"""
-        text = repr((sorted((k, len(v), hash(v)) for k, v in self.peers.items()),
-                     sorted((k, len(v), hash(v)) for k, v in self.world.items()), self.open_all,
+        peers, world = frozenset(self.peers.items()), frozenset(self.world.items())
+        text = repr((len(peers), hash(peers), hash(frozenset(self.peers)),
+                     sorted((k, len(v), hash(v)) for k, v in self.world.items()),
+                     hash(world), self.plens and sorted(self.plens.items()), self.open_all,
                      self.exempt))
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -201,6 +205,13 @@ def _fold_chains(own: Dict[Tuple[int, int], set], bits: int) -> Dict[Tuple[int, 
     return out
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def _cidr_key(text: str) -> Tuple[int, Tuple[int, int]]:
+    """Canonical CIDR text -> (family, (prefix length, network as int))."""
+    net = ipaddress.ip_network(text)
+    return net.version, (net.prefixlen, int(net.network_address))
+
+
 def compile_policy(state: State, groups: Tuple[str, ...], rule_index: Dict[str, int]) -> Policy:
     pol = Policy(groups, exempt=tuple(sorted(
         (n.version, n.prefixlen, int(n.network_address)) for n in state.settings.exempt)))
@@ -211,12 +222,17 @@ def compile_policy(state: State, groups: Tuple[str, ...], rule_index: Dict[str, 
         world: Dict[int, set] = {4: set(), 6: set()}
         for r in rules:
             lo, hi = port_range(r)
-            item = (rule_index[r.rule_id], r.protocol, lo, hi, r.peer.is_world())
+            is_world = r.peer.is_world()
+            item = (rule_index[r.rule_id], r.protocol, lo, hi, is_world)
+            if r.peer.kind == "cidr":  # the common case, without building networks
+                fam, key = _cidr_key(r.peer.value)
+                own[fam].setdefault(key, set()).add(item)
+                if is_world:
+                    world[fam].add(item)
+                continue
             for peer_net in state.peer_networks(r.peer):
                 key = (peer_net.prefixlen, int(peer_net.network_address))
                 own[peer_net.version].setdefault(key, set()).add(item)
-            if r.peer.is_world():
-                world[r.peer.network.version].add(item)
         for family in (4, 6):
             pol.plens[(d, family)] = ()  # always written: its bitmap covers exempt addresses
             if not own[family]:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import orjson
+
 from . import abi, bpfsys
 from .compiler import FAMILY_INDEX, Compiled, compile_state, network_bytes
 from .model import MODE_HOST, State
@@ -179,7 +181,7 @@ class Dataplane:
         return applied
 
     def save_applied(self, applied: Applied) -> None:
-        write_atomic(self.applied_path, json.dumps(applied.__dict__, separators=(",", ":")))
+        write_atomic(self.applied_path, orjson.dumps(applied.__dict__))
 
     # ------------------------------------------------------------ policy writes
 
@@ -207,7 +209,8 @@ class Dataplane:
 
     # ------------------------------------------------------------ apply
 
-    def apply(self, state: State, attach: bool = True, missing_ok: bool = False) -> Applied:
+    def apply(self, state: State, attach: bool = True, missing_ok: bool = False,
+              record_desired: bool = True) -> Applied:
         """Make the kernel enforce ``state``. Everything that can fail on the
         input fails before the first map write. With ``missing_ok`` a bound
         interface whose device does not exist (yet) is left pending instead
@@ -335,10 +338,15 @@ class Dataplane:
                          "addresses": [str(a) for a in eni.addresses()],
                          "pending": eni.eni_id in pending}
             for eni in state.bound_interfaces()}
-        from .formats.native import dump
+        if record_desired:  # the daemon keeps it in its store instead
+            from .formats.native import dump
 
-        applied.desired = dump(state)
-        applied.desired["stale_rules"] = [r.rule_id for r in state.stale_rules]
+            applied.desired = dump(state)
+            applied.desired["stale_rules"] = [r.rule_id for r in state.stale_rules]
+        else:
+            applied.desired = {"settings": {"exempt": [str(n) for n in state.settings.exempt],
+                                            "exempt_dhcp": state.settings.exempt_dhcp},
+                               "stale_rules": [r.rule_id for r in state.stale_rules]}
         self.save_applied(applied)
         self._applied = applied
         return applied

@@ -183,10 +183,11 @@ class Rule:
     description: str = ""
     rule_id: str = ""
 
-    def identity(self) -> Tuple[str, str, int, int, int, Peer]:
-        """What makes two rules duplicates (1.1)."""
+    def identity(self) -> Tuple[str, str, int, int, int, str, str]:
+        """What makes two rules duplicates (1.1). Plain strings and ints, so
+        hashing it stays in C (it keys dicts of every rule on each change)."""
         return (self.group_id, self.direction, self.protocol, self.from_port, self.to_port,
-                self.peer)
+                self.peer.kind, self.peer.value)
 
     @property
     def has_ports(self) -> bool:
@@ -451,26 +452,28 @@ def validate(state: State) -> State:
         names[group.name] = gid
         seen: Dict[tuple, str] = {}
         ids: Dict[str, Rule] = {}
-        for i, rule in enumerate(group.rules):
-            where = f"{gid} {rule.direction}[{i}]"
-            if rule.identity() in seen:
-                raise ValidationError(where, "IpPermissions",
-                                      f"duplicate rule: same as {seen[rule.identity()]} "
+        for i, rule in enumerate(group.rules):  # hot on every change: no work unless wrong
+            ident = rule.identity()
+            if ident in seen:
+                raise ValidationError(f"{gid} {rule.direction}[{i}]", "IpPermissions",
+                                      f"duplicate rule: same as {seen[ident]} "
                                       f"({protocol_label(rule.protocol)} "
                                       f"{rule.describe_ports()} {rule.peer})")
-            seen[rule.identity()] = rule.rule_id
+            seen[ident] = rule.rule_id
             if rule.rule_id in ids:
-                raise ValidationError(where, "SecurityGroupRuleId",
+                raise ValidationError(f"{gid} {rule.direction}[{i}]", "SecurityGroupRuleId",
                                       f"{rule.rule_id} is used twice")
             ids[rule.rule_id] = rule
     state.stale_rules = []
     for gid, group in state.groups.items():
         for i, rule in enumerate(group.rules):
-            where = f"{gid} {rule.direction}[{i}]"
-            if rule.peer.kind == "pl" and rule.peer.value not in state.prefix_lists:
-                raise ValidationError(where, "PrefixListId",
+            kind = rule.peer.kind
+            if kind == "cidr":
+                continue
+            if kind == "pl" and rule.peer.value not in state.prefix_lists:
+                raise ValidationError(f"{gid} {rule.direction}[{i}]", "PrefixListId",
                                       f"unknown prefix list {rule.peer.value}")
-            if rule.peer.kind == "sg" and rule.peer.value not in state.groups:
+            if kind == "sg" and rule.peer.value not in state.groups:
                 state.stale_rules.append(rule)
 
     for plid, pl in state.prefix_lists.items():

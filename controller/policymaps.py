@@ -57,24 +57,26 @@ def _mask_words(family: int, plen: int) -> ct.Array[ct.c_uint32]:
 
 def top16_bitmaps(pol: Policy) -> Dict[PlensKeyT, bytes]:
     """Per (dir, family): which values of an address's top 16 bits some
-    prefix covers (the datapath's first, cheapest test)."""
-    out: Dict[PlensKeyT, bytes] = {}
-    for (d, family) in pol.plens:
-        bits = bytearray(abi.TOP16_WORDS * 8)
-        width = 32 if family == 4 else 128
-        exempt = [(d, fam, plen, net) for fam, plen, net in pol.exempt if fam == family]
-        for (pd, pf, plen, net) in [*pol.peers, *exempt]:
-            if pd != d or pf != family:
-                continue
-            top = net >> (width - 16)
-            span = 1 << (16 - plen) if plen < 16 else 1
-            if span >= 1 << 16:
-                bits[:] = b"\xff" * len(bits)
-                break
-            for b in range(top, top + span):
+    prefix (or exempt address) covers -- the datapath's first, cheapest test."""
+    maps = {k: bytearray(abi.TOP16_WORDS * 8) for k in pol.plens}
+    full = set()
+    exempt = [(d, fam, plen, net) for d, fam in pol.plens for fam2, plen, net in pol.exempt
+              if fam2 == fam]
+    for (d, family, plen, net) in [*pol.peers, *exempt]:
+        bits = maps.get((d, family))
+        if bits is None or (d, family) in full:
+            continue
+        top = net >> ((32 if family == 4 else 128) - 16)
+        if plen >= 16:
+            bits[top >> 3] |= 1 << (top & 7)
+        elif plen == 0:
+            full.add((d, family))
+        else:
+            for b in range(top, top + (1 << (16 - plen))):
                 bits[b >> 3] |= 1 << (b & 7)
-        out[(d, family)] = bytes(bits)
-    return out
+    for k in full:
+        maps[k][:] = b"\xff" * len(maps[k])
+    return {k: bytes(v) for k, v in maps.items()}
 
 
 def _peer_key(pid: int, k: PeerKey) -> abi.PeerKey:

@@ -12,18 +12,20 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+import orjson
 
 from .model import State, ValidationError
 
 CHUNK = 1 << 16  # bytes per write(2), so a crash can land between writes
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: Union[str, bytes]) -> None:
     """Write-then-rename, fsynced: a crash leaves the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = text.encode()
+    data = text.encode() if isinstance(text, str) else text
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         for off in range(0, len(data), CHUNK):
@@ -75,4 +77,4 @@ class Store:
         from .formats import native
 
         doc = {"generation": generation, "state": native.dump(state)}
-        write_atomic(self.path, json.dumps(doc, separators=(",", ":")))
+        write_atomic(self.path, orjson.dumps(doc))  # JSON; orjson: ~5x faster on big states
