@@ -68,9 +68,10 @@ static __always_inline void frag_key_of(struct sg_frag_key *k, __u32 ep_id, stru
 
 /* DESIGN 1.3 for one parsed IP packet (fragments handled by the caller). */
 static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *cfg, __u8 dir,
-				     struct sg_scratch *s, __u64 now)
+				     struct sg_scratch *s)
 {
 	struct sg_pkt *p = &s->p;
+	__u64 now;  /* read only where needed: a dropped packet never needs the clock */
 
 	/* 1. a tracked connection of this endpoint, either direction */
 	struct sg_ct_key key = {};
@@ -80,9 +81,12 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	if (!p->icmp_error) {
 		e = sg_conntrack.lookup(&key);
 		exists = e != 0;
-		if (e && !ct_expired(ep, &key, e, now) && !ct_fresh_syn(p, e)) {
-			ct_update(e, dir, p, now);
-			return SG_ALLOW_ESTABLISHED;
+		if (e) {
+			now = sg_now(cfg);
+			if (!ct_expired(ep, &key, e, now) && !ct_fresh_syn(p, e)) {
+				ct_update(e, dir, p, now);
+				return SG_ALLOW_ESTABLISHED;
+			}
 		}
 	}
 
@@ -92,7 +96,7 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 		struct sg_ct_key ik = {};
 		ct_key_of(&ik, ep->ep_id, dir ^ 1, &p->inner);
 		struct sg_ct_entry *ie = sg_conntrack.lookup(&ik);
-		if (ie && !ct_expired(ep, &ik, ie, now))
+		if (ie && !ct_expired(ep, &ik, ie, sg_now(cfg)))
 			return SG_ALLOW_RELATED;
 	}
 
@@ -116,7 +120,7 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 		return SG_ALLOW_NEW;
 	if (policy_untracked(ep, dir, &p->f, m, &s->wm))
 		return SG_ALLOW_UNTRACKED;
-	if (ct_create(&key, exists, dir, p, ep, m->rule_index, now))
+	if (ct_create(&key, exists, dir, p, ep, m->rule_index, sg_now(cfg)))
 		return SG_DROP_CT_FULL;
 	return SG_ALLOW_NEW;
 }
@@ -130,20 +134,21 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, __u8 dir, struct s
 		return rc;
 	__u32 zero = 0;
 	struct sg_config *cfg = sg_config.lookup(&zero);
-	__u64 now = sg_now(cfg);
-
-	struct sg_frag_key fk = {};
-	if (p->frag != SG_FRAG_NONE)
-		frag_key_of(&fk, ep->ep_id, p);
 	if (p->frag == SG_FRAG_LATER) {
+		struct sg_frag_key fk = {};
+		frag_key_of(&fk, ep->ep_id, p);
 		__u64 *seen = sg_frags.lookup(&fk);
-		if (seen && now - *seen <= SG_FRAG_TIMEOUT)
+		if (seen && sg_now(cfg) - *seen <= SG_FRAG_TIMEOUT)
 			return SG_ALLOW_FRAGMENT;
 		return SG_DROP_FRAG_UNKNOWN;
 	}
-	rc = sg_decide(ep, cfg, dir, s, now);
-	if (p->frag == SG_FRAG_FIRST && SG_IS_ALLOWED(rc))
+	rc = sg_decide(ep, cfg, dir, s);
+	if (p->frag == SG_FRAG_FIRST && SG_IS_ALLOWED(rc)) {
+		struct sg_frag_key fk = {};
+		frag_key_of(&fk, ep->ep_id, p);
+		__u64 now = sg_now(cfg);
 		sg_frags.update(&fk, &now);
+	}
 	return rc;
 }
 
