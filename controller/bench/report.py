@@ -86,7 +86,10 @@ WHY = {
     "denied flood at": "nftables with an interval set is fast (~1.1 Mpps at 10k rules here); "
                        "sgctl reaches ~9-10 Mpps, 8-9x. The remaining cost is the conntrack "
                        "lookup every packet needs (a SYN could belong to a tracked connection).",
-    "TCP throughput": "within noise of the unfiltered figure on this 2-core VM; rerun.",
+    "TCP throughput": "94-96% across runs on this 2-core VM (noise is a few %). The likely "
+                      "cost: the tc hook pulls up to 256 bytes of every GSO skb into its "
+                      "linear part (bpf_skb_pull_data) so that headers are readable, copying "
+                      "payload. Next: pull only when the headers are not already linear.",
     "one change": "the daemon recompiles the whole group set (~70 ms for 10k rules in Python), "
                   "validates the whole state (~25 ms) and rewrites the store (~25 ms) on every "
                   "change; the kernel side writes only the difference (A/B images). Next: "
