@@ -186,12 +186,46 @@ int xdp_sg(struct xdp_md *ctx)
 	       XDP_PASS : XDP_DROP;
 }
 
+/* Do the linear bytes already hold a plain TCP/UDP packet's headers
+ * (Ethernet, IPv4 without fragmenting or IPv6 without extension headers,
+ * the L4 header)? The common case of big GSO skbs: no pull needed. */
+static __always_inline int sg_headers_linear(void *data, void *end)
+{
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return 0;
+	void *l3 = eth + 1;
+	__u8 proto;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = l3;
+		if ((void *)(ip + 1) > end || (ip->frag_off & bpf_htons(0x3FFF)))
+			return 0;
+		proto = ip->protocol;
+		l3 += ip->ihl * 4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = l3;
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		proto = ip6->nexthdr;
+		l3 = ip6 + 1;
+	} else {
+		return 0;
+	}
+	if (proto == IPPROTO_TCP)
+		return l3 + sizeof(struct tcphdr) <= end;
+	if (proto == IPPROTO_UDP)
+		return l3 + sizeof(struct udphdr) <= end;
+	return 0;
+}
+
 int tc_sg(struct __sk_buff *skb)
 {
-	/* headers of locally built packets can sit in paged data: pull enough
-	 * for Ethernet + VLANs + IPv6 + extension headers + an ICMP error */
+	/* headers of locally built packets can sit in paged data: unless a
+	 * plain TCP/UDP header is already linear, pull enough for Ethernet +
+	 * VLANs + IPv6 + extension headers + an ICMP error */
 	long linear = (long)skb->data_end - (long)skb->data;
-	if (linear < skb->len && linear < 256)
+	if (linear < skb->len && linear < 256 &&
+	    !sg_headers_linear((void *)(long)skb->data, (void *)(long)skb->data_end))
 		bpf_skb_pull_data(skb, skb->len < 256 ? skb->len : 256);
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
