@@ -25,8 +25,9 @@ LOCAL4, LOCAL6 = addr("198.18.0.10"), addr("2001:db8::10")
 REMOTES4 = [addr(a) for a in ("198.18.1.1", "198.18.1.200", "198.18.3.3", "198.19.255.1",
                               "169.254.169.254")]
 REMOTES6 = [addr(a) for a in ("2001:db8:1::1", "2001:db8:3::3", "2001:db8:ffff::1")]
+# nested so that 198.18.1.1 can sit in more prefixes than the datapath checks (4)
 PEERS = ["198.18.1.0/24", "198.18.1.1/32", "198.18.0.0/15", "0.0.0.0/0", "::/0",
-         "2001:db8:1::/48", "pl-x", "sg-b", "sg-a"]
+         "2001:db8:1::/48", "pl-x", "sg-b", "sg-a", "198.18.1.0/26", "198.18.0.0/16"]
 PORTS = [0, 1, 22, 53, 79, 80, 81, 443, 1023, 1024, 65535]
 PROTOS = ["tcp", "udp", "icmp", "icmpv6", 47, "all"]
 FLAGS = [TCP_SYN, TCP_SYN, TCP_SYN | TCP_ACK, TCP_ACK, TCP_ACK, TCP_FIN | TCP_ACK, TCP_RST,
