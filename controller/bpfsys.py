@@ -83,6 +83,16 @@ class Map:
         self.percpu = percpu
         self.ncpu = num_cpus() if percpu else 1
 
+    @property
+    def max_entries(self) -> int:
+        """The map's capacity (struct bpf_map_info.max_entries)."""
+        info = ct.create_string_buffer(128)
+        size = ct.c_uint32(128)
+        fn = lib().bpf_obj_get_info_by_fd
+        fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+        _check(fn(self.fd, info, ct.byref(size)), "bpf_obj_get_info_by_fd")
+        return int.from_bytes(info.raw[16:20], "little")
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -118,12 +118,19 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     import logging
 
     from .daemon import Daemon, DaemonConfig
+    from .metrics import parse_address
 
+    try:
+        metrics = parse_address(args.metrics_address)
+    except ValueError as exc:
+        print(f"sgctl: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     logging.basicConfig(level=logging.INFO, format="sgctl[%(process)d] %(levelname)s %(message)s")
     cfg = DaemonConfig(state_dir=args.state_dir, pin_dir=args.pin_dir, socket=args.socket,
                        socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
                        ct_max=args.conntrack_max, watch_addresses=args.watch_addresses,
-                       gc_interval=args.gc_interval)
+                       gc_interval=args.gc_interval,
+                       metrics=metrics)
     Daemon(cfg).run()
     return EXIT_OK
 
@@ -222,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
                    help="every bound interface takes its addresses from its device")
     d.add_argument("--gc-interval", type=float, default=10.0,
                    help="seconds between conntrack garbage collections")
+    d.add_argument("--metrics-address", default="127.0.0.1:9640",
+                   help="host:port of the Prometheus endpoint, or none")
     d.set_defaults(fn=cmd_daemon)
     c = sub.add_parser("conntrack", help="list or flush tracked connections")
     c.add_argument("op", choices=("list", "flush"))

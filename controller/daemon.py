@@ -52,6 +52,7 @@ class DaemonConfig:
     watch_addresses: bool = False  # every bound interface follows its device's addresses
     gc_interval: float = 10.0
     debounce: float = 0.005  # seconds to gather a burst of netlink events
+    metrics: Optional[Tuple[str, int]] = ("127.0.0.1", 9640)  # None: no metrics endpoint
 
 
 HostView = Tuple[Tuple[str, Optional[int], Tuple[str, ...]], ...]
@@ -72,6 +73,9 @@ class Daemon:
         self.threads: List[threading.Thread] = []
         self.server: Optional[Any] = None
         self.started = time.time()
+        from .metrics import Metrics
+
+        self.metrics = Metrics(self)
 
     # ------------------------------------------------------------ host view
 
@@ -142,6 +146,7 @@ class Daemon:
         self.store.save(self.generation + 1, new)
         self.state = new
         self.generation += 1
+        self.metrics.apply_seconds.observe(time.monotonic() - start)
         log.info("generation %d enforced in %.1f ms", self.generation,
                  (time.monotonic() - start) * 1000)
 
@@ -251,6 +256,7 @@ class Daemon:
                     if view != self.view:
                         start = time.monotonic()
                         self.enforce(self.state)
+                        self.metrics.apply_seconds.observe(time.monotonic() - start)
                         log.info("host changed; re-enforced in %.1f ms",
                                  (time.monotonic() - start) * 1000)
             except Exception as exc:  # keep watching; the next event retries
@@ -289,9 +295,16 @@ class Daemon:
         self._spawn("reconcile", self.reconcile_loop)
         self._spawn("gc", self.gc_loop)
         log.info("serving on %s", self.cfg.socket)
+        if self.cfg.metrics is not None:
+            try:
+                self.metrics.serve(*self.cfg.metrics)
+                log.info("metrics on http://%s:%d/metrics", *self.cfg.metrics)
+            except OSError as exc:  # enforcement matters more than its metrics
+                log.error("metrics endpoint %s:%d not started: %s", *self.cfg.metrics, exc)
 
     def stop(self) -> None:
         self.stopping.set()
+        self.metrics.stop()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.kernel
 def daemon() -> Iterator[Daemon]:
     tmp = tempfile.mkdtemp(prefix="sgctl-api-")
     cfg = DaemonConfig(state_dir=tmp, pin_dir=f"/sys/fs/bpf/{unique('sga')}",
-                       socket=os.path.join(tmp, "api.sock"), ct_max=4096, gc_interval=3600)
+                       socket=os.path.join(tmp, "api.sock"), ct_max=4096, gc_interval=3600,
+                       metrics=None)
     d = Daemon(cfg)
     d.start()
     try:

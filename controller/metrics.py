@@ -1,0 +1,130 @@
+"""Prometheus metrics of the daemon (prometheus_client), names under sgctl_.
+
+Counters come straight from the kernel's per-CPU maps at scrape time (a
+custom collector), so there is no second bookkeeping to drift:
+
+- sgctl_packets_total / sgctl_bytes_total {interface, device, direction,
+  verdict, reason}: every packet of a bound interface, by the named reason
+  the datapath gave it (verdict ACCEPT or REJECT);
+- sgctl_conntrack_entries {interface}, sgctl_conntrack_allowance_available
+  {interface}, sgctl_conntrack_allowance_exceeded_total {interface}: from the
+  last conntrack GC pass and the drop_ct_full counters;
+- sgctl_policy_generation; sgctl_apply_duration_seconds (histogram of the
+  time to enforce a change);
+- sgctl_map_entries / sgctl_map_capacity / sgctl_map_fill_ratio {map} for
+  every hash and LPM map (conntrack from the last GC pass).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import abi
+from .reasons import Reason
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+ARRAY_MAPS = {"sg_config", "sg_verdicts"}  # arrays are always full: no fill ratio
+
+
+def parse_address(text: str) -> Optional[Tuple[str, int]]:
+    """``host:port`` -> (host, port); ``none`` -> None."""
+    if text.strip().lower() == "none":
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--metrics-address {text!r}: expected host:port or none")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class SgctlCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        from .dataplane import endpoint_counters
+
+        d = self.d
+        with d.lock:
+            applied = d.dp.load_applied()
+            endpoints = dict(applied.endpoints)
+            generation = d.generation
+        labels = ["interface", "device", "direction", "verdict", "reason"]
+        packets = CounterMetricFamily("sgctl_packets", "Packets by interface, direction, "
+                                      "verdict and reason", labels=labels)
+        nbytes = CounterMetricFamily("sgctl_bytes", "Bytes by interface, direction, verdict "
+                                     "and reason", labels=labels)
+        for eni, ep in sorted(endpoints.items()):
+            for (direction, reason), (pk, by) in endpoint_counters(d.dp, ep["ep_id"]).items():
+                verdict = "ACCEPT" if Reason[reason.upper()].allowed else "REJECT"
+                values = [eni, ep["device"] or "", direction, verdict, reason]
+                packets.add_metric(values, pk)
+                nbytes.add_metric(values, by)
+        yield packets
+        yield nbytes
+
+        gc = d.gc_last
+        entries = GaugeMetricFamily("sgctl_conntrack_entries", "Tracked connections (last GC "
+                                    "pass)", labels=["interface"])
+        avail = GaugeMetricFamily("sgctl_conntrack_allowance_available", "Connections that can "
+                                  "still be tracked (the table is shared by the host)",
+                                  labels=["interface"])
+        exceeded = CounterMetricFamily("sgctl_conntrack_allowance_exceeded", "Packets of new "
+                                       "flows dropped because the table was full",
+                                       labels=["interface"])
+        live = gc.live if gc else {}
+        total = sum(live.values())
+        for eni, ep in sorted(endpoints.items()):
+            counters = endpoint_counters(d.dp, ep["ep_id"])
+            full = sum(p for (_, r), (p, _) in counters.items() if r == Reason.DROP_CT_FULL.label)
+            entries.add_metric([eni], live.get(ep["ep_id"], 0))
+            avail.add_metric([eni], max(0, d.dp.ct_max - total))
+            exceeded.add_metric([eni], full)
+        yield entries
+        yield avail
+        yield exceeded
+
+        yield GaugeMetricFamily("sgctl_policy_generation", "Generation of the enforced "
+                                "desired state", value=generation)
+
+        m_entries = GaugeMetricFamily("sgctl_map_entries", "Entries in each map", labels=["map"])
+        m_cap = GaugeMetricFamily("sgctl_map_capacity", "Capacity of each map", labels=["map"])
+        m_fill = GaugeMetricFamily("sgctl_map_fill_ratio", "entries / capacity", labels=["map"])
+        for name in abi.MAPS:
+            if name in ARRAY_MAPS:
+                continue
+            m = d.dp.map(name)
+            n = gc.scanned - gc.removed if (name == "sg_conntrack" and gc) else len(m.keys())
+            cap = m.max_entries
+            m_entries.add_metric([name], n)
+            m_cap.add_metric([name], cap)
+            m_fill.add_metric([name], n / cap if cap else 0.0)
+        yield m_entries
+        yield m_cap
+        yield m_fill
+
+
+class Metrics:
+    """The registry, the apply histogram and the HTTP endpoint."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(SgctlCollector(daemon))
+        self.apply_seconds = Histogram(
+            "sgctl_apply_duration_seconds", "Time to enforce a change (API call or host event)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry)
+        self.server: Any = None
+
+    def serve(self, host: str, port: int) -> None:
+        self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
