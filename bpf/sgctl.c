@@ -85,6 +85,8 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 			now = sg_now(cfg);
 			if (!ct_expired(ep, &key, e, now) && !ct_fresh_syn(p, e)) {
 				ct_update(e, dir, p, now);
+				s->rule = e->rule_index;
+				s->now = now;
 				return SG_ALLOW_ESTABLISHED;
 			}
 		}
@@ -116,12 +118,16 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	struct sg_match *m = &s->m;
 	if (!pl || !policy_match(pl, ep->policy_id, dir, s))
 		return SG_DROP_NO_RULE;
+	s->rule = m->rule_index;
+	s->now = sg_now(cfg);
 	if (p->icmp_error)
 		return SG_ALLOW_NEW;
 	if (policy_untracked(ep, dir, &p->f, m, &s->wm))
 		return SG_ALLOW_UNTRACKED;
-	if (ct_create(&key, exists, dir, p, ep, m->rule_index, sg_now(cfg)))
+	if (ct_create(&key, exists, dir, p, ep, m->rule_index, s->now)) {
+		s->rule = 0;
 		return SG_DROP_CT_FULL;
+	}
 	return SG_ALLOW_NEW;
 }
 
@@ -173,8 +179,11 @@ static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void 
 		return 0;
 	__builtin_memset(&s->p, 0, sizeof(s->p));  /* the rest is set before it is read */
 	__builtin_memset(&s->m, 0, sizeof(s->m));
+	s->rule = 0;
 	int reason = sg_verdict(ep, dir, s, data, end, bytes);
 	count_verdict(ep->ep_id, dir, reason, bytes);
+	if (s->rule)
+		count_rule(s->rule, bytes, s->now);
 	return SG_IS_ALLOWED(reason);
 }
 

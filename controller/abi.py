@@ -18,6 +18,7 @@ PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout
 COUNTER_SLOTS = 1024
+RULE_SLOTS = 65536  # rule numbers below get their own hit counters
 REASON_MAX = 32
 
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
@@ -96,6 +97,10 @@ class Counter(ct.Structure):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
 
+class RuleHit(ct.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64), ("last_seen", u64)]
+
+
 # map name -> (key type, value type); the C side is bpf/lib/maps.h
 MAPS = {
     "sg_endpoints": (u32, Endpoint),
@@ -108,8 +113,9 @@ MAPS = {
     "sg_exempt_lpm": (ExemptKey, u8),
     "sg_config": (u32, Config),
     "sg_verdicts": (u32, Counter),
+    "sg_rule_hits": (u32, RuleHit),
 }
-PERCPU_MAPS = {"sg_verdicts"}
+PERCPU_MAPS = {"sg_verdicts", "sg_rule_hits"}
 
 
 def addr_words(packed: bytes) -> ct.Array[ct.c_uint32]:

@@ -321,7 +321,7 @@ def print_table(result: Params) -> None:
     """Lists of objects as columns of their scalar fields; the rest as key: value."""
     for key, val in result.items():
         if isinstance(val, list) and val and all(isinstance(v, dict) for v in val):
-            cols = [c for c in val[0] if not isinstance(val[0][c], (list, dict))]
+            cols = [c for c in val[0] if not isinstance(val[0][c], list)]
             widths = {c: max(len(c), *(len(_cell(v.get(c))) for v in val)) for c in cols}
             print(key)
             print("  " + "  ".join(c.upper().ljust(widths[c]) for c in cols))

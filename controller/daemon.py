@@ -160,7 +160,10 @@ class Daemon:
                 return own[action](params)
             fn = actions.ACTIONS.get(action)
             if fn is None or not fn[1]:
-                return actions.run(self.state, action, params)
+                result = actions.run(self.state, action, params)
+                if action == "DescribeSecurityGroupRules":
+                    self.add_hits(result["SecurityGroupRules"])
+                return result
             # A change allocates a lot and keeps most of it: no cyclic GC while
             # it runs, and what survives is frozen out of later collections
             # (the state is acyclic; a full collection of a 10k-rule state
@@ -175,6 +178,17 @@ class Daemon:
             gc.freeze()
             log.info("%s accepted", action)
             return result
+
+    def add_hits(self, rules: List[Dict[str, Any]]) -> None:
+        """Each rule's hit counters (sum over CPUs) and last hit (UTC)."""
+        from .dataplane import rule_hits
+
+        numbers = self.dp.load_applied().rule_index
+        now_dp, now_wall = conntrack.datapath_now(self.dp), time.time()
+        for r in rules:
+            pk, by, last = rule_hits(self.dp, numbers.get(r["SecurityGroupRuleId"], 0))
+            r["Hits"] = {"Packets": pk, "Bytes": by, "LastHit": None if not pk else time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_wall - max(0, now_dp - last)))}
 
     def act_apply(self, params: Dict[str, Any]) -> Dict[str, Any]:
         from .formats import load_document, load_text

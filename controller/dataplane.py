@@ -218,7 +218,8 @@ class Dataplane:
         from . import netlink
 
         applied = self.load_applied()
-        rule_index = self.number_rules(applied, state)
+        reused: List[int] = []
+        rule_index = self.number_rules(applied, state, reused)
         compiled: Compiled = compile_state(state, rule_index=rule_index)
         ifindexes: Dict[str, int] = {}
         pending: List[str] = []
@@ -240,6 +241,9 @@ class Dataplane:
                     netlink.check_attachable(idx, ours)
         eps = self.map("sg_endpoints")
 
+        hits = self.map("sg_rule_hits")
+        for num in reused:  # a reused number starts its new rule's counters at zero
+            hits.update(ct.c_uint32(num), (abi.RuleHit * hits.ncpu)())
         # 1. policies: unchanged group sets keep theirs; a changed one gets its
         #    difference written into its inactive policy id (or a fresh id)
         pm = self._pm
@@ -352,17 +356,31 @@ class Dataplane:
         return applied
 
     @staticmethod
-    def number_rules(applied: Applied, state: State) -> Dict[str, int]:
-        """Each rule keeps its number for as long as it exists; new rules get
-        fresh numbers (never a recently freed one: conntrack entries still
-        name the rule that admitted them)."""
+    def number_rules(applied: Applied, state: State,
+                     reused: Optional[List[int]] = None) -> Dict[str, int]:
+        """Each rule keeps its number (its hit counters, its conntrack
+        entries' "admitted by") for as long as it exists. New rules get fresh
+        numbers -- not a recently freed one, which conntrack entries may still
+        name -- until the counter slots run out; then the lowest free one."""
         out: Dict[str, int] = {}
+        used = set(applied.rule_index.values())
+        free: List[int] = []
         for g in state.groups.values():
             for r in g.rules:
                 num = applied.rule_index.get(r.rule_id)
                 if num is None:
-                    num = applied.next_rule_index
-                    applied.next_rule_index = num + 1 if num < 0xFFFFFFF0 else 1
+                    if applied.next_rule_index < abi.RULE_SLOTS:
+                        num = applied.next_rule_index
+                        applied.next_rule_index += 1
+                    else:
+                        if not free:
+                            live = used | set(out.values())
+                            free = [n for n in range(abi.RULE_SLOTS - 1, 0, -1) if n not in live]
+                        num = free.pop() if free else applied.next_rule_index
+                        if num >= abi.RULE_SLOTS:
+                            applied.next_rule_index += 1  # beyond the slots: counted as "other"
+                        elif reused is not None:
+                            reused.append(num)
                 out[r.rule_id] = num
         return out
 
@@ -415,6 +433,17 @@ class Dataplane:
                 if exc.errno != errno.ENOENT:
                     raise
         return done
+
+
+def rule_hits(dp: Dataplane, number: int) -> Tuple[int, int, int]:
+    """(packets, bytes, last hit in datapath seconds) of one rule number."""
+    if not 0 < number < abi.RULE_SLOTS:
+        return 0, 0, 0
+    vals = dp.map("sg_rule_hits").lookup(ct.c_uint32(number))
+    if vals is None:
+        return 0, 0, 0
+    return (sum(v.packets for v in vals), sum(v.bytes for v in vals),  # type: ignore[attr-defined]
+            max(v.last_seen for v in vals))  # type: ignore[attr-defined]
 
 
 def endpoint_counters(dp: Dataplane, ep_id: int) -> Dict[Tuple[str, str], Tuple[int, int]]:

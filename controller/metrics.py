@@ -29,7 +29,7 @@ from .reasons import Reason
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-ARRAY_MAPS = {"sg_config", "sg_verdicts"}  # arrays are always full: no fill ratio
+ARRAY_MAPS = {"sg_config", "sg_verdicts", "sg_rule_hits"}  # arrays are always full: no fill ratio
 
 
 def parse_address(text: str) -> Optional[Tuple[str, int]]:
@@ -47,7 +47,7 @@ class SgctlCollector(Collector):
         self.d = daemon
 
     def collect(self) -> Iterator[Metric]:
-        from .dataplane import endpoint_counters
+        from .dataplane import endpoint_counters, rule_hits
 
         d = self.d
         with d.lock:
@@ -88,6 +88,24 @@ class SgctlCollector(Collector):
         yield entries
         yield avail
         yield exceeded
+
+        hits = CounterMetricFamily("sgctl_rule_hits", "Packets of the connections (and untracked "
+                                   "flows) each rule allowed", labels=["group_id", "rule_id"])
+        rbytes = CounterMetricFamily("sgctl_rule_bytes", "Bytes of the connections (and "
+                                     "untracked flows) each rule allowed",
+                                     labels=["group_id", "rule_id"])
+        with d.lock:
+            rules = [(g.group_id, r.rule_id) for g in d.state.groups.values() for r in g.rules]
+        numbers = applied.rule_index
+        for gid, rid in rules:
+            num = numbers.get(rid)
+            if num is None:
+                continue
+            pk, by, _ = rule_hits(d.dp, num)
+            hits.add_metric([gid, rid], pk)
+            rbytes.add_metric([gid, rid], by)
+        yield hits
+        yield rbytes
 
         yield GaugeMetricFamily("sgctl_policy_generation", "Generation of the enforced "
                                 "desired state", value=generation)

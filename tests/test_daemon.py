@@ -535,3 +535,41 @@ def test_metrics_match_traffic(topo: Topology, daemon: DaemonProc) -> None:
     wait_for(lambda: scrape()[("sgctl_conntrack_entries", (("interface", eni),))] >= 1)
     m = scrape()
     assert m[("sgctl_conntrack_allowance_available", (("interface", eni),))] <= CT_MAX - 1
+
+
+def test_rule_hit_counters_follow_traffic_and_survive_updates(topo: Topology,
+                                                              daemon: DaemonProc) -> None:
+    """K UDP exchanges allowed by one rule: its hits are the connection's
+    packets (2K, both directions), another rule's stay 0, and an update that
+    keeps the rule keeps its counters."""
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    daemon.start()
+    with daemon.client() as c:
+        gid = web_setup(c, topo, [udp_perm(53, cli.ip4 + "/32"), tcp_perm(80, cli.ip4 + "/32")])
+        rules = c.call("DescribeSecurityGroupRules", {"Filters": [
+            {"Name": "group-id", "Values": [gid]}]})["SecurityGroupRules"]
+        udp_rule = next(r for r in rules if r["IpProtocol"] == "udp")
+        tcp_rule = next(r for r in rules if r["IpProtocol"] == "tcp")
+        k = 10
+        with cli.inside():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        try:
+            for i in range(k):
+                s.sendto(b"%d" % i, (web.ip4, 53))
+                assert s.recvfrom(64)[0] == b"%d" % i
+        finally:
+            s.close()
+
+        def hits(rid: str) -> Dict[str, Any]:
+            got = c.call("DescribeSecurityGroupRules", {"SecurityGroupRuleIds": [rid]})
+            return dict(got["SecurityGroupRules"][0]["Hits"])
+
+        h = hits(udp_rule["SecurityGroupRuleId"])
+        assert h["Packets"] == 2 * k and h["Bytes"] > 0 and h["LastHit"] is not None
+        assert hits(tcp_rule["SecurityGroupRuleId"])["Packets"] == 0
+        c.call("AuthorizeSecurityGroupIngress", {"GroupId": gid, "IpPermissions": [
+            tcp_perm(8080, cli.ip4 + "/32")]})  # a new policy version keeping the rule
+        assert hits(udp_rule["SecurityGroupRuleId"])["Packets"] == 2 * k
+    table = daemon.cli("describe-security-group-rules", "--group-id", gid)
+    assert table.returncode == 0 and f"Packets={2 * k} " in table.stdout

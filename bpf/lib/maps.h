@@ -32,6 +32,7 @@
 #define SG_FRAG_MAX 65536
 #endif
 #define SG_COUNTER_SLOTS 1024 /* endpoint ids 1..1023 get their own counters; 0 = other */
+#define SG_RULE_SLOTS 65536   /* rule numbers 1..65535 get their own hit counters; 0 = other */
 #define SG_EXEMPT_MAX 1024
 
 /* bound devices: ifindex -> endpoint, policy and timeouts */
@@ -63,5 +64,9 @@ BPF_TABLE_PINNED("array", __u32, struct sg_config, sg_config, 1, SG_PIN_DIR "/sg
 /* packets/bytes per (endpoint slot, direction, reason) */
 BPF_TABLE_PINNED("percpu_array", __u32, struct sg_counter, sg_verdicts,
 		 SG_COUNTER_SLOTS * 2 * SG_REASON_MAX, SG_PIN_DIR "/sg_verdicts");
+
+/* packets/bytes/last hit per rule number (per CPU) */
+BPF_TABLE_PINNED("percpu_array", __u32, struct sg_rule_hit, sg_rule_hits, SG_RULE_SLOTS,
+		 SG_PIN_DIR "/sg_rule_hits");
 
 #endif

@@ -26,6 +26,8 @@ struct sg_scratch {
 	struct sg_match wm;  /* the reversed packet against the world rules (1.4) */
 	__u32 cls[SG_CHAIN_MAX]; /* classes of the prefixes containing the remote address */
 	__u32 ncls;
+	__u32 rule;          /* rule that allowed the packet (or admitted its connection), 0 = none */
+	__u64 now;           /* the clock, when the decision read it */
 };
 
 /* one per CPU: the packet being decided */

@@ -180,4 +180,13 @@ struct sg_counter {
 	__u64 bytes;
 };
 
+/* sg_rule_hits value, per CPU, indexed by rule number: the packets of the
+ * connections a rule admitted (both directions) and of the untracked flows
+ * it allowed. */
+struct sg_rule_hit {
+	__u64 packets;
+	__u64 bytes;
+	__u64 last_seen;      /* datapath clock, seconds */
+};
+
 #endif
