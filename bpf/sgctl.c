@@ -124,6 +124,8 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 		return SG_ALLOW_NEW;
 	if (policy_untracked(ep, dir, &p->f, m, &s->wm))
 		return SG_ALLOW_UNTRACKED;
+	if (ep->flags & SG_EP_PROBE)
+		return SG_ALLOW_NEW;
 	if (ct_create(&key, exists, dir, p, ep, m->rule_index, s->now)) {
 		s->rule = 0;
 		return SG_DROP_CT_FULL;
@@ -182,7 +184,7 @@ static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void 
 	s->rule = 0;
 	int reason = sg_verdict(ep, dir, s, data, end, bytes);
 	count_verdict(ep->ep_id, dir, reason, bytes);
-	if (s->rule)
+	if (s->rule && !(ep->flags & SG_EP_PROBE))
 		count_rule(s->rule, bytes, s->now);
 	return SG_IS_ALLOWED(reason);
 }

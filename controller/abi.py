@@ -18,6 +18,8 @@ PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout
 COUNTER_SLOTS = 1024
+EP_PROBE = 0x1  # SG_EP_PROBE
+PROBE_EP_ID = COUNTER_SLOTS - 1  # reserved for `sgctl explain`: its own counter slot
 RULE_SLOTS = 65536  # rule numbers below get their own hit counters
 REASON_MAX = 32
 

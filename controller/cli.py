@@ -13,7 +13,7 @@ from typing import List, Optional
 from .actions import ApiError
 from .model import ValidationError
 
-EXIT_OK, EXIT_FAIL, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_INVALID, EXIT_DISAGREE = 0, 1, 2, 3
 
 
 def _daemon_running(args: argparse.Namespace) -> bool:
@@ -193,6 +193,35 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    if not _daemon_running(args):
+        print(f"sgctl: no daemon answers on {args.socket} (explain needs it)", file=sys.stderr)
+        return EXIT_FAIL
+    params = {"NetworkInterfaceId": args.interface, "Direction": args.direction,
+              "Protocol": args.protocol, "Source": args.source, "Destination": args.destination,
+              "Port": args.port, "SourcePort": args.source_port, "TcpFlags": args.tcp_flags,
+              "IcmpType": args.icmp_type, "IcmpCode": args.icmp_code}
+    out = _call(args, "Explain", params)
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        if out["Verdict"] == "ACCEPT":
+            print(f"ACCEPT ({out['Reason']}, {'tracked' if out['Tracked'] else 'not tracked'})")
+        else:
+            print(f"REJECT ({out['Reason']})")
+        for r in out["Rules"]:
+            desc = f" -- {r['Description']}" if r["Description"] else ""
+            print(f"  allowed by {r['GroupId']} {r['SecurityGroupRuleId']}: {r['Rule']}{desc}")
+        if not out["Rules"] and out["Verdict"] == "REJECT":
+            print("  no rule of the interface's groups allows it")
+        print(f"kernel: {out['KernelReason']}")
+    if not out["Agree"]:
+        print(f"sgctl: DISAGREEMENT: the evaluator says {out['Reason']}, the loaded kernel "
+              f"program says {out['KernelReason']}", file=sys.stderr)
+        return EXIT_DISAGREE
+    return EXIT_OK
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     out = _call(args, args.action_name, json.loads(args.json))
     print(json.dumps(out, indent=2))
@@ -237,6 +266,20 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--interface", help="eni- id or device name")
     c.add_argument("-o", "--output", choices=("table", "json"), default="table")
     c.set_defaults(fn=cmd_conntrack)
+    e = sub.add_parser("explain", help="the verdict on one new packet, and why (evaluator and "
+                       "kernel; exit 3 if they disagree)")
+    e.add_argument("--interface", required=True, help="eni- id or device")
+    e.add_argument("--direction", choices=("ingress", "egress"), default="ingress")
+    e.add_argument("--protocol", default="tcp")
+    e.add_argument("--source", required=True)
+    e.add_argument("--destination", required=True)
+    e.add_argument("--port", type=int, default=0, help="destination port")
+    e.add_argument("--source-port", type=int, default=40000)
+    e.add_argument("--tcp-flags", default="SYN")
+    e.add_argument("--icmp-type", type=int, default=8)
+    e.add_argument("--icmp-code", type=int, default=0)
+    e.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    e.set_defaults(fn=cmd_explain)
     raw = sub.add_parser("api", help="call any API action with JSON parameters")
     raw.add_argument("action_name")
     raw.add_argument("--json", default="{}")

@@ -154,7 +154,8 @@ class Daemon:
 
     def handle(self, action: str, params: Dict[str, Any]) -> Dict[str, Any]:
         own = {"Apply": self.act_apply, "DescribeStatus": self.act_status,
-               "DescribeConntrack": self.act_conntrack, "FlushConntrack": self.act_flush}
+               "DescribeConntrack": self.act_conntrack, "FlushConntrack": self.act_flush,
+               "Explain": self.act_explain}
         with self.lock:
             if action in own:
                 return own[action](params)
@@ -235,6 +236,12 @@ class Daemon:
         conns = conntrack.connections(self.dp, self._ep_ids(params))
         names = {ep["ep_id"]: e for e, ep in self.dp.load_applied().endpoints.items()}
         return {"Connections": [{**c.as_dict(), "interface": names.get(c.ep_id)} for c in conns]}
+
+    def act_explain(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        from .explain import explain
+
+        view = self.view if self.view is not None else self.host_view(self.state)
+        return explain(self.dp, self.effective(self.state, view), params)
 
     def act_flush(self, params: Dict[str, Any]) -> Dict[str, Any]:
         return {"Flushed": conntrack.flush(self.dp, self._ep_ids(params))}

@@ -286,6 +286,8 @@ class Dataplane:
             if old and old["ifindex"] == idx:
                 ep_id = old["ep_id"]
             else:
+                if applied.next_ep_id == abi.PROBE_EP_ID:  # reserved for explain's probe
+                    applied.next_ep_id += 1
                 ep_id = applied.next_ep_id
                 applied.next_ep_id += 1
             rec = policies[name]

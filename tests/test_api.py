@@ -356,5 +356,5 @@ def test_openapi_document_lists_every_action() -> None:
 
     doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "api.yaml").read_text())
     paths = {p.strip("/") for p in doc["paths"]}
-    own = {"Apply", "DescribeStatus", "DescribeConntrack", "FlushConntrack", "healthz"}
+    own = {"Apply", "DescribeStatus", "DescribeConntrack", "FlushConntrack", "Explain", "healthz"}
     assert paths == set(ACTIONS) | own

@@ -573,3 +573,54 @@ def test_rule_hit_counters_follow_traffic_and_survive_updates(topo: Topology,
         assert hits(udp_rule["SecurityGroupRuleId"])["Packets"] == 2 * k
     table = daemon.cli("describe-security-group-rules", "--group-id", gid)
     assert table.returncode == 0 and f"Packets={2 * k} " in table.stdout
+
+
+EXPLAIN_CASES = [
+    # (description, protocol, port, expected verdict) from cli to web, ingress
+    ("tcp 80 allowed by its rule", "tcp", 80, "ACCEPT"),
+    ("tcp 22 no rule", "tcp", 22, "REJECT"),
+    ("udp 53 allowed", "udp", 53, "ACCEPT"),
+    ("udp 9999 no rule", "udp", 9999, "REJECT"),
+    ("icmp echo no rule", "icmp", 0, "REJECT"),
+]
+
+
+def test_explain_agrees_with_traffic_and_reports_a_disagreement(topo: Topology,
+                                                                daemon: DaemonProc) -> None:
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    daemon.start()
+    with daemon.client() as c:
+        gid = web_setup(c, topo, [tcp_perm(80, cli.ip4 + "/32"), udp_perm(53, cli.ip4 + "/32")])
+
+    def explain(proto: str, port: int) -> subprocess.CompletedProcess:
+        return daemon.cli("explain", "--interface", web.host_dev, "--direction", "ingress",
+                          "--protocol", proto, "--source", cli.ip4, "--destination", web.ip4,
+                          "--port", str(port), "-o", "json")
+
+    for desc, proto, port, want in EXPLAIN_CASES:
+        res = explain(proto, port)
+        assert res.returncode == 0, (desc, res.stderr)
+        out = json.loads(res.stdout)
+        assert out["Verdict"] == want and out["Agree"], (desc, out)
+        if want == "ACCEPT":
+            assert out["Rules"] and out["Rules"][0]["GroupId"] == gid and out["Tracked"]
+        if proto == "tcp":
+            real = cli.can_tcp(web.ip4, port)
+        elif proto == "udp":
+            real = cli.udp_exchange(web.ip4, port)
+        else:
+            real = cli.ping(web.ip4)
+        assert real == (want == "ACCEPT"), f"{desc}: real traffic disagrees with explain"
+    # explain tracks nothing: no conntrack entry from the probes
+    flows = json.loads(daemon.cli("conntrack", "list", "-o", "json").stdout)
+    assert all(f["ep_id"] != 1023 for f in flows)
+    # inject a disagreement: the kernel loses the policy's prefixes
+    dp = Dataplane(pin_dir=daemon.pin_dir, state_dir=daemon.state_dir, ct_max=CT_MAX)
+    try:
+        m = dp.map("sg_peers")
+        m.delete_many(m.keys())
+    finally:
+        dp.close()
+    res = explain("tcp", 80)
+    assert res.returncode == 3 and "DISAGREEMENT" in res.stderr
+    assert json.loads(res.stdout)["KernelReason"] == "drop_no_rule"

@@ -15,6 +15,10 @@
 
 #define SG_CFG_EXEMPT_DHCP 0x1
 
+/* sg_endpoint.flags */
+#define SG_EP_PROBE 0x1    /* `sgctl explain`'s probe: decide, but create no
+			    * conntrack entry and count no rule hit */
+
 /* conntrack states */
 #define SG_CT_NEW         1 /* one direction seen */
 #define SG_CT_ESTABLISHED 2 /* reply seen */
