@@ -77,7 +77,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import print_table, report
 
     if _daemon_running(args):
-        out = _call(args, "DescribeStatus", {})
+        out = _call(args, "DescribeStatus", {"Maps": args.maps})
     else:
         dp = _dataplane(args)
         try:
@@ -85,6 +85,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"nothing applied (no pinned maps under {args.pin_dir})")
                 return EXIT_OK
             out = report(dp, dp.load_applied())
+            if args.maps:
+                from .status import map_fill
+
+                out["maps"] = map_fill(dp)
         finally:
             dp.close()
     if args.output == "json":
@@ -245,6 +249,7 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_apply)
     s = sub.add_parser("status", help="what is bound where")
     s.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    s.add_argument("--maps", action="store_true", help="also every map's entries and capacity")
     s.set_defaults(fn=cmd_status)
     r = sub.add_parser("reset", help="detach everything and remove the pins")
     r.set_defaults(fn=cmd_reset)

@@ -213,6 +213,10 @@ class Daemon:
 
         live = self.gc_last.live if self.gc_last else None
         out = report(self.dp, self.dp.load_applied(), live)
+        if params.get("Maps"):
+            from .status import map_fill
+
+            out["maps"] = map_fill(self.dp, sum(live.values()) if live is not None else None)
         out["daemon"] = {"pid": os.getpid(), "generation": self.generation,
                          "programs": self.dp.prog_tag(), "uptime": int(time.time() - self.started),
                          "conntrack_max": self.dp.ct_max,

@@ -23,13 +23,12 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import abi
 from .reasons import Reason
+from .status import ARRAY_MAPS, map_fill
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-ARRAY_MAPS = {"sg_config", "sg_verdicts", "sg_rule_hits"}  # arrays are always full: no fill ratio
 
 
 def parse_address(text: str) -> Optional[Tuple[str, int]]:
@@ -113,15 +112,12 @@ class SgctlCollector(Collector):
         m_entries = GaugeMetricFamily("sgctl_map_entries", "Entries in each map", labels=["map"])
         m_cap = GaugeMetricFamily("sgctl_map_capacity", "Capacity of each map", labels=["map"])
         m_fill = GaugeMetricFamily("sgctl_map_fill_ratio", "entries / capacity", labels=["map"])
-        for name in abi.MAPS:
-            if name in ARRAY_MAPS:
+        for row in map_fill(d.dp, sum(live.values()) if gc else None):
+            if row["map"] in ARRAY_MAPS:
                 continue
-            m = d.dp.map(name)
-            n = gc.scanned - gc.removed if (name == "sg_conntrack" and gc) else len(m.keys())
-            cap = m.max_entries
-            m_entries.add_metric([name], n)
-            m_cap.add_metric([name], cap)
-            m_fill.add_metric([name], n / cap if cap else 0.0)
+            m_entries.add_metric([row["map"]], row["entries"])
+            m_cap.add_metric([row["map"]], row["capacity"])
+            m_fill.add_metric([row["map"]], row["fill"])
         yield m_entries
         yield m_cap
         yield m_fill

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-from . import netlink
+from . import abi, netlink
 from .dataplane import Applied, Dataplane, endpoint_counters
 
 
@@ -34,6 +34,27 @@ def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = Non
             "policies": applied.policies}
 
 
+ARRAY_MAPS = {"sg_config", "sg_verdicts", "sg_rule_hits"}  # arrays are always "full"
+
+
+def map_fill(dp: Dataplane, conntrack_live: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Entries and capacity of every pinned map (conntrack: the last GC's
+    count when known, else a batch scan)."""
+    out = []
+    for name in abi.MAPS:
+        m = dp.map(name)
+        cap = m.max_entries
+        if name in ARRAY_MAPS:
+            n = cap
+        elif name == "sg_conntrack":
+            n = conntrack_live if conntrack_live is not None else sum(1 for _ in m.batch_items())
+        else:
+            n = len(m.keys())
+        out.append({"map": name, "entries": n, "capacity": cap,
+                    "fill": round(n / cap, 4) if cap else 0.0})
+    return out
+
+
 def print_table(out: Dict[str, Any]) -> None:
     print(f"{'INTERFACE':<18} {'DEVICE':<14} {'MODE':<9} {'IN':>5} {'OUT':>5} "
           f"{'POLICY':>6}  {'XDP':<8} GROUPS")
@@ -48,6 +69,10 @@ def print_table(out: Dict[str, Any]) -> None:
           f"{'exempt' if out['exempt_dhcp'] else 'filtered'}")
     for rid in out["stale_rules"]:
         print(f"stale rule {rid}: references a group that does not exist")
+    if "maps" in out:
+        print(f"{'MAP':<16} {'ENTRIES':>10} {'CAPACITY':>10} {'FILL':>7}")
+        for m in out["maps"]:
+            print(f"{m['map']:<16} {m['entries']:>10} {m['capacity']:>10} {m['fill']:>7.2%}")
     if "daemon" in out:
         d = out["daemon"]
         print(f"daemon: pid {d['pid']}, generation {d['generation']}, programs {d['programs']}, "

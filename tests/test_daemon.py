@@ -252,10 +252,15 @@ def test_rules_through_api_and_cli_take_effect(topo: Topology, daemon: DaemonPro
     assert not cli.can_tcp(web.ip4, 80), "revoked: new connections are refused"
     table = daemon.cli("describe-security-groups", "--group-ids", gid)
     assert table.returncode == 0 and gid in table.stdout
-    status = json.loads(daemon.cli("status", "-o", "json").stdout)
+    status = json.loads(daemon.cli("status", "-o", "json", "--maps").stdout)
     row = status["interfaces"][0]
     assert row["device"] == web.host_dev and row["attached"]["tc_filters"] == 1
     assert status["daemon"]["generation"] >= 4
+    maps = {m["map"]: m for m in status["maps"]}
+    assert maps["sg_conntrack"]["capacity"] == CT_MAX
+    assert maps["sg_endpoints"]["entries"] == 1 and maps["sg_peers"]["entries"] >= 1
+    table = daemon.cli("status", "--maps").stdout
+    assert "sg_conntrack" in table and "CAPACITY" in table
 
 
 def test_membership_follows_address_on_member_device(topo: Topology, daemon: DaemonProc) -> None:
