@@ -16,10 +16,31 @@ from .model import ValidationError
 EXIT_OK, EXIT_FAIL, EXIT_INVALID, EXIT_DISAGREE = 0, 1, 2, 3
 
 
-def _daemon_running(args: argparse.Namespace) -> bool:
+def _daemon_running(args: argparse.Namespace, wait: float = 90.0) -> bool:
+    """True when a daemon answers on the socket. A daemon that is still
+    starting (its pid file names a live process) is waited for, so that a
+    command never falls back to one-shot mode under it."""
+    import time
+
     from . import api
 
-    return api.ping(args.socket)
+    if api.ping(args.socket):
+        return True
+    try:
+        pid = int(open(os.path.join(args.state_dir, "daemon.pid")).read())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False  # no daemon, or a stale pid file (crash / kill -9)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if api.ping(args.socket):
+            return True
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        time.sleep(0.1)
+    raise OSError(f"daemon pid {pid} does not answer on {args.socket}")
 
 
 def _call(args: argparse.Namespace, action: str, params: dict) -> dict:

@@ -300,7 +300,16 @@ class Daemon:
 
     # ------------------------------------------------------------ life cycle
 
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.cfg.state_dir, "daemon.pid")
+
     def start(self) -> None:
+        # announced first: a CLI started meanwhile waits for the socket instead
+        # of changing the maps one-shot under the starting daemon
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        with open(self.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
         stored = self.store.load()
         if stored is not None:
             self.state, self.generation = stored.state, stored.generation
@@ -340,6 +349,10 @@ class Daemon:
         for t in self.threads:
             t.join(timeout=2)
         self.dp.close()
+        try:
+            os.unlink(self.pidfile)
+        except FileNotFoundError:
+            pass
         log.info("stopped; enforcement stays in place")
 
     def run(self) -> None:

@@ -629,3 +629,19 @@ def test_explain_agrees_with_traffic_and_reports_a_disagreement(topo: Topology,
     res = explain("tcp", 80)
     assert res.returncode == 3 and "DISAGREEMENT" in res.stderr
     assert json.loads(res.stdout)["KernelReason"] == "drop_no_rule"
+
+
+def test_cli_waits_for_a_starting_daemon(topo: Topology, daemon: DaemonProc) -> None:
+    """`sgctl apply` issued while the daemon is still starting goes through
+    it (no one-shot change under a starting daemon)."""
+    import yaml
+
+    web = topo.instances["web"]
+    path = Path(daemon.state_dir) / "policy.yaml"
+    path.write_text(yaml.safe_dump({"sgctl": 1, "groups": {"sg-w": {"name": "w"}}, "interfaces": {
+        "eni-w": {"groups": ["sg-w"], "ipv4": [web.ip4], "device": web.host_dev}}}))
+    daemon.proc = subprocess.Popen([*daemon.base(), "daemon", "--metrics-address", "none"],
+                                   cwd=ROOT, stdout=daemon.log, stderr=daemon.log)
+    wait_for(lambda: os.path.exists(os.path.join(daemon.state_dir, "daemon.pid")), 30)
+    res = daemon.cli("apply", "-f", str(path))
+    assert res.returncode == 0 and "through the daemon" in res.stdout, res.stdout + res.stderr
