@@ -365,8 +365,7 @@ class Dataplane:
         numbers -- not a recently freed one, which conntrack entries may still
         name -- until the counter slots run out; then the lowest free one."""
         out: Dict[str, int] = {}
-        used = set(applied.rule_index.values())
-        free: List[int] = []
+        free: Optional[List[int]] = None  # computed once, when the slots run out
         for g in state.groups.values():
             for r in g.rules:
                 num = applied.rule_index.get(r.rule_id)
@@ -375,8 +374,9 @@ class Dataplane:
                         num = applied.next_rule_index
                         applied.next_rule_index += 1
                     else:
-                        if not free:
-                            live = used | set(out.values())
+                        if free is None:
+                            live = {applied.rule_index.get(x.rule_id) for gg in
+                                    state.groups.values() for x in gg.rules} | set(out.values())
                             free = [n for n in range(abi.RULE_SLOTS - 1, 0, -1) if n not in live]
                         num = free.pop() if free else applied.next_rule_index
                         if num >= abi.RULE_SLOTS:

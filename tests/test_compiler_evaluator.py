@@ -151,3 +151,20 @@ def test_evaluator_explains_rules_and_tracking() -> None:
 def test_evaluator_unknown_interface_passes() -> None:
     ev = Evaluator(one_interface())
     assert ev.packet("eni-zzz", "ingress", Packet(R, L, 6, 5, 80)).reason == Reason.PASS_UNBOUND
+
+
+def test_rule_numbers_are_reused_only_when_the_counter_slots_run_out() -> None:
+    from controller import abi
+    from controller.dataplane import Applied, Dataplane
+
+    state = one_interface(ingress=[{"proto": "tcp", "ports": p, "from": "10.0.0.0/8"}
+                                   for p in range(1, 6)])
+    applied = Applied(next_rule_index=abi.RULE_SLOTS - 2)
+    reused: list = []
+    numbers = Dataplane.number_rules(applied, state, reused)
+    values = list(numbers.values())
+    assert len(set(values)) == len(values), "every rule has its own number"
+    assert {abi.RULE_SLOTS - 2, abi.RULE_SLOTS - 1} <= set(values)
+    assert sorted(reused) == list(range(1, len(values) - 1)), "then the lowest free ones"
+    applied.rule_index = numbers  # what apply() records
+    assert Dataplane.number_rules(applied, state) == numbers, "a rule keeps its number"
