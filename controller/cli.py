@@ -189,15 +189,17 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
             if not os.path.exists(f"{args.pin_dir}/sg_conntrack"):
                 print(f"nothing applied (no pinned maps under {args.pin_dir})")
                 return EXIT_OK
-            eps = dp.load_applied().endpoints
+            from .dataplane import find_endpoint
+
+            applied = dp.load_applied()
+            eps = applied.endpoints
             ep_ids = None
             if args.interface:
-                match = [ep["ep_id"] for e, ep in eps.items()
-                         if args.interface in (e, ep["device"])]
-                if not match:
+                ep = find_endpoint(applied, args.interface)
+                if ep is None:
                     print(f"sgctl: {args.interface} is not bound here", file=sys.stderr)
                     return EXIT_FAIL
-                ep_ids = match
+                ep_ids = [ep["ep_id"]]
             if args.op == "flush":
                 print(f"flushed {conntrack.flush(dp, ep_ids)} entries")
                 return EXIT_OK

@@ -151,13 +151,12 @@ def _expired(t: Timeouts, k: abi.CtKey, e: abi.CtEntry, now: int) -> bool:
     return now > e.last_seen and now - e.last_seen > timeout_of(t, k.proto, e.state)
 
 
-def allowance(dp: Dataplane, live: Dict[int, int], ep_id: int) -> Dict[str, int]:
+def allowance(dp: Dataplane, live: Dict[int, int], ep_id: int,
+              counters: Dict[Tuple[str, str], Tuple[int, int]]) -> Dict[str, int]:
     """AWS-named figures for one interface. The table is shared by all
     interfaces of the host, so ``available`` is what is left of it;
-    ``exceeded`` counts this interface's packets dropped because it was full."""
-    from .dataplane import endpoint_counters
-
-    counters = endpoint_counters(dp, ep_id)
+    ``exceeded`` counts this interface's packets dropped because it was full
+    (``counters``: its endpoint_counters, already read by the caller)."""
     exceeded = sum(p for (_, r), (p, _) in counters.items() if r == Reason.DROP_CT_FULL.label)
     return {"conntrack_entries": live.get(ep_id, 0),
             "conntrack_allowance_available": max(0, dp.ct_max - sum(live.values())),

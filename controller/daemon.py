@@ -228,9 +228,9 @@ class Daemon:
         eni = params.get("NetworkInterfaceId")
         if eni is None:
             return None
-        eps = self.dp.load_applied().endpoints
-        by_device = {ep["device"]: ep for ep in eps.values()}
-        ep = eps.get(eni) or by_device.get(eni)
+        from .dataplane import find_endpoint
+
+        ep = find_endpoint(self.dp.load_applied(), str(eni))
         if ep is None:
             raise ApiError("InvalidNetworkInterfaceID.NotFound",
                            f"{eni} is not an interface (or device) bound on this host")

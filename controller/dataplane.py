@@ -24,7 +24,7 @@ import orjson
 
 from . import abi, bpfsys
 from .compiler import FAMILY_INDEX, Compiled, compile_state, network_bytes
-from .model import MODE_HOST, State
+from .model import MODE_HOST, State, Timeouts
 from .policymaps import PolicyMaps
 from .store import Store, write_atomic
 
@@ -291,14 +291,12 @@ class Dataplane:
                 ep_id = applied.next_ep_id
                 applied.next_ep_id += 1
             rec = policies[name]
-            val = abi.Endpoint(ep_id=ep_id, policy_id=rec["active"],
-                               mode=abi.MODE_HOST if eni.mode == MODE_HOST else abi.MODE_WORKLOAD,
-                               open_all=rec["open_all"])
-            for key, cls in rec["world"].items():
-                d, fam = (int(x) for x in key.split(","))
-                val.world_class[d * 2 + FAMILY_INDEX[fam]] = cls
-            for i, tname in enumerate(abi.TO_NAMES):
-                val.timeouts[i] = getattr(eni.timeouts, tname)
+            world = {}
+            for key, cls in rec["world"].items():  # stored as "dir,family"
+                d, fam = key.split(",")
+                world[(int(d), int(fam))] = cls
+            val = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
+                                 eni.timeouts)
             if bytes(val) != self._ep_written.get(idx):
                 eps.update(ct.c_uint32(idx), val)
                 self._ep_written[idx] = bytes(val)
@@ -437,6 +435,25 @@ class Dataplane:
         return done
 
 
+def endpoint_value(ep_id: int, policy_id: int, mode: str, open_all: int,
+                   world: Dict[Tuple[int, int], int], timeouts: Timeouts) -> abi.Endpoint:
+    """The sg_endpoints value; ``world``: (dir index, family) -> world class."""
+    val = abi.Endpoint(ep_id=ep_id, policy_id=policy_id,
+                       mode=abi.MODE_HOST if mode == MODE_HOST else abi.MODE_WORKLOAD,
+                       open_all=open_all)
+    for (d, fam), cls in world.items():
+        val.world_class[d * 2 + FAMILY_INDEX[fam]] = cls
+    for i, tname in enumerate(abi.TO_NAMES):
+        val.timeouts[i] = getattr(timeouts, tname)
+    return val
+
+
+def find_endpoint(applied: Applied, name: str) -> Optional[dict]:
+    """The bound endpoint of an interface, named by eni- id or device."""
+    ep = applied.endpoints.get(name)
+    return ep or next((e for e in applied.endpoints.values() if e["device"] == name), None)
+
+
 def rule_hits(dp: Dataplane, number: int) -> Tuple[int, int, int]:
     """(packets, bytes, last hit in datapath seconds) of one rule number."""
     if not 0 < number < abi.RULE_SLOTS:
@@ -446,6 +463,21 @@ def rule_hits(dp: Dataplane, number: int) -> Tuple[int, int, int]:
         return 0, 0, 0
     return (sum(v.packets for v in vals), sum(v.bytes for v in vals),  # type: ignore[attr-defined]
             max(v.last_seen for v in vals))  # type: ignore[attr-defined]
+
+
+def reason_packets(dp: Dataplane, ep_id: int, direction: str) -> List[int]:
+    """Packets per reason number (all REASON_MAX slots) of one endpoint and
+    direction, summed over CPUs: a before/after pair tells which reason a
+    test-run packet got."""
+    m = dp.map("sg_verdicts")
+    slot = ep_id if ep_id < abi.COUNTER_SLOTS else 0
+    d = abi.DIR_INGRESS if direction == "ingress" else abi.DIR_EGRESS
+    base = (slot * 2 + d) * abi.REASON_MAX
+    out = []
+    for r in range(abi.REASON_MAX):
+        vals = m.lookup(ct.c_uint32(base + r))
+        out.append(sum(v.packets for v in vals) if vals is not None else 0)  # type: ignore
+    return out
 
 
 def endpoint_counters(dp: Dataplane, ep_id: int) -> Dict[Tuple[str, str], Tuple[int, int]]:

@@ -18,7 +18,7 @@ from typing import Any, Dict
 
 from . import abi, bpfsys
 from .actions import ApiError
-from .dataplane import Dataplane
+from .dataplane import Dataplane, reason_packets
 from .evaluator import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, Evaluator, Packet
 from .model import (
     EGRESS,
@@ -56,17 +56,6 @@ def _packet(p: Dict[str, Any], direction: str) -> Packet:
                   icmp_code=int(p.get("IcmpCode", 0)), tcp_flags=flags)
 
 
-def _probe_counters(dp: Dataplane, direction: str) -> list:
-    d = abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS
-    base = (abi.PROBE_EP_ID * 2 + d) * abi.REASON_MAX
-    m = dp.map("sg_verdicts")
-    out = []
-    for r in range(abi.REASON_MAX):
-        vals = m.lookup(ct.c_uint32(base + r))
-        out.append(sum(v.packets for v in vals) if vals is not None else 0)  # type: ignore
-    return out
-
-
 def kernel_verdict(dp: Dataplane, eni_id: str, mode: str, direction: str,
                    data: bytes) -> Reason:
     """Run one frame through the loaded programs as the probe of ``eni_id``."""
@@ -90,9 +79,9 @@ def kernel_verdict(dp: Dataplane, eni_id: str, mode: str, direction: str,
     xdp = (direction == INGRESS) if host else (direction == EGRESS)
     eps.update(ct.c_uint32(LOOPBACK_IFINDEX), probe)
     try:
-        before = _probe_counters(dp, direction)
+        before = reason_packets(dp, abi.PROBE_EP_ID, direction)
         bpfsys.test_run(progs.xdp_fd if xdp else progs.tc_fd, data, LOOPBACK_IFINDEX, xdp)
-        after = _probe_counters(dp, direction)
+        after = reason_packets(dp, abi.PROBE_EP_ID, direction)
     finally:
         eps.delete(ct.c_uint32(LOOPBACK_IFINDEX))
     moved = [i for i in range(abi.REASON_MAX) if after[i] != before[i]]

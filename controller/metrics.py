@@ -46,6 +46,7 @@ class SgctlCollector(Collector):
         self.d = daemon
 
     def collect(self) -> Iterator[Metric]:
+        from .conntrack import allowance
         from .dataplane import endpoint_counters, rule_hits
 
         d = self.d
@@ -58,8 +59,9 @@ class SgctlCollector(Collector):
                                       "verdict and reason", labels=labels)
         nbytes = CounterMetricFamily("sgctl_bytes", "Bytes by interface, direction, verdict "
                                      "and reason", labels=labels)
+        counters = {eni: endpoint_counters(d.dp, ep["ep_id"]) for eni, ep in endpoints.items()}
         for eni, ep in sorted(endpoints.items()):
-            for (direction, reason), (pk, by) in endpoint_counters(d.dp, ep["ep_id"]).items():
+            for (direction, reason), (pk, by) in counters[eni].items():
                 verdict = "ACCEPT" if Reason[reason.upper()].allowed else "REJECT"
                 values = [eni, ep["device"] or "", direction, verdict, reason]
                 packets.add_metric(values, pk)
@@ -77,13 +79,11 @@ class SgctlCollector(Collector):
                                        "flows dropped because the table was full",
                                        labels=["interface"])
         live = gc.live if gc else {}
-        total = sum(live.values())
         for eni, ep in sorted(endpoints.items()):
-            counters = endpoint_counters(d.dp, ep["ep_id"])
-            full = sum(p for (_, r), (p, _) in counters.items() if r == Reason.DROP_CT_FULL.label)
-            entries.add_metric([eni], live.get(ep["ep_id"], 0))
-            avail.add_metric([eni], max(0, d.dp.ct_max - total))
-            exceeded.add_metric([eni], full)
+            fig = allowance(d.dp, live, ep["ep_id"], counters[eni])
+            entries.add_metric([eni], fig["conntrack_entries"])
+            avail.add_metric([eni], fig["conntrack_allowance_available"])
+            exceeded.add_metric([eni], fig["conntrack_allowance_exceeded"])
         yield entries
         yield avail
         yield exceeded

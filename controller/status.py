@@ -24,7 +24,7 @@ def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = Non
                "counters": {f"{d}/{r}": {"packets": p, "bytes": b}
                             for (d, r), (p, b) in sorted(counters.items())}}
         if live is not None and ep:
-            row.update(allowance(dp, live, ep["ep_id"]))
+            row.update(allowance(dp, live, ep["ep_id"], counters))
         rows.append(row)
     desired = applied.desired or {}
     return {"interfaces": rows,

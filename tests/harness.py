@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes as ct
 import os
 from typing import Dict, Optional
 
 from controller import abi, bpfsys
-from controller.dataplane import Dataplane
+from controller.dataplane import Dataplane, reason_packets
 from controller.evaluator import Packet
 from controller.model import EGRESS, INGRESS, MODE_HOST, State
 from controller.packets import frame
@@ -46,14 +45,7 @@ class KernelRunner:
         return (direction == INGRESS) if host else (direction == EGRESS)
 
     def counters(self, ep_id: int, direction: str) -> list:
-        m = self.dp.map("sg_verdicts")
-        d = abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS
-        base = (ep_id * 2 + d) * abi.REASON_MAX
-        out = []
-        for r in range(abi.REASON_MAX):
-            vals = m.lookup(ct.c_uint32(base + r))
-            out.append(sum(v.packets for v in vals) if vals is not None else 0)  # type: ignore
-        return out
+        return reason_packets(self.dp, ep_id, direction)
 
     def run_frame(self, eni_id: str, direction: str, data: bytes) -> Reason:
         ep = self.endpoints[eni_id]

@@ -479,6 +479,19 @@ def test_daemon_takes_over_a_one_shot_apply(topo: Topology, daemon: DaemonProc) 
     assert [r["FromPort"] for r in rules if not r["IsEgress"]] == [80]
 
 
+def udp_exchanges(inst: Instance, dst: str, port: int, k: int) -> None:
+    """k datagrams on one flow (one socket), each echoed back."""
+    with inst.inside():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    try:
+        for i in range(k):
+            s.sendto(b"%d" % i, (dst, port))
+            assert s.recvfrom(64)[0] == b"%d" % i
+    finally:
+        s.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -516,15 +529,7 @@ def test_metrics_match_traffic(topo: Topology, daemon: DaemonProc) -> None:
 
     before = scrape()
     k = 25
-    with cli.inside():
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(2)
-    try:
-        for i in range(k):
-            s.sendto(b"%d" % i, (web.ip4, 53))
-            assert s.recvfrom(64)[0] == b"%d" % i
-    finally:
-        s.close()
+    udp_exchanges(cli, web.ip4, 53, k)
     after = scrape()
     assert packets(after, "ingress", "allow_new") - packets(before, "ingress", "allow_new") == 1
     assert (packets(after, "ingress", "allow_established")
@@ -556,15 +561,7 @@ def test_rule_hit_counters_follow_traffic_and_survive_updates(topo: Topology,
         udp_rule = next(r for r in rules if r["IpProtocol"] == "udp")
         tcp_rule = next(r for r in rules if r["IpProtocol"] == "tcp")
         k = 10
-        with cli.inside():
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.settimeout(2)
-        try:
-            for i in range(k):
-                s.sendto(b"%d" % i, (web.ip4, 53))
-                assert s.recvfrom(64)[0] == b"%d" % i
-        finally:
-            s.close()
+        udp_exchanges(cli, web.ip4, 53, k)
 
         def hits(rid: str) -> Dict[str, Any]:
             got = c.call("DescribeSecurityGroupRules", {"SecurityGroupRuleIds": [rid]})

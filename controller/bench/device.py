@@ -188,8 +188,8 @@ class DeviceBench:
         does for a local device."""
         import ctypes as ct
 
-        from .. import abi
         from ..compiler import compile_state
+        from ..dataplane import endpoint_value
 
         state = load_document({"sgctl": 1, "groups": {"sg-b": {"name": "b",
                                                                "ingress": self.rules}},
@@ -200,11 +200,8 @@ class DeviceBench:
         img = pm.image_of(pol)
         pid = 1000 + n_rules
         pm.write(pid, img, pm.images.get(pid))
-        val = abi.Endpoint(ep_id=1, policy_id=pid, mode=abi.MODE_HOST, open_all=pol.open_all)
-        for (d, fam), cls in img.world.items():
-            val.world_class[d * 2 + (fam == 6)] = cls
-        for i, name in enumerate(abi.TO_NAMES):
-            val.timeouts[i] = getattr(state.interfaces["eni-b"].timeouts, name)
+        val = endpoint_value(1, pid, "host", pol.open_all, img.world,
+                             state.interfaces["eni-b"].timeouts)
         self.dp.map("sg_endpoints").update(ct.c_uint32(self.b_idx), val)
 
     def _zero_bare(self) -> None:
