@@ -20,6 +20,7 @@
 #include "lib/policy.h"
 #include "lib/conntrack.h"
 #include "lib/counters.h"
+#include "lib/flowlog.h"
 
 #define SG_HOOK_XDP 0
 #define SG_HOOK_TC_EGRESS 1
@@ -85,6 +86,8 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 			now = sg_now(cfg);
 			if (!ct_expired(ep, &key, e, now) && !ct_fresh_syn(p, e)) {
 				ct_update(e, dir, p, now);
+				if (cfg && (cfg->flags & SG_CFG_FLOW_LOG))
+					flow_account(e, dir, p);
 				s->rule = e->rule_index;
 				s->now = now;
 				return SG_ALLOW_ESTABLISHED;
@@ -133,15 +136,13 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	return SG_ALLOW_NEW;
 }
 
-static __always_inline int sg_verdict(struct sg_endpoint *ep, __u8 dir, struct sg_scratch *s,
-				      void *data, void *end, __u32 bytes)
+static __always_inline int sg_verdict(struct sg_endpoint *ep, struct sg_config *cfg, __u8 dir,
+				      struct sg_scratch *s, void *data, void *end, __u32 bytes)
 {
 	struct sg_pkt *p = &s->p;
 	int rc = parse_packet(data, end, bytes, p);
 	if (rc)
 		return rc;
-	__u32 zero = 0;
-	struct sg_config *cfg = sg_config.lookup(&zero);
 	if (p->frag == SG_FRAG_LATER) {
 		struct sg_frag_key fk = {};
 		frag_key_of(&fk, ep->ep_id, p);
@@ -182,10 +183,15 @@ static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void 
 	__builtin_memset(&s->p, 0, sizeof(s->p));  /* the rest is set before it is read */
 	__builtin_memset(&s->m, 0, sizeof(s->m));
 	s->rule = 0;
-	int reason = sg_verdict(ep, dir, s, data, end, bytes);
+	struct sg_config *cfg = sg_config.lookup(&zero);
+	int reason = sg_verdict(ep, cfg, dir, s, data, end, bytes);
 	count_verdict(ep->ep_id, dir, reason, bytes);
-	if (s->rule && !(ep->flags & SG_EP_PROBE))
-		count_rule(s->rule, bytes, s->now);
+	if (!(ep->flags & SG_EP_PROBE)) {
+		if (s->rule)
+			count_rule(s->rule, bytes, s->now);
+		if (cfg && (cfg->flags & SG_CFG_FLOW_LOG) && flow_logged(reason, &s->p))
+			flow_event(cfg, ep->ep_id, dir, reason, s);
+	}
 	return SG_IS_ALLOWED(reason);
 }
 

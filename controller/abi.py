@@ -13,7 +13,7 @@ CT_NEW, CT_ESTABLISHED, CT_STREAM, CT_CLOSING = 1, 2, 3, 4  # SG_CT_*
 MODE_WORKLOAD, MODE_HOST = 0, 1
 PROTO_ANY = 256
 FLAG_WORLD = 0x1
-CFG_EXEMPT_DHCP = 0x1
+CFG_EXEMPT_DHCP, CFG_FLOW_LOG = 0x1, 0x2  # sg_config.flags
 PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout
@@ -79,7 +79,8 @@ class CtKey(ct.Structure):
 
 class CtEntry(ct.Structure):
     _fields_ = [("last_seen", u64), ("rule_index", u32), ("policy_id", u32), ("state", u8),
-                ("origin", u8), ("fin", u8), ("pad", u8), ("pad2", u32)]
+                ("origin", u8), ("fin", u8), ("pad", u8), ("tcp_flags", u8 * 2), ("pad2", u16),
+                ("packets", u64 * 2), ("bytes", u64 * 2)]
 
 
 class FragKey(ct.Structure):
@@ -92,7 +93,8 @@ class ExemptKey(ct.Structure):
 
 
 class Config(ct.Structure):
-    _fields_ = [("now_override", u64), ("flags", u32), ("pad", u32)]
+    _fields_ = [("now_override", u64), ("flags", u32), ("pad", u32), ("flow_cost_ns", u64),
+                ("flow_burst_ns", u64)]
 
 
 class Counter(ct.Structure):
@@ -101,6 +103,13 @@ class Counter(ct.Structure):
 
 class RuleHit(ct.Structure):
     _fields_ = [("packets", u64), ("bytes", u64), ("last_seen", u64)]
+
+
+class FlowEvent(ct.Structure):
+    _fields_ = [("ts_ns", u64), ("ep_id", u32), ("rule_index", u32), ("bytes", u32),
+                ("dir", u8), ("reason", u8), ("family", u8), ("proto", u8), ("tcp_flags", u8),
+                ("icmp_type", u8), ("icmp_code", u8), ("tracked", u8), ("sport", u16),
+                ("dport", u16), ("src", Addr), ("dst", Addr)]
 
 
 # map name -> (key type, value type); the C side is bpf/lib/maps.h
@@ -116,8 +125,10 @@ MAPS = {
     "sg_config": (u32, Config),
     "sg_verdicts": (u32, Counter),
     "sg_rule_hits": (u32, RuleHit),
+    "sg_flow_skips": (u32, u64),
 }
-PERCPU_MAPS = {"sg_verdicts", "sg_rule_hits"}
+PERCPU_MAPS = {"sg_verdicts", "sg_rule_hits", "sg_flow_skips"}
+RING_MAPS = {"sg_flow_events": FlowEvent}  # ring buffers: name -> record type
 
 
 def addr_words(packed: bytes) -> ct.Array[ct.c_uint32]:

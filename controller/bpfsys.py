@@ -245,3 +245,41 @@ def test_run(prog_fd: int, frame: bytes, ifindex: int, xdp: bool,
     opts.ctx_size_in = len(ctx_buf)
     _check(lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
     return int(opts.retval), int(opts.duration)
+
+
+RingCallback = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+
+
+class Ring:
+    """A pinned BPF ring buffer, read with libbpf's ring_buffer__consume:
+    ``on_record`` gets each record as an instance of ``rec_t``."""
+
+    def __init__(self, path: str, on_record: Any, rec_t: Type) -> None:
+        lb = lib()
+        lb.ring_buffer__new.restype = ct.c_void_p
+        lb.ring_buffer__new.argtypes = [ct.c_int, RingCallback, ct.c_void_p, ct.c_void_p]
+        lb.ring_buffer__consume.argtypes = [ct.c_void_p]
+        lb.ring_buffer__free.argtypes = [ct.c_void_p]
+        self.fd = obj_get(path)
+        size = ct.sizeof(rec_t)
+
+        def sample(_ctx: Any, data: int, n: int) -> int:
+            if n >= size:
+                on_record(rec_t.from_buffer_copy(ct.string_at(data, size)))
+            return 0
+
+        self._cb = RingCallback(sample)  # kept: libbpf holds the pointer
+        self.rb = lb.ring_buffer__new(self.fd, self._cb, None, None)
+        if not self.rb:
+            os.close(self.fd)
+            raise BpfError(ct.get_errno(), f"ring_buffer__new {path}")
+
+    def consume(self) -> int:
+        """Every record ready now; returns how many."""
+        return _check(lib().ring_buffer__consume(self.rb), "ring_buffer__consume")
+
+    def close(self) -> None:
+        if self.rb:
+            lib().ring_buffer__free(self.rb)
+            self.rb = None
+            os.close(self.fd)

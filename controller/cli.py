@@ -143,10 +143,21 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     import logging
 
     from .daemon import Daemon, DaemonConfig
+    from .flowlog import DEFAULT_FORMAT, FlowLogConfig
     from .metrics import parse_address
 
+    flow_log = None
     try:
         metrics = parse_address(args.metrics_address)
+        if args.flow_log:
+            flow_log = FlowLogConfig(
+                outputs=args.flow_log, format=args.flow_log_format or DEFAULT_FORMAT,
+                window=args.flow_log_window,
+                encoding=args.flow_log_encoding, rate=args.flow_log_rate,
+                burst=args.flow_log_burst or args.flow_log_rate,
+                max_bytes=args.flow_log_max_bytes, backups=args.flow_log_backups,
+                account_id=args.flow_log_account_id)
+            flow_log.check()
     except ValueError as exc:
         print(f"sgctl: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -155,7 +166,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                        socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
                        ct_max=args.conntrack_max, watch_addresses=args.watch_addresses,
                        gc_interval=args.gc_interval,
-                       metrics=metrics)
+                       metrics=metrics, flow_log=flow_log)
     Daemon(cfg).run()
     return EXIT_OK
 
@@ -249,6 +260,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_flows(args: argparse.Namespace) -> int:
+    import time
+
+    from .flowlog import text_line
+
+    if not _daemon_running(args):
+        print(f"sgctl: no daemon answers on {args.socket} (flow logs live in it)",
+              file=sys.stderr)
+        return EXIT_FAIL
+    if args.op == "flush":
+        print(f"window closed: {_call(args, 'FlushFlowLogs', {})['Records']} records")
+        return EXIT_OK
+    params: dict = {"MaxResults": args.lines, "Filters": [
+        {"Name": name, "Values": [value]}
+        for name, value in (("interface-id", args.interface), ("action", args.action)) if value]}
+    while True:  # --follow: until interrupted
+        out = _call(args, "GetFlowLogRecords", params)
+        for r in out["Records"]:
+            print(json.dumps({f: r[f] for f in out["Format"]}) if args.output == "json"
+                  else text_line(r, out["Format"]))
+        sys.stdout.flush()
+        if not args.follow:
+            return EXIT_OK
+        params.update(Since=out["Next"], MaxResults=0)
+        time.sleep(1.0)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     out = _call(args, args.action_name, json.loads(args.json))
     print(json.dumps(out, indent=2))
@@ -288,7 +326,33 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between conntrack garbage collections")
     d.add_argument("--metrics-address", default="127.0.0.1:9640",
                    help="host:port of the Prometheus endpoint, or none")
+    fl = d.add_argument_group("flow logs (AWS VPC Flow Logs records; off unless --flow-log)")
+    fl.add_argument("--flow-log", action="append", metavar="PATH",
+                    help="write records to this file (rotated), or - for stdout; repeatable")
+    fl.add_argument("--flow-log-format",
+                    help="AWS custom format, e.g. '${version} ${srcaddr} ${tcp-flags} "
+                    "${flow-direction} ${reject-reason} ${rule-id}' (default: version 2)")
+    fl.add_argument("--flow-log-window", type=int, default=60,
+                    help="capture window in seconds, 1-600")
+    fl.add_argument("--flow-log-encoding", choices=("text", "json"), default="text")
+    fl.add_argument("--flow-log-rate", type=int, default=10000,
+                    help="flow events per second per CPU the datapath may send")
+    fl.add_argument("--flow-log-burst", type=int, default=0,
+                    help="events a CPU may send at once (default: the rate)")
+    fl.add_argument("--flow-log-max-bytes", type=int, default=100 << 20,
+                    help="rotate a flow log file at this size")
+    fl.add_argument("--flow-log-backups", type=int, default=5, help="rotated files kept")
+    fl.add_argument("--flow-log-account-id", default="-", help="the account-id field")
     d.set_defaults(fn=cmd_daemon)
+    fw = sub.add_parser("flows", help="flow log records kept by the daemon")
+    fw.add_argument("op", choices=("tail", "flush"),
+                    help="tail: the newest records; flush: end the capture window now")
+    fw.add_argument("--interface", help="eni- id or device name")
+    fw.add_argument("--action", type=str.upper, choices=("ACCEPT", "REJECT"))
+    fw.add_argument("-n", "--lines", type=int, default=20, help="records to show first")
+    fw.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    fw.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    fw.set_defaults(fn=cmd_flows)
     c = sub.add_parser("conntrack", help="list or flush tracked connections")
     c.add_argument("op", choices=("list", "flush"))
     c.add_argument("--interface", help="eni- id or device name")

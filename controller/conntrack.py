@@ -14,7 +14,7 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import abi
 from .abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM
@@ -115,11 +115,13 @@ class GcResult:
     seconds: float
 
 
-def gc(dp: Dataplane) -> GcResult:
+def gc(dp: Dataplane, retire: Optional[Callable[[List[Tuple[abi.CtKey, abi.CtEntry]]], None]] = None
+       ) -> GcResult:
     """Delete expired entries and entries of endpoints that no longer exist.
 
     An entry is re-read just before it is deleted, and kept if the datapath
-    refreshed it in between; the window left is one map lookup long."""
+    refreshed it in between; the window left is one map lookup long.
+    ``retire`` (the flow logger) sees the doomed entries' last values."""
     start = time.monotonic()
     m = dp.map("sg_conntrack")
     eps = endpoint_timeouts(dp)
@@ -142,8 +144,10 @@ def gc(dp: Dataplane) -> GcResult:
         if ep is not None and not _expired(ep[1], k, e, now):
             live[k.ep_id] = live.get(k.ep_id, 0) + 1
             continue
-        dead.append(k)
-    removed = m.delete_many(dead)  # one BPF_MAP_DELETE_BATCH for the lot
+        dead.append((k, e))
+    if retire is not None and dead:
+        retire(dead)
+    removed = m.delete_many([k for k, _ in dead])  # one BPF_MAP_DELETE_BATCH for the lot
     return GcResult(scanned, removed, live, time.monotonic() - start)
 
 

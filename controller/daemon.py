@@ -24,16 +24,19 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from pyroute2 import IPRoute
 
-from . import actions, api, conntrack
+from . import abi, actions, api, conntrack
 from .actions import ApiError
 from .dataplane import Dataplane, DataplaneError
 from .model import State, ValidationError, validate
 from .netlink import AttachError
 from .store import Store
+
+if TYPE_CHECKING:
+    from .flowlog import FlowLogConfig, FlowLogger, Names
 
 log = logging.getLogger("sgctl")
 
@@ -53,6 +56,7 @@ class DaemonConfig:
     gc_interval: float = 10.0
     debounce: float = 0.005  # seconds to gather a burst of netlink events
     metrics: Optional[Tuple[str, int]] = ("127.0.0.1", 9640)  # None: no metrics endpoint
+    flow_log: Optional[FlowLogConfig] = None  # None: flow logs off
 
 
 HostView = Tuple[Tuple[str, Optional[int], Tuple[str, ...]], ...]
@@ -76,6 +80,7 @@ class Daemon:
         from .metrics import Metrics
 
         self.metrics = Metrics(self)
+        self.flows: Optional[FlowLogger] = None
 
     # ------------------------------------------------------------ host view
 
@@ -155,7 +160,8 @@ class Daemon:
     def handle(self, action: str, params: Dict[str, Any]) -> Dict[str, Any]:
         own = {"Apply": self.act_apply, "DescribeStatus": self.act_status,
                "DescribeConntrack": self.act_conntrack, "FlushConntrack": self.act_flush,
-               "Explain": self.act_explain}
+               "Explain": self.act_explain, "GetFlowLogRecords": self.act_flow_records,
+               "FlushFlowLogs": self.act_flow_flush}
         with self.lock:
             if action in own:
                 return own[action](params)
@@ -222,6 +228,8 @@ class Daemon:
                          "conntrack_max": self.dp.ct_max,
                          "conntrack_entries": sum(live.values()) if live else 0,
                          "last_gc": self.gc_last.__dict__ if self.gc_last else None}
+        if self.flows is not None:
+            out["flow_logs"] = self.flows.stats()
         return out
 
     def _ep_ids(self, params: Dict[str, Any]) -> Optional[List[int]]:
@@ -249,6 +257,45 @@ class Daemon:
 
     def act_flush(self, params: Dict[str, Any]) -> Dict[str, Any]:
         return {"Flushed": conntrack.flush(self.dp, self._ep_ids(params))}
+
+    def _flows_on(self) -> FlowLogger:
+        if self.flows is None:
+            raise ApiError("InvalidParameterValue", "flow logs are off: start the daemon with "
+                           "--flow-log PATH (or - for stdout)")
+        return self.flows
+
+    def act_flow_records(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """Kept records after sequence ``Since``; Filters (EC2 style) on
+        ``action`` (ACCEPT/REJECT) and ``interface-id`` (id or device)."""
+        want: Dict[str, str] = {}
+        for f in params.get("Filters") or []:
+            name, values = f.get("Name"), f.get("Values") or []
+            if name not in ("action", "interface-id") or len(values) != 1:
+                raise ApiError("InvalidParameterValue", f"filter {name!r}: action or "
+                               "interface-id, with one value")
+            want[name] = str(values[0])
+        if want.get("action", "ACCEPT").upper() not in ("ACCEPT", "REJECT"):
+            raise ApiError("InvalidParameterValue", f"action {want['action']!r}: ACCEPT or REJECT")
+        try:
+            since, limit = int(params.get("Since", 0)), int(params.get("MaxResults", 1000))
+        except (TypeError, ValueError):
+            raise ApiError("InvalidParameterValue", "Since and MaxResults are integers") from None
+        return self._flows_on().query(since, want.get("interface-id"), want.get("action"), limit)
+
+    def act_flow_flush(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """End the capture window now (operators before a look; tests)."""
+        return {"Records": len(self._flows_on().close_window())}
+
+    def flow_names(self) -> Names:
+        """ep_id -> (interface, device); rule number -> (rule id, group id)."""
+        with self.lock:
+            applied = self.dp.load_applied()
+            eps = {ep["ep_id"]: (eni, ep.get("device") or "-")
+                   for eni, ep in applied.endpoints.items()}
+            group_of = {r.rule_id: g.group_id for g in self.state.groups.values()
+                        for r in g.rules}
+            rules = {n: (rid, group_of.get(rid, "-")) for rid, n in applied.rule_index.items()}
+        return eps, rules
 
     def health(self) -> Dict[str, Any]:
         return {"ok": True, "generation": self.generation, "pid": os.getpid()}
@@ -290,7 +337,8 @@ class Daemon:
     def gc_loop(self) -> None:
         while not self.stopping.wait(self.cfg.gc_interval):
             try:
-                self.gc_last = conntrack.gc(self.dp)
+                flows = self.flows
+                self.gc_last = conntrack.gc(self.dp, flows.retire if flows else None)
                 if self.gc_last.removed:
                     log.info("conntrack gc: %d of %d entries expired (%.1f ms)",
                              self.gc_last.removed, self.gc_last.scanned,
@@ -329,6 +377,17 @@ class Daemon:
         self._spawn("reconcile", self.reconcile_loop)
         self._spawn("gc", self.gc_loop)
         log.info("serving on %s", self.cfg.socket)
+        if self.cfg.flow_log is not None:
+            from .flowlog import FlowLogger
+
+            self.flows = FlowLogger(self.dp, self.cfg.flow_log, self.flow_names)
+            self.flows.start()
+            flows = self.flows
+            self._spawn("flowlog", lambda: flows.run(self.stopping))
+            log.info("flow logs to %s, %d s windows", ", ".join(self.cfg.flow_log.outputs),
+                     self.cfg.flow_log.window)
+        else:
+            self.dp.set_config(abi.CFG_FLOW_LOG, 0)  # a previous daemon's, nobody reads it now
         if self.cfg.metrics is not None:
             try:
                 self.metrics.serve(*self.cfg.metrics)
@@ -348,6 +407,8 @@ class Daemon:
                 pass
         for t in self.threads:
             t.join(timeout=2)
+        if self.flows is not None:
+            self.flows.stop()
         self.dp.close()
         try:
             os.unlink(self.pidfile)

@@ -197,11 +197,8 @@ class Dataplane:
                 m.delete(old)
         for new in want.values():
             m.update(new, ct.c_uint8(1))
-        cfg = abi.Config(flags=abi.CFG_EXEMPT_DHCP if state.settings.exempt_dhcp else 0)
-        old = self.map("sg_config").lookup(ct.c_uint32(0))
-        if old is not None:
-            cfg.now_override = old.now_override  # type: ignore[attr-defined]
-        self.map("sg_config").update(ct.c_uint32(0), cfg)
+        self.set_config(abi.CFG_EXEMPT_DHCP,
+                        abi.CFG_EXEMPT_DHCP if state.settings.exempt_dhcp else 0)
 
     def flush_conntrack(self, ep_ids: set) -> int:
         m = self.map("sg_conntrack")
@@ -392,7 +389,7 @@ class Dataplane:
         programs' pins, and maps the new layout no longer has."""
         for name in os.listdir(self.pin_dir):
             old_prog = name.startswith("prog_") and not name.endswith("_" + tag)
-            old_map = name.startswith("sg_") and name not in abi.MAPS
+            old_map = name.startswith("sg_") and name not in abi.MAPS and name not in abi.RING_MAPS
             if old_prog or old_map:
                 os.unlink(os.path.join(self.pin_dir, name))
 
@@ -402,12 +399,19 @@ class Dataplane:
             ids |= {bpfsys.prog_id(self._progs.xdp_fd), bpfsys.prog_id(self._progs.tc_fd)}
         return ids
 
-    def set_clock(self, now: int) -> None:
-        """Tests: freeze the datapath clock at ``now`` seconds (0 = real clock)."""
+    def set_config(self, mask: int, flags: int, **fields: int) -> None:
+        """Change the ``mask`` bits of sg_config.flags to ``flags`` and set
+        ``fields``; everything else in the config stays as it is."""
         m = self.map("sg_config")
         cfg = m.lookup(ct.c_uint32(0)) or abi.Config()
-        cfg.now_override = now  # type: ignore[attr-defined]
+        cfg.flags = (cfg.flags & ~mask) | flags  # type: ignore[attr-defined]
+        for name, value in fields.items():
+            setattr(cfg, name, value)
         m.update(ct.c_uint32(0), cfg)
+
+    def set_clock(self, now: int) -> None:
+        """Tests: freeze the datapath clock at ``now`` seconds (0 = real clock)."""
+        self.set_config(0, 0, now_override=now)
 
     def reset(self) -> List[str]:
         """Detach from every bound device and remove pins and applied state."""

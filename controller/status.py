@@ -34,7 +34,7 @@ def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = Non
             "policies": applied.policies}
 
 
-ARRAY_MAPS = {"sg_config", "sg_verdicts", "sg_rule_hits"}  # arrays are always "full"
+ARRAY_MAPS = {"sg_config", "sg_verdicts", "sg_rule_hits", "sg_flow_skips"}  # arrays are always "full"
 
 
 def map_fill(dp: Dataplane, conntrack_live: Optional[int] = None) -> List[Dict[str, Any]]:

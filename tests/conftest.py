@@ -11,7 +11,9 @@ from typing import Iterator, List
 
 import pytest
 
+from tests.daemonproc import DaemonProc
 from tests.harness import KERNEL_CT_MAX, KernelRunner, unique
+from tests.netns import Servers, Topology
 
 
 def _root_and_bpf() -> bool:
@@ -54,3 +56,28 @@ def kernel(_kernel_session: KernelRunner) -> Iterator[KernelRunner]:
     _kernel_session.flush()
     _kernel_session.set_clock(1000)
     yield _kernel_session
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    t = Topology(unique("")[-5:], ["web", "cli"])
+    servers = Servers()
+    try:
+        web = t.instances["web"]
+        for port in (22, 80, 8080):
+            servers.tcp(web, port)
+        servers.udp(web, 53)
+        servers.udp(web, 9999)
+        yield t
+    finally:
+        servers.close()
+        t.close()
+
+
+@pytest.fixture
+def daemon() -> Iterator[DaemonProc]:
+    d = DaemonProc()
+    try:
+        yield d
+    finally:
+        d.close()

@@ -5,6 +5,7 @@
 
 #include "maps.h"
 #include "parse.h"
+#include "flowlog.h"
 
 static __always_inline void ct_key_of(struct sg_ct_key *k, __u32 ep_id, __u8 dir,
 				      struct sg_flow *f)
@@ -93,6 +94,10 @@ static __always_inline int ct_create(struct sg_ct_key *k, int exists, __u8 dir, 
 	e.last_seen = now;
 	e.rule_index = rule_index;
 	e.policy_id = ep->policy_id;
+	e.packets[dir & 1] = 1;  /* accounting starts with the first packet (flow logs) */
+	e.bytes[dir & 1] = p->ip_len;
+	if (p->f.proto == SG_IPPROTO_TCP)
+		e.tcp_flags[dir & 1] = flow_tcp_flags(p->tcp_flags);
 	ct_update(&e, dir, p, now);
 	int err = exists ? sg_conntrack.update(k, &e) : sg_conntrack.insert(k, &e);
 	if (err && err != -17 /* EEXIST: another CPU created it first */)

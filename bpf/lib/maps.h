@@ -34,6 +34,9 @@
 #define SG_COUNTER_SLOTS 1024 /* endpoint ids 1..1023 get their own counters; 0 = other */
 #define SG_RULE_SLOTS 65536   /* rule numbers 1..65535 get their own hit counters; 0 = other */
 #define SG_EXEMPT_MAX 1024
+#ifndef SG_FLOW_RING_BYTES
+#define SG_FLOW_RING_BYTES (4 << 20) /* ~58k flow events */
+#endif
 
 /* bound devices: ifindex -> endpoint, policy and timeouts */
 BPF_TABLE_PINNED("hash", __u32, struct sg_endpoint, sg_endpoints, SG_ENDPOINTS_MAX,
@@ -68,5 +71,24 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct sg_counter, sg_verdicts,
 /* packets/bytes/last hit per rule number (per CPU) */
 BPF_TABLE_PINNED("percpu_array", __u32, struct sg_rule_hit, sg_rule_hits, SG_RULE_SLOTS,
 		 SG_PIN_DIR "/sg_rule_hits");
+
+/* flow-log events to the controller (flowlog.h); bcc's BPF_RINGBUF_OUTPUT
+ * with a pin, so that reloaded programs and a restarted daemon share it */
+struct sg_flow_events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" SG_PIN_DIR "/sg_flow_events")))
+struct sg_flow_events_table_t sg_flow_events = { .max_entries = SG_FLOW_RING_BYTES };
+
+/* flow events not sent (rate limit or ring full) per endpoint slot, per CPU:
+ * the flow logger turns them into SKIPDATA records */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, sg_flow_skips, SG_COUNTER_SLOTS,
+		 SG_PIN_DIR "/sg_flow_skips");
 
 #endif

@@ -77,6 +77,7 @@ struct sg_pkt {
 	struct sg_flow f;
 	struct sg_flow inner;  /* the header inside an ICMP error */
 	__u32 frag_id;
+	__u32 ip_len;          /* IP bytes on the wire (header included) */
 	__u8 frag;             /* SG_FRAG_* */
 	__u8 tcp_flags;
 	__u8 icmp_error;       /* inner is valid */
@@ -137,6 +138,7 @@ static __always_inline int parse_ipv4(struct hdr_cursor *c, void *end, struct sg
 	if (tot < hlen || tot > cursor_wire_left(c))
 		return SG_DROP_IPV4_MALFORMED;
 	p->f.family = 4;
+	p->ip_len = tot;
 	p->f.proto = ip->protocol;
 	p->f.src[0] = ip->saddr;
 	p->f.dst[0] = ip->daddr;
@@ -160,6 +162,7 @@ static __always_inline int parse_ipv6(struct hdr_cursor *c, void *end, struct sg
 	    sizeof(*ip6) + bpf_ntohs(ip6->payload_len) > cursor_wire_left(c))
 		return SG_DROP_IPV6_MALFORMED;
 	p->f.family = 6;
+	p->ip_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 	__builtin_memcpy(p->f.src, &ip6->saddr, 16);
 	__builtin_memcpy(p->f.dst, &ip6->daddr, 16);
 	__u8 nexthdr = ip6->nexthdr;

@@ -13,7 +13,9 @@
 #define SG_PROTO_ANY 256   /* port-table key for rules of protocol -1 */
 #define SG_FLAG_WORLD 0x1  /* segment has a rule with peer 0.0.0.0/0 or ::/0 */
 
+/* sg_config.flags */
 #define SG_CFG_EXEMPT_DHCP 0x1
+#define SG_CFG_FLOW_LOG    0x2 /* flow logs on: connection accounting and flow events */
 
 /* sg_endpoint.flags */
 #define SG_EP_PROBE 0x1    /* `sgctl explain`'s probe: decide, but create no
@@ -146,6 +148,9 @@ struct sg_ct_key {
 	__be16 rport;
 };
 
+/* The accounting fields are indexed by SG_DIR_* and cumulative since the
+ * connection was created; the flow logger reports their growth per capture
+ * window. Written for every packet only while flow logs are on. */
 struct sg_ct_entry {
 	__u64 last_seen;      /* seconds; written at most once a second */
 	__u32 rule_index;     /* rule that admitted the connection */
@@ -154,7 +159,10 @@ struct sg_ct_entry {
 	__u8  origin;         /* SG_DIR_* of the first packet */
 	__u8  fin;            /* bit 0: FIN from origin, bit 1: FIN from reply side */
 	__u8  pad;
-	__u32 pad2;
+	__u8  tcp_flags[2];   /* flow-log TCP flags seen (SG_FL_TCP_*), OR'd */
+	__u16 pad2;
+	__u64 packets[2];
+	__u64 bytes[2];       /* IP bytes (header included) */
 };
 
 struct sg_frag_key {
@@ -177,6 +185,8 @@ struct sg_config {
 	__u64 now_override;   /* seconds; 0 = use the kernel clock (tests set it) */
 	__u32 flags;          /* SG_CFG_* */
 	__u32 pad;
+	__u64 flow_cost_ns;   /* flow events: one costs this much credit (1e9 / rate) */
+	__u64 flow_burst_ns;  /* ... and a CPU saves at most this much (burst * cost) */
 };
 
 struct sg_counter {
@@ -191,6 +201,35 @@ struct sg_rule_hit {
 	__u64 packets;
 	__u64 bytes;
 	__u64 last_seen;      /* datapath clock, seconds */
+};
+
+/* Flow-log TCP flags, as AWS VPC Flow Logs counts them: SYN-ACK is its own
+ * value (SYN | 16), a plain ACK is not recorded. */
+#define SG_FL_TCP_FIN    0x01
+#define SG_FL_TCP_SYN    0x02
+#define SG_FL_TCP_RST    0x04
+#define SG_FL_TCP_SYNACK 0x12
+
+/* sg_flow_events record: a packet that is not part of a tracked connection
+ * (those are counted in their conntrack entry), or the first packet of one
+ * (tracked = 1: for its time and rule only; it is counted in the entry). */
+struct sg_flow_event {
+	__u64 ts_ns;          /* bpf_ktime_get_ns() */
+	__u32 ep_id;
+	__u32 rule_index;     /* rule that allowed it, 0 = none */
+	__u32 bytes;          /* IP bytes */
+	__u8  dir;            /* SG_DIR_* */
+	__u8  reason;         /* enum sg_reason */
+	__u8  family;
+	__u8  proto;
+	__u8  tcp_flags;      /* SG_FL_TCP_* */
+	__u8  icmp_type;
+	__u8  icmp_code;
+	__u8  tracked;
+	__be16 sport;         /* 0 for ICMP and fragments */
+	__be16 dport;
+	__be32 src[4];        /* as on the wire */
+	__be32 dst[4];
 };
 
 #endif
