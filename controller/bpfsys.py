@@ -83,15 +83,23 @@ class Map:
         self.percpu = percpu
         self.ncpu = num_cpus() if percpu else 1
 
-    @property
-    def max_entries(self) -> int:
-        """The map's capacity (struct bpf_map_info.max_entries)."""
+    def _info(self, offset: int) -> int:
+        """A u32 of struct bpf_map_info."""
         info = ct.create_string_buffer(128)
         size = ct.c_uint32(128)
         fn = lib().bpf_obj_get_info_by_fd
         fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
         _check(fn(self.fd, info, ct.byref(size)), "bpf_obj_get_info_by_fd")
-        return int.from_bytes(info.raw[16:20], "little")
+        return int.from_bytes(info.raw[offset:offset + 4], "little")
+
+    @property
+    def max_entries(self) -> int:
+        return self._info(16)
+
+    @property
+    def sizes(self) -> Tuple[int, int]:
+        """(key_size, value_size) of the map as the kernel has it."""
+        return self._info(8), self._info(12)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -13,6 +13,7 @@ import ctypes as ct
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from .store import Store, write_atomic
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sgctl"
 DEFAULT_STATE_DIR = "/var/lib/sgctl"
+log = logging.getLogger("sgctl")
 
 
 class DataplaneError(RuntimeError):
@@ -127,6 +129,7 @@ class Dataplane:
             return self._progs
         from bcc import BPF  # imported late: only needed to compile
 
+        self.drop_changed_maps()
         try:
             b = BPF(text=program_source().encode(), cflags=self.cflags())
             xdp = b.load_func(b"xdp_sg", BPF.XDP)
@@ -140,6 +143,23 @@ class Dataplane:
         self._progs = Programs(os.dup(xdp.fd), os.dup(tc.fd), tag)
         self._bcc = b  # keep alive while this object lives
         return self._progs
+
+    def drop_changed_maps(self) -> None:
+        """Before a build: a pinned map whose key or value size differs from
+        this version's layout cannot be shared with it. Its pin goes (the
+        programs still attached keep using it until they are replaced) and
+        the build creates the new layout; its content is lost, said loudly."""
+        for name, (key_t, val_t) in abi.MAPS.items():
+            path = f"{self.pin_dir}/{name}"
+            if not os.path.exists(path):
+                continue
+            with bpfsys.Map(path, key_t, val_t) as m:
+                have = m.sizes
+            want = (ct.sizeof(key_t), ct.sizeof(val_t))
+            if have != want:
+                log.warning("map %s changed layout (key/value %s -> %s bytes): starting it "
+                            "empty", name, have, want)
+                os.unlink(path)
 
     def map(self, name: str) -> bpfsys.Map:
         if name not in self._maps:

@@ -349,13 +349,16 @@ class FlowLogger:
         with self.lock:
             self._scan_conntrack(entries=entries)
 
+    def skipped_of(self, ep_id: int) -> int:
+        """Events of one endpoint the datapath held back, ever (all CPUs)."""
+        vals = self.dp.map("sg_flow_skips").lookup(ct.c_uint32(ep_id))
+        return sum(int(v) for v in vals) if vals else 0
+
     def _skips(self) -> Dict[int, int]:
         """Events held back per endpoint since the previous call."""
         out = {}
-        m = self.dp.map("sg_flow_skips")
         for slot in range(abi.COUNTER_SLOTS):
-            vals = m.lookup(ct.c_uint32(slot))
-            total = sum(int(v) for v in vals) if vals else 0
+            total = self.skipped_of(slot)
             if total != self.skips_seen.get(slot, 0):
                 out[slot] = max(0, total - self.skips_seen.get(slot, 0))
                 self.skips_seen[slot] = total

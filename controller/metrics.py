@@ -12,7 +12,9 @@ custom collector), so there is no second bookkeeping to drift:
 - sgctl_policy_generation; sgctl_apply_duration_seconds (histogram of the
   time to enforce a change);
 - sgctl_map_entries / sgctl_map_capacity / sgctl_map_fill_ratio {map} for
-  every hash and LPM map (conntrack from the last GC pass).
+  every hash and LPM map (conntrack from the last GC pass);
+- with flow logs on: sgctl_flow_log_records_total {log_status},
+  sgctl_flow_log_events_total, sgctl_flow_log_skipped_events_total {interface}.
 """
 
 from __future__ import annotations
@@ -121,6 +123,22 @@ class SgctlCollector(Collector):
         yield m_entries
         yield m_cap
         yield m_fill
+
+        flows = d.flows
+        if flows is not None:
+            recs = CounterMetricFamily("sgctl_flow_log_records", "Flow log records written, by "
+                                       "log-status (OK, NODATA, SKIPDATA)", labels=["log_status"])
+            for status, n in sorted(flows.records_total.items()):
+                recs.add_metric([status], n)
+            yield recs
+            yield CounterMetricFamily("sgctl_flow_log_events", "Flow events read from the "
+                                      "datapath's ring", value=flows.events_total)
+            skipped = CounterMetricFamily("sgctl_flow_log_skipped_events", "Flow events the "
+                                          "datapath held back (rate limit or full ring)",
+                                          labels=["interface"])
+            for eni, ep in sorted(endpoints.items()):
+                skipped.add_metric([eni], flows.skipped_of(ep["ep_id"]))
+            yield skipped
 
 
 class Metrics:

@@ -5,6 +5,7 @@ reason enum against bpf/lib/reasons.h."""
 from __future__ import annotations
 
 import ctypes as ct
+import os
 import re
 from pathlib import Path
 
@@ -53,3 +54,48 @@ def test_struct_layouts_match_bcc(kernel) -> None:
         for mine, theirs in ((key_t, table.Key), (val_t, leaf)):
             if issubclass(mine, ct.Structure):
                 assert layout(mine) == layout(theirs), name
+
+
+@pytest.mark.kernel
+def test_ring_record_layout_matches_bcc(kernel) -> None:
+    """Ring buffers have no value type for bcc to derive: the record struct
+    goes through a one-slot array compiled from the same header."""
+    from bcc import BPF
+
+    assert set(abi.RING_MAPS) == {"sg_flow_events"}
+    text = (f'#include <uapi/linux/bpf.h>\n#include "{ROOT / "bpf" / "lib" / "types.h"}"\n'
+            "BPF_ARRAY(probe, struct sg_flow_event, 1);\n")
+    b = BPF(text=text.encode())
+    try:
+        assert layout(abi.RING_MAPS["sg_flow_events"]) == layout(b[b"probe"].Leaf)
+    finally:
+        b.cleanup()
+    maps_h = (ROOT / "bpf" / "lib" / "maps.h").read_text()
+    assert 'SG_PIN_DIR "/sg_flow_events"' in maps_h
+
+
+@pytest.mark.kernel
+def test_pinned_map_of_an_older_layout_is_replaced(tmp_path) -> None:
+    """An upgrade that changes a struct: the old pin (here a conntrack map
+    with 24-byte values) is dropped and the build creates the new layout,
+    instead of failing to load or sharing a map of the wrong shape."""
+    from controller import bpfsys
+    from controller.dataplane import Dataplane
+    from tests.harness import unique
+
+    pin_dir = f"/sys/fs/bpf/{unique('sgabi')}"
+    dp = Dataplane(pin_dir=pin_dir, state_dir=str(tmp_path), ct_max=1024)
+    try:
+        dp.ensure_bpffs()
+        create = bpfsys.lib().bpf_map_create
+        create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32,
+                           ct.c_void_p]
+        fd = create(1, b"sg_conntrack", ct.sizeof(abi.CtKey), 24, 1024, None)  # BPF_MAP_TYPE_HASH
+        assert fd >= 0
+        bpfsys.obj_pin(fd, f"{pin_dir}/sg_conntrack")
+        os.close(fd)
+        dp.programs()
+        assert dp.map("sg_conntrack").sizes == (ct.sizeof(abi.CtKey), ct.sizeof(abi.CtEntry))
+    finally:
+        dp.close()
+        dp.reset()

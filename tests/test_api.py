@@ -356,5 +356,6 @@ def test_openapi_document_lists_every_action() -> None:
 
     doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "api.yaml").read_text())
     paths = {p.strip("/") for p in doc["paths"]}
-    own = {"Apply", "DescribeStatus", "DescribeConntrack", "FlushConntrack", "Explain", "healthz"}
+    own = {"Apply", "DescribeStatus", "DescribeConntrack", "FlushConntrack", "Explain",
+           "GetFlowLogRecords", "FlushFlowLogs", "healthz"}
     assert paths == set(ACTIONS) | own

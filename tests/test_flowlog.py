@@ -15,13 +15,15 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from controller.flowlog import FlowLogError, parse_format
-from tests.daemonproc import DaemonProc, tcp_perm, udp_exchanges, udp_perm, web_setup
+from tests.daemonproc import DaemonProc, free_port, tcp_perm, udp_exchanges, udp_perm, web_setup
 from tests.netns import Instance, Topology, echo_ok
 
 pytestmark = pytest.mark.netns
@@ -288,16 +290,17 @@ def test_skipdata_when_an_event_flood_meets_the_rate_limit(topo: Topology,
     skipped ones are exactly what was sent, and the daemon keeps answering."""
     web, cli = topo.instances["web"], topo.instances["cli"]
     log = tmp_path / "flows.log"
+    port = free_port()
     daemon.start("--flow-log", str(log), "--flow-log-window", "600", "--flow-log-rate", "100",
-                 "--flow-log-burst", "100")
+                 "--flow-log-burst", "100", "--metrics-address", f"127.0.0.1:{port}")
     with daemon.client() as c:
         web_setup(c, topo, [])
         c.call("FlushFlowLogs", {})
         log.write_text("")
         n = 5000
-        port = udp_send(cli, web.ip4, 7777, n)
+        sport = udp_send(cli, web.ip4, 7777, n)
         records = flush_records(daemon, log, V2)
-        rej = [r for r in records if r["log-status"] == "OK" and r["srcport"] == str(port)]
+        rej = [r for r in records if r["log-status"] == "OK" and r["srcport"] == str(sport)]
         assert len(rej) == 1 and rej[0]["action"] == "REJECT"
         logged = int(rej[0]["packets"])
         assert 50 <= logged < n // 2, logged  # the burst (100 a CPU) and the trickle after it
@@ -309,6 +312,13 @@ def test_skipdata_when_an_event_flood_meets_the_rate_limit(topo: Topology,
         # every datagram is either logged or skipped (give or take the instance's own
         # IPv6 chatter, which shares the interface's budget)
         assert n - logged <= status["flow_logs"]["skipped"] <= n - logged + 5
+        eni = iface["interface"]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        m = {(x.name, tuple(sorted(x.labels.items()))): x.value
+             for fam in text_string_to_metric_families(text.decode()) for x in fam.samples}
+        assert m[("sgctl_flow_log_skipped_events_total", (("interface", eni),))] >= n - logged
+        assert m[("sgctl_flow_log_records_total", (("log_status", "SKIPDATA"),))] >= 1
+        assert m[("sgctl_flow_log_events_total", ())] >= logged
         assert c.call("GetFlowLogRecords", {"Filters": [{"Name": "action", "Values": ["REJECT"]}]}
                       )["Records"]
 
