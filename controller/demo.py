@@ -20,6 +20,7 @@ BRIDGE = "sgdemo-br"
 PIN = "/sys/fs/bpf/sgctl-demo"
 STATE = os.environ.get("SGCTL_DEMO_STATE", tempfile.gettempdir() + "/sgctl-demo")
 SOCKET = STATE + "/api.sock"
+METRICS = "127.0.0.1:9640"
 
 POLICY = textwrap.dedent("""\
     sgctl: 1
@@ -82,7 +83,9 @@ def start_daemon() -> Optional[subprocess.Popen]:
     print("\n$ sgctl daemon &")
     os.makedirs(STATE, exist_ok=True)
     log = open(STATE + "/daemon.log", "ab")
-    proc = subprocess.Popen([*base(), "daemon"], stdout=log, stderr=log)
+    proc = subprocess.Popen([*base(), "daemon", "--metrics-address", METRICS,
+                             "--flow-log", STATE + "/flows.log", "--flow-log-window", "600"],
+                            stdout=log, stderr=log)
     deadline = time.monotonic() + 60
     from .api import ping
 
@@ -128,6 +131,37 @@ def show(label: str, ok: bool, expect: bool) -> bool:
     verdict = "as expected" if ok == expect else "UNEXPECTED"
     print(f"  {label:<42} {mark}  ({verdict})")
     return ok == expect
+
+
+def observe() -> bool:
+    """What was dropped, why, and which rule let a flow in: explain, flow
+    logs, metrics."""
+    print("\nObservability. Some traffic first:")
+    good = show("client -> web tcp/80", tcp("client", "web", 80), True)
+    good &= show("client -> web tcp/22", tcp("client", "web", 22), False)
+    good &= show("client -> web ping", ping("client", "web"), False)
+    print("\nWhy is ssh from the client dropped? (evaluator and kernel program, one packet)")
+    good &= sgctl("explain", "--interface", "eni-web", "--protocol", "tcp", "--source",
+                  NS["client"][2], "--destination", NS["web"][2], "--port", "22") == 0
+    good &= sgctl("explain", "--interface", "eni-web", "--protocol", "tcp", "--source",
+                  NS["client"][2], "--destination", NS["web"][2], "--port", "80") == 0
+    print("\nFlow logs (AWS VPC Flow Logs v2 records; the window is closed now instead of "
+          "after its 600 s):")
+    good &= sgctl("flows", "flush") == 0
+    good &= sgctl("flows", "tail", "--interface", "eni-web", "--action", "REJECT") == 0
+    print(f"\n$ curl -s {METRICS}/metrics | grep eni-web | grep -E 'REJECT|rule_hits'")
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://{METRICS}/metrics", timeout=5).read().decode()
+    except OSError as exc:
+        print(f"  (metrics endpoint not reachable: {exc})")
+        return good
+    for line in text.splitlines():
+        if not line.startswith("#") and ("REJECT" in line and "eni-web" in line
+                                         or line.startswith("sgctl_rule_hits_total")):
+            print("  " + line)
+    return good
 
 
 def main() -> int:
@@ -188,6 +222,7 @@ def main() -> int:
         procs.append(daemon)
         print("  (it adopted the pinned maps and attached programs: nothing was detached)")
         sgctl("status")
+        good &= observe()
         daemon.send_signal(signal.SIGTERM)
         daemon.wait()
         procs.remove(daemon)
