@@ -23,6 +23,9 @@ def test_bench_smoke_profile_produces_a_report(tmp_path: Path) -> None:
     per = data["per_packet"]["by_rules"]
     assert [r["rules"] for r in per] == [10, 100]
     assert all(r["empty"] > 0 and r["established"] > 0 and r["denied"] > 0 for r in per)
+    fl = data["per_packet"]["flow_logs"]
+    assert fl["rules"] == 100 and all(fl[k] > 0 for k in ("established", "denied_sent",
+                                                          "denied_limited", "new"))
     rates = {(r["filter"], r["traffic"]) for r in data["device"]["rates"]}
     assert {("xdp_drop", "denied"), ("sgctl", "denied"), ("sgctl", "allowed"),
             ("iptables", "denied"), ("nftables", "denied")} <= rates
@@ -35,6 +38,7 @@ def test_bench_smoke_profile_produces_a_report(tmp_path: Path) -> None:
     assert data["control"]["rule_change"][0]["samples"] == 4
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Targets" in text and "| established <= 5x empty program |" in text
+    assert "### With flow logs on (100 rules)" in text
     for png in ("per_packet.png", "device.png", "tcp.png"):
         assert (tmp_path / "docs" / "bench" / png).stat().st_size > 1000
     leftovers = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout

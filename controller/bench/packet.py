@@ -105,6 +105,47 @@ class PacketBench:
         out["new"] = statistics.median(news)
         return out
 
+    def measure_flowlog(self, repeat: int, runs: int, new_flows: int) -> Dict[str, float]:
+        """The same packets with flow logs on: ``established`` (+ the
+        connection's accounting), ``denied_sent`` (every packet an event in
+        the ring, drained between runs), ``denied_limited`` (a flood over the
+        default 10,000 events/s: the bucket says no, the skip is counted),
+        ``new`` (a tracked start event each)."""
+        from .. import abi
+
+        ring = bpfsys.Ring(f"{self.dp.pin_dir}/sg_flow_events", lambda ev: None, abi.FlowEvent)
+        xdp = self.progs.xdp_fd
+        out: Dict[str, float] = {}
+        try:
+            self.flush()
+            self.dp.set_config(abi.CFG_FLOW_LOG, abi.CFG_FLOW_LOG, flow_cost_ns=1,
+                               flow_burst_ns=10**9)  # no limit to speak of
+            syn = self.allowed_packet(40000)
+            bpfsys.test_run(xdp, syn, self.idx, True)
+            out["established"] = _median_ns(xdp, self.allowed_packet(40000, TCP_ACK), self.idx,
+                                            repeat, runs)
+            denied = frame(Packet(addr("198.19.0.1"), addr(LOCAL), 6, 1234, 1))
+            batch = min(repeat, 20000)  # the ring holds ~58k events
+            sent = []
+            for _ in range(runs):
+                ring.consume()
+                sent.append(bpfsys.test_run(xdp, denied, self.idx, True, repeat=batch)[1])
+            out["denied_sent"] = statistics.median(sent)
+            ring.consume()
+            news = [bpfsys.test_run(xdp, self.allowed_packet(1024 + i), self.idx, True)[1]
+                    for i in range(new_flows)]
+            out["new"] = statistics.median(news)
+            ring.consume()
+            cost = 10**9 // 10000
+            self.dp.set_config(abi.CFG_FLOW_LOG, abi.CFG_FLOW_LOG, flow_cost_ns=cost,
+                               flow_burst_ns=cost * 10000)
+            out["denied_limited"] = _median_ns(xdp, denied, self.idx, repeat, runs)
+        finally:
+            self.dp.set_config(abi.CFG_FLOW_LOG, 0)
+            ring.close()
+            self.flush()
+        return out
+
     def close(self) -> None:
         os.close(self.empty)
         self.dp.reset()
@@ -136,6 +177,7 @@ def run(sizes: List[int], ct_sizes: List[int], repeat: int, runs: int,
         for n in sizes:
             b.apply(n)
             out["by_rules"].append({"rules": n, **b.measure(repeat, runs, new_flows)})
+        out["flow_logs"] = {"rules": sizes[-1], **b.measure_flowlog(repeat, runs, new_flows)}
         for n in ct_sizes:
             b.apply(1000)
             fill_conntrack(b.dp, n)

@@ -181,6 +181,20 @@ def write(res: Res, out: Path) -> None:
     for r in res["per_packet"]["by_conntrack"]:
         lines.append(f"| {r['entries']} | {r['established']:.0f} | {r['denied']:.0f} | "
                      f"{r['new']:.0f} |")
+    fl = res["per_packet"].get("flow_logs")
+    if fl:
+        hi = res["per_packet"]["by_rules"][-1]
+        lines += ["", f"### With flow logs on ({fl['rules']} rules)", "",
+                  "`established`: the connection's accounting (atomic adds in its conntrack "
+                  "entry); `denied, event sent`: every packet an event in the ring (drained "
+                  "between runs); `denied, over the limit`: a flood past the default 10,000 "
+                  "events/s per CPU (the token bucket refuses, the skip is counted for "
+                  "SKIPDATA); `new`: the connection's start event.", "",
+                  "| packet | flow logs off | flow logs on |", "|---|---|---|",
+                  f"| established | {hi['established']:.0f} | {fl['established']:.0f} |",
+                  f"| denied, event sent | {hi['denied']:.0f} | {fl['denied_sent']:.0f} |",
+                  f"| denied, over the limit | {hi['denied']:.0f} | {fl['denied_limited']:.0f} |",
+                  f"| new | {hi['new']:.0f} | {fl['new']:.0f} |"]
     lines += ["", "## Through a device (live frames, packets/s processed)", "",
               "A generator (XDP_TX with BPF_F_TEST_XDP_LIVE_FRAMES) sends "
               f"{res['device']['packets']:,} frames from veth A into B (in a namespace); B's "
