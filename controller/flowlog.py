@@ -41,6 +41,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 import orjson
 
 from . import abi, bpfsys
+from .conntrack import CLOCK_MONOTONIC_COARSE, datapath_now
 from .dataplane import Dataplane
 from .reasons import Reason
 
@@ -266,7 +267,7 @@ class FlowLogger:
     def drain(self) -> int:
         if self._ring is None:
             return 0
-        self._offset_ns = time.time_ns() - time.monotonic_ns()
+        self._offset_ns = time.time_ns() - time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
         with self.lock:
             return self._ring.consume()
 
@@ -296,9 +297,7 @@ class FlowLogger:
         retire = entries is not None
         if entries is None:
             entries = self.dp.map("sg_conntrack").batch_items()
-        from .conntrack import datapath_now
-
-        now_dp, now_wall = datapath_now(self.dp), time.time()
+        now_dp, now_wall = datapath_now(self.dp), time.time()  # conntrack's clock
         seen: Dict[bytes, Snapshot] = {}
         for k, e in entries:
             kb = bytes(k)

@@ -214,7 +214,7 @@ struct sg_rule_hit {
  * (those are counted in their conntrack entry), or the first packet of one
  * (tracked = 1: for its time and rule only; it is counted in the entry). */
 struct sg_flow_event {
-	__u64 ts_ns;          /* bpf_ktime_get_ns() */
+	__u64 ts_ns;          /* bpf_ktime_get_coarse_ns() */
 	__u32 ep_id;
 	__u32 rule_index;     /* rule that allowed it, 0 = none */
 	__u32 bytes;          /* IP bytes */

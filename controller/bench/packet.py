@@ -110,7 +110,8 @@ class PacketBench:
         connection's accounting), ``denied_sent`` (every packet an event in
         the ring, drained between runs), ``denied_limited`` (a flood over the
         default 10,000 events/s: the bucket says no, the skip is counted),
-        ``new`` (a tracked start event each)."""
+        ``new`` (a tracked start event each; ``new_off`` the same SYNs with
+        flow logs off, on the same table state: single runs vary with it)."""
         from .. import abi
 
         ring = bpfsys.Ring(f"{self.dp.pin_dir}/sg_flow_events", lambda ev: None, abi.FlowEvent)
@@ -132,10 +133,13 @@ class PacketBench:
                 sent.append(bpfsys.test_run(xdp, denied, self.idx, True, repeat=batch)[1])
             out["denied_sent"] = statistics.median(sent)
             ring.consume()
-            news = [bpfsys.test_run(xdp, self.allowed_packet(1024 + i), self.idx, True)[1]
-                    for i in range(new_flows)]
-            out["new"] = statistics.median(news)
-            ring.consume()
+            for key, flag in (("new_off", 0), ("new", abi.CFG_FLOW_LOG)):  # same table state
+                self.flush()
+                self.dp.set_config(abi.CFG_FLOW_LOG, flag)
+                news = [bpfsys.test_run(xdp, self.allowed_packet(1024 + i), self.idx, True)[1]
+                        for i in range(new_flows)]
+                out[key] = statistics.median(news)
+                ring.consume()
             cost = 10**9 // 10000
             self.dp.set_config(abi.CFG_FLOW_LOG, abi.CFG_FLOW_LOG, flow_cost_ns=cost,
                                flow_burst_ns=cost * 10000)

@@ -194,7 +194,7 @@ def write(res: Res, out: Path) -> None:
                   f"| established | {hi['established']:.0f} | {fl['established']:.0f} |",
                   f"| denied, event sent | {hi['denied']:.0f} | {fl['denied_sent']:.0f} |",
                   f"| denied, over the limit | {hi['denied']:.0f} | {fl['denied_limited']:.0f} |",
-                  f"| new | {hi['new']:.0f} | {fl['new']:.0f} |"]
+                  f"| new (single runs) | {fl['new_off']:.0f} | {fl['new']:.0f} |"]
     lines += ["", "## Through a device (live frames, packets/s processed)", "",
               "A generator (XDP_TX with BPF_F_TEST_XDP_LIVE_FRAMES) sends "
               f"{res['device']['packets']:,} frames from veth A into B (in a namespace); B's "
