@@ -155,6 +155,7 @@ class FlowLogConfig:
     backups: int = 5
     account_id: str = "-"
     keep: int = 10000  # records kept in memory for `flows tail`
+    max_flows: int = 200000  # aggregated flows per window; events of more are skipped
 
     def check(self) -> List[str]:
         """The fields of the format; raises FlowLogError naming what is wrong."""
@@ -208,6 +209,7 @@ class FlowLogger:
         self.agg: Dict[AggKey, Agg] = {}
         self.snap: Dict[bytes, Snapshot] = {}
         self.skips_seen: Dict[int, int] = {}
+        self.user_skips: Dict[int, int] = {}  # ep_id -> events dropped here (max_flows)
         self.window_start = time.time()
         self.recent: Deque[Tuple[int, FlowRecord]] = deque(maxlen=cfg.keep)
         self.seq = 0
@@ -281,7 +283,12 @@ class FlowLogger:
         dport = 0 if icmp else socket.ntohs(ev.dport)
         action = "ACCEPT" if ev.reason < 16 else "REJECT"
         key = (int(ev.ep_id), int(ev.dir), fam, int(ev.proto), src, dst, sport, dport, action)
-        a = self.agg.setdefault(key, Agg())
+        a = self.agg.get(key)
+        if a is None:
+            if len(self.agg) >= self.cfg.max_flows:  # a flood of distinct flows: memory bound
+                self.user_skips[key[0]] = self.user_skips.get(key[0], 0) + 1
+                return
+            a = self.agg[key] = Agg()
         a.seen((ev.ts_ns + self._offset_ns) / 1e9)
         a.rule_index = a.rule_index or int(ev.rule_index)
         a.reason = int(ev.reason)
@@ -371,6 +378,9 @@ class FlowLogger:
         with self.lock:
             self._scan_conntrack()
             skips = self._skips()
+            for ep_id, n in self.user_skips.items():
+                skips[ep_id] = skips.get(ep_id, 0) + n
+            self.user_skips = {}
             agg, self.agg = self.agg, {}
             start, end = int(self.window_start), int(time.time())
             self.window_start = time.time()
