@@ -31,6 +31,7 @@ import logging
 import logging.handlers
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -189,8 +190,10 @@ class Agg:
         self.end = t if self.end is None else max(self.end, t)
 
 
-# (ct key bytes) -> packets[2], bytes[2], tcp_flags[2] at the previous scan
-Snapshot = Tuple[int, int, int, int, int, int]
+# a conntrack entry's accounting: tcp_flags[2], pad, packets[2], bytes[2]
+ACCT_OFFSET = abi.CtEntry.tcp_flags.offset
+ACCT = struct.Struct("<BBHQQQQ")
+assert ACCT_OFFSET + ACCT.size == ct.sizeof(abi.CtEntry)
 
 # ep_id -> (interface id, device); rule number -> (rule id, group id)
 Names = Tuple[Dict[int, Tuple[str, str]], Dict[int, Tuple[str, str]]]
@@ -207,7 +210,8 @@ class FlowLogger:
         self.names = names
         self.lock = threading.Lock()
         self.agg: Dict[AggKey, Agg] = {}
-        self.snap: Dict[bytes, Snapshot] = {}
+        self.snap: Dict[bytes, bytes] = {}  # ct key -> its accounting at the last scan
+        self.snap_lock = threading.Lock()
         self.skips_seen: Dict[int, int] = {}
         self.user_skips: Dict[int, int] = {}  # ep_id -> events dropped here (max_flows)
         self.window_start = time.time()
@@ -242,9 +246,8 @@ class FlowLogger:
         self._ring = bpfsys.Ring(f"{self.dp.pin_dir}/sg_flow_events", self._event,
                                  abi.RING_MAPS["sg_flow_events"])
         self.dp.map("sg_flow_skips")
-        with self.lock:
-            self._skips()  # skips from before this logger are not ours to report
-            self._scan_conntrack(report=False)  # the baseline: only growth is reported
+        self._skips()  # skips from before this logger are not ours to report
+        self._scan_conntrack(report=False)  # the baseline: only growth is reported
         cost = 10**9 // self.cfg.rate
         self.dp.set_config(abi.CFG_FLOW_LOG, abi.CFG_FLOW_LOG, flow_cost_ns=cost,
                            flow_burst_ns=cost * self.cfg.burst)
@@ -300,33 +303,38 @@ class FlowLogger:
     def _scan_conntrack(self, report: bool = True,
                         entries: Optional[Iterable[Tuple[Any, Any]]] = None) -> None:
         """Each entry's growth since the previous scan into the window; with
-        ``entries`` (being deleted) just those, which leave the snapshot."""
+        ``entries`` (being deleted) just those, which leave the snapshot.
+        The scan (seconds at a million entries) holds only ``snap_lock``, so
+        the ring keeps being drained meanwhile."""
         retire = entries is not None
-        if entries is None:
-            entries = self.dp.map("sg_conntrack").batch_items()
-        now_dp, now_wall = datapath_now(self.dp), time.time()  # conntrack's clock
-        seen: Dict[bytes, Snapshot] = {}
-        for k, e in entries:
-            kb = bytes(k)
-            cur = (int(e.packets[0]), int(e.bytes[0]), int(e.packets[1]), int(e.bytes[1]),
-                   int(e.tcp_flags[0]), int(e.tcp_flags[1]))
-            prev = self.snap.get(kb)
-            if prev is None or cur[0] < prev[0] or cur[2] < prev[2]:  # new, or a reused key
-                prev = (0, 0, 0, 0, 0, 0)
-            seen[kb] = cur
-            if not report:
-                continue
-            last = now_wall - max(0, now_dp - int(e.last_seen))
-            for d in (abi.DIR_INGRESS, abi.DIR_EGRESS):
-                pk, by = cur[2 * d] - prev[2 * d], cur[2 * d + 1] - prev[2 * d + 1]
-                if pk <= 0:
-                    continue
-                self._add_tracked(k, e, d, pk, by, cur[4 + d] & ~prev[4 + d], last)
-        if retire:
-            for kb in seen:
-                self.snap.pop(kb, None)
-        else:
-            self.snap = seen
+        with self.snap_lock:
+            if entries is None:
+                entries = self.dp.map("sg_conntrack").batch_items()
+            now_dp, now_wall = datapath_now(self.dp), time.time()  # conntrack's clock
+            seen: Dict[bytes, bytes] = {}
+            grown = []
+            for k, e in entries:
+                kb, raw = bytes(k), bytes(e)[ACCT_OFFSET:]
+                prev = self.snap.get(kb)
+                seen[kb] = raw
+                if report and raw != prev:
+                    grown.append((k, e, prev))
+            if retire:
+                for kb in seen:
+                    self.snap.pop(kb, None)
+            else:
+                self.snap = seen
+        with self.lock:
+            for k, e, prev in grown:
+                cur = ACCT.unpack(bytes(e)[ACCT_OFFSET:])
+                old = ACCT.unpack(prev) if prev is not None else (0,) * 7
+                if cur[3] < old[3] or cur[4] < old[4]:  # the key was reused by a new flow
+                    old = (0,) * 7
+                last = now_wall - max(0, now_dp - int(e.last_seen))
+                for d in (abi.DIR_INGRESS, abi.DIR_EGRESS):
+                    pk, by = cur[3 + d] - old[3 + d], cur[5 + d] - old[5 + d]
+                    if pk > 0:
+                        self._add_tracked(k, e, d, pk, by, cur[d] & ~old[d], last)
 
     def _add_tracked(self, k: Any, e: Any, d: int, pk: int, by: int, flags: int,
                      last: float) -> None:
@@ -352,8 +360,7 @@ class FlowLogger:
 
     def retire(self, entries: List[Tuple[Any, Any]]) -> None:
         """Conntrack GC is about to delete these: report what they last grew."""
-        with self.lock:
-            self._scan_conntrack(entries=entries)
+        self._scan_conntrack(entries=entries)
 
     def skipped_of(self, ep_id: int) -> int:
         """Events of one endpoint the datapath held back, ever (all CPUs)."""
@@ -375,8 +382,8 @@ class FlowLogger:
     def close_window(self) -> List[FlowRecord]:
         """End the capture window now: records out, a new window begins."""
         self.drain()
+        self._scan_conntrack()
         with self.lock:
-            self._scan_conntrack()
             skips = self._skips()
             for ep_id, n in self.user_skips.items():
                 skips[ep_id] = skips.get(ep_id, 0) + n
