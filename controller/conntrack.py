@@ -100,11 +100,19 @@ def connections(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> List[C
     return out
 
 
-def flush(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> int:
+Retire = Callable[[List[Tuple[abi.CtKey, abi.CtEntry]]], None]
+
+
+def flush(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None,
+          retire: Optional[Retire] = None) -> int:
+    """Delete the entries of ``ep_ids`` (all when None); ``retire`` (the flow
+    logger) sees their last values first."""
     m = dp.map("sg_conntrack")
     want = None if ep_ids is None else set(ep_ids)
-    keys = [k for k, _ in m.batch_items() if want is None or k.ep_id in want]
-    return sum(m.delete(k) for k in keys)
+    doomed = [(k, e) for k, e in m.batch_items() if want is None or k.ep_id in want]
+    if retire is not None and doomed:
+        retire(doomed)
+    return sum(m.delete(k) for k, _ in doomed)
 
 
 @dataclass
@@ -115,8 +123,7 @@ class GcResult:
     seconds: float
 
 
-def gc(dp: Dataplane, retire: Optional[Callable[[List[Tuple[abi.CtKey, abi.CtEntry]]], None]] = None
-       ) -> GcResult:
+def gc(dp: Dataplane, retire: Optional[Retire] = None) -> GcResult:
     """Delete expired entries and entries of endpoints that no longer exist.
 
     An entry is re-read just before it is deleted, and kept if the datapath

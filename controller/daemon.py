@@ -256,7 +256,9 @@ class Daemon:
         return explain(self.dp, self.effective(self.state, view), params)
 
     def act_flush(self, params: Dict[str, Any]) -> Dict[str, Any]:
-        return {"Flushed": conntrack.flush(self.dp, self._ep_ids(params))}
+        flows = self.flows
+        return {"Flushed": conntrack.flush(self.dp, self._ep_ids(params),
+                                           flows.retire if flows else None)}
 
     def _flows_on(self) -> FlowLogger:
         if self.flows is None:

@@ -354,3 +354,46 @@ def test_bad_flow_log_settings_are_refused(daemon: DaemonProc) -> None:
                            (("--flow-log-window", "601"), "must be 1-600 seconds")):
         out = daemon.cli("daemon", "--flow-log", "-", *flags)
         assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_a_connection_is_reported_per_window_and_when_deleted_early(
+        topo: Topology, daemon: DaemonProc, tmp_path: Path) -> None:
+    """One UDP flow over two windows: each window reports only its own
+    packets (growth since the last scan). Then its conntrack entry is
+    deleted before the window ends (flush; the GC takes the same path):
+    its last packets are still reported."""
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    log = tmp_path / "flows.log"
+    daemon.start("--flow-log", str(log), "--flow-log-window", "600")
+    with daemon.client() as c:
+        web_setup(c, topo, [udp_perm(53, cli.ip4 + "/32")])
+        c.call("FlushFlowLogs", {})
+        with cli.inside():
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.bind(("0.0.0.0", 0))
+        sport = s.getsockname()[1]
+
+        def exchange(k: int) -> List[Tuple[str, str]]:
+            for i in range(k):
+                s.sendto(b"%d" % i, (web.ip4, 53))
+                assert s.recvfrom(64)[0] == b"%d" % i
+            records = flush_records(daemon, log, V2)
+            log.write_text("")
+            return sorted((r["packets"], r["bytes"]) for r in records
+                          if str(sport) in (r["srcport"], r["dstport"]))
+
+        try:
+            log.write_text("")
+            assert exchange(3) == [("3", "87"), ("3", "87")]
+            assert exchange(2) == [("2", "58"), ("2", "58")]
+            for i in range(4):
+                s.sendto(b"%d" % i, (web.ip4, 53))
+                assert s.recvfrom(64)[0] == b"%d" % i
+            assert c.call("FlushConntrack", {})["Flushed"] >= 1
+            records = flush_records(daemon, log, V2)
+            assert sorted((r["packets"], r["bytes"]) for r in records
+                          if str(sport) in (r["srcport"], r["dstport"])) == \
+                [("4", "116"), ("4", "116")]
+        finally:
+            s.close()
