@@ -323,11 +323,11 @@ def test_skipdata_when_an_event_flood_meets_the_rate_limit(topo: Topology,
                       )["Records"]
 
 
-def test_windows_close_by_themselves_and_idle_interfaces_say_nodata(
+def test_windows_close_by_themselves_idle_interfaces_say_nodata_stdout_too(
         topo: Topology, daemon: DaemonProc, tmp_path: Path) -> None:
     web, cli = topo.instances["web"], topo.instances["cli"]
     log = tmp_path / "flows.log"
-    daemon.start("--flow-log", str(log), "--flow-log-window", "1")
+    daemon.start("--flow-log", str(log), "--flow-log", "-", "--flow-log-window", "1")
     with daemon.client() as c:
         web_setup(c, topo, [udp_perm(53, cli.ip4 + "/32")])
     time.sleep(2.5)
@@ -343,6 +343,9 @@ def test_windows_close_by_themselves_and_idle_interfaces_say_nodata(
     nodata = [r for r in lines if r["log-status"] == "NODATA"][0]
     assert int(nodata["end"]) - int(nodata["start"]) <= 2
     assert sum(int(r["packets"]) for r in lines if r["dstport"] == "53") == 3
+    # the same records on stdout (which DaemonProc sends to its log)
+    stdout = daemon.logs().splitlines()
+    assert all(" ".join(r.values()) in stdout for r in lines if r["dstport"] == "53")
 
 
 def test_bad_flow_log_settings_are_refused(daemon: DaemonProc) -> None:

@@ -87,3 +87,15 @@ def test_flows_past_the_memory_bound_become_skipdata(tmp_path: Any) -> None:
     fl.close_window()  # the next window starts clean: no SKIPDATA, both idle
     again = [json.loads(line) for line in out.read_text().splitlines()][len(got):]
     assert sorted(r["log-status"] for r in again) == ["NODATA", "NODATA"]
+
+
+def test_files_rotate_at_their_size(tmp_path: Any) -> None:
+    fl, out = logger(tmp_path, max_bytes=2000, backups=2)
+    for _ in range(30):
+        for port in range(5):
+            fl._event(event(1, 2000 + port))
+        fl.close_window()
+    rotated = sorted(p.name for p in tmp_path.iterdir())
+    assert rotated == ["flows.log", "flows.log.1", "flows.log.2"], rotated
+    assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
+    assert all(len(r) == 14 for r in lines(out))
