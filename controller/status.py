@@ -77,3 +77,8 @@ def print_table(out: Dict[str, Any]) -> None:
         d = out["daemon"]
         print(f"daemon: pid {d['pid']}, generation {d['generation']}, programs {d['programs']}, "
               f"conntrack {d['conntrack_entries']}/{d['conntrack_max']}")
+    if "flow_logs" in out:
+        f = out["flow_logs"]
+        recs = ", ".join(f"{n} {s}" for s, n in sorted(f["records"].items()))
+        print(f"flow logs: to {', '.join(f['outputs'])}, {f['window']} s windows, "
+              f"{f['encoding']}; records: {recs}; events {f['events']}, skipped {f['skipped']}")

@@ -313,6 +313,8 @@ def test_skipdata_when_an_event_flood_meets_the_rate_limit(topo: Topology,
         # IPv6 chatter, which shares the interface's budget)
         assert n - logged <= status["flow_logs"]["skipped"] <= n - logged + 5
         eni = iface["interface"]
+        table = daemon.cli("status").stdout
+        assert "flow logs: to" in table and "1 SKIPDATA" in table, table
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         m = {(x.name, tuple(sorted(x.labels.items()))): x.value
              for fam in text_string_to_metric_families(text.decode()) for x in fam.samples}
