@@ -212,6 +212,8 @@ def interface_shape(e: NetworkInterface) -> Result:
         tags["host-interface-mode"] = e.mode
     if e.watch_addresses:
         tags["host-interface-addresses"] = "watch"
+    if e.revalidate:
+        tags["host-interface-revalidate"] = "true"
     t = e.timeouts
     return {"NetworkInterfaceId": e.eni_id, "Description": e.description,
             "Groups": [{"GroupId": g} for g in e.groups],

@@ -80,7 +80,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     dp = _dataplane(args)
     try:
         applied = dp.apply(state)
+        from .conntrack import revalidate
         from .store import Store
+
+        cut = revalidate(dp, state)
+        if cut:
+            print(f"revalidate: cut {cut} connections the policy no longer allows")
 
         store = Store(args.state_dir)  # a daemon started later enforces this state
         prev = store.load()

@@ -116,6 +116,8 @@ def _create_eni(args: argparse.Namespace) -> Params:
                  {"Key": "host-interface-mode", "Value": args.mode}]
     if args.watch_addresses:
         tags.append({"Key": "host-interface-addresses", "Value": "watch"})
+    if args.revalidate:
+        tags.append({"Key": "host-interface-revalidate", "Value": "true"})
     p: Params = {"Groups": args.groups or [], "Description": args.description,
                  "PrivateIpAddresses": [{"PrivateIpAddress": a} for a in args.private_ip or []],
                  "Ipv6Addresses": [{"Ipv6Address": a} for a in args.ipv6 or []],
@@ -220,6 +222,8 @@ def _create_eni_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("workload", "host"), default="workload")
     p.add_argument("--watch-addresses", action="store_true",
                    help="take the addresses from the device and follow them")
+    p.add_argument("--revalidate", action="store_true",
+                   help="a policy change cuts the tracked connections it no longer allows")
     p.add_argument("--description")
     p.add_argument("--tag", action="append", help="KEY=VALUE")
     _timeout_flags(p)

@@ -19,7 +19,18 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from . import abi
 from .abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM
 from .dataplane import Dataplane
-from .model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Timeouts, protocol_label
+from .evaluator import Evaluator
+from .model import (
+    EGRESS,
+    INGRESS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    State,
+    Timeouts,
+    protocol_label,
+)
 from .reasons import Reason
 
 CLOCK_MONOTONIC_COARSE = 6  # <linux/time.h>; the clock of bpf_ktime_get_coarse_ns()
@@ -156,6 +167,38 @@ def gc(dp: Dataplane, retire: Optional[Retire] = None) -> GcResult:
         retire(dead)
     removed = m.delete_many([k for k, _ in dead])  # one BPF_MAP_DELETE_BATCH for the lot
     return GcResult(scanned, removed, live, time.monotonic() - start)
+
+
+def revalidate(dp: Dataplane, state: State, retire: Optional[Retire] = None) -> int:
+    """DESIGN 1.4's option: on interfaces with ``revalidate``, delete the
+    tracked connections that ``state`` (just enforced) would not let open.
+    The reference evaluator judges each connection's first packet, rebuilt
+    from its key; connections alike in all the rules look at (interface,
+    direction, protocol, remote address, rule port) share one answer."""
+    eps = {ep["ep_id"]: eni for eni, ep in dp.load_applied().endpoints.items()
+           if eni in state.interfaces and state.interfaces[eni].revalidate}
+    if not eps:
+        return 0
+    ev = Evaluator(state)
+    seen: Dict[tuple, bool] = {}
+    doomed = []
+    for k, e in dp.map("sg_conntrack").batch_items():
+        eni = eps.get(k.ep_id)
+        if eni is None:
+            continue
+        origin = INGRESS if e.origin == abi.DIR_INGRESS else EGRESS
+        key = (eni, int(k.family), int(k.proto), ipaddress.ip_address(abi.words_bytes(k.local, k.family)),
+               ipaddress.ip_address(abi.words_bytes(k.remote, k.family)), socket.ntohs(k.lport),
+               socket.ntohs(k.rport))
+        rule_port = key[5] if origin == INGRESS else key[6]
+        memo = (eni, origin, key[2], key[4], rule_port)
+        if memo not in seen:
+            seen[memo] = ev.would_open(key, origin)  # type: ignore[arg-type]
+        if not seen[memo]:
+            doomed.append((k, e))
+    if retire is not None and doomed:
+        retire(doomed)
+    return dp.map("sg_conntrack").delete_many([k for k, _ in doomed])
 
 
 def _expired(t: Timeouts, k: abi.CtKey, e: abi.CtEntry, now: int) -> bool:

@@ -127,8 +127,13 @@ class Daemon:
 
     def enforce(self, state: State) -> None:
         view = self.host_view(state)
-        self.dp.apply(self.effective(state, view), missing_ok=True, record_desired=False)
+        eff = self.effective(state, view)
+        self.dp.apply(eff, missing_ok=True, record_desired=False)
         self.view = view
+        flows = self.flows
+        cut = conntrack.revalidate(self.dp, eff, flows.retire if flows else None)
+        if cut:
+            log.info("revalidate: %d connections the policy no longer allows were cut", cut)
 
     def commit(self, new: State) -> None:
         """Validate, enforce, store, make current; on failure nothing changes."""

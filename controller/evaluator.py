@@ -168,8 +168,32 @@ class Evaluator:
         self.frags: Dict[tuple, int] = {}
 
     def set_state(self, state: State) -> None:
-        """A policy change: conntrack survives (1.4)."""
+        """A policy change: conntrack survives (1.4), except on interfaces with
+        ``revalidate``, where connections the new policy would not let open
+        are cut."""
         self.state = state
+        for key, entry in list(self.ct.items()):
+            eni = state.interfaces.get(key[0])
+            if eni is not None and eni.revalidate and not self.would_open(key, entry.origin):
+                del self.ct[key]
+
+    def would_open(self, key: CtKey, origin: str) -> bool:
+        """Would the current policy let the connection of ``key`` open now?
+        Its first packet is rebuilt from the key; an ICMP connection is
+        judged as an echo request (the key does not hold the type)."""
+        eni_id, family, proto, local, remote, lport, rport = key
+        eni = self.state.interfaces.get(eni_id)
+        if eni is None:
+            return False
+        src, dst = (remote, local) if origin == INGRESS else (local, remote)
+        sport, dport = (rport, lport) if origin == INGRESS else (lport, rport)
+        if proto in (PROTO_TCP, PROTO_UDP):
+            pkt = Packet(src, dst, proto, sport=sport, dport=dport)
+        elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+            pkt = Packet(src, dst, proto, icmp_type=8 if proto == PROTO_ICMP else 128, ident=lport)
+        else:
+            pkt = Packet(src, dst, proto)
+        return self.exempt(origin, pkt) or bool(self.matching_rules(eni, origin, pkt))
 
     # ---------------------------------------------------------------- rules
 

@@ -332,6 +332,7 @@ class NetworkInterface:
     description: str = ""
     tags: Dict[str, str] = field(default_factory=dict)
     watch_addresses: bool = False  # addresses follow the device's (daemon, netlink)
+    revalidate: bool = False  # a policy change cuts tracked connections it no longer allows
 
     def addresses(self) -> List[IPAddress]:
         return [*self.ipv4, *self.ipv6]

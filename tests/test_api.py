@@ -277,8 +277,11 @@ def test_network_interfaces(api: Client) -> None:
         "Groups": [g1], "PrivateIpAddresses": [{"PrivateIpAddress": "198.18.3.1"}],
         "Ipv6Addresses": [{"Ipv6Address": "2001:db8::3:1"}],
         "ConnectionTrackingSpecification": {"TcpEstablishedTimeout": 3600},
+        "TagSpecifications": [{"ResourceType": "network-interface", "Tags": [
+            {"Key": "host-interface-revalidate", "Value": "true"}]}],
         "Description": "db"})["NetworkInterface"]
     eid = eni["NetworkInterfaceId"]
+    assert {"Key": "host-interface-revalidate", "Value": "true"} in eni["TagSet"]
     assert eni["PrivateIpAddress"] == "198.18.3.1"
     assert eni["ConnectionTrackingConfiguration"]["TcpEstablishedTimeout"] == 3600
     api.call("ModifyNetworkInterfaceAttribute", {"NetworkInterfaceId": eid, "Groups": [g1, g2],

@@ -168,3 +168,29 @@ def test_rule_numbers_are_reused_only_when_the_counter_slots_run_out() -> None:
     assert sorted(reused) == list(range(1, len(values) - 1)), "then the lowest free ones"
     applied.rule_index = numbers  # what apply() records
     assert Dataplane.number_rules(applied, state) == numbers, "a rule keeps its number"
+
+
+def test_evaluator_revalidate_cuts_only_what_the_new_policy_would_not_open() -> None:
+    from controller.evaluator import Evaluator, Packet, addr
+    from controller.formats import load_document
+
+    def state(ports: list, revalidate: bool):
+        return load_document({"sgctl": 1, "groups": {"sg-a": {"name": "a", "ingress": [
+            {"proto": "tcp", "ports": p, "from": "198.18.0.0/24"} for p in ports]}},
+            "interfaces": {"eni-a": {"groups": ["sg-a"], "ipv4": ["198.18.0.10"],
+                                     "device": "x", "revalidate": revalidate}}}, "t")
+
+    for revalidate in (False, True):
+        ev = Evaluator(state([22, 443], revalidate))
+        conns = {port: Packet(addr("198.18.0.30"), addr("198.18.0.10"), 6, 40000 + port, port)
+                 for port in (22, 443)}
+        for pkt in conns.values():
+            assert ev.packet("eni-a", "ingress", pkt).reason.label == "allow_new"
+        ev.set_state(state([22], revalidate))
+        assert {key[5] for key in ev.ct} == ({22} if revalidate else {22, 443})
+        ack = {port: Packet(p.dst, p.src, 6, p.dport, p.sport, tcp_flags=0x10)
+               for port, p in conns.items()}
+        assert ev.packet("eni-a", "egress", ack[22]).reason.label == "allow_established"
+        reply_443 = ev.packet("eni-a", "egress", ack[443]).reason.label
+        # cut: the server's next packet is a new flow to the default egress rule
+        assert reply_443 == ("allow_new" if revalidate else "allow_established")

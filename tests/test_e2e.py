@@ -240,6 +240,35 @@ def test_rule_removal_tracked_vs_untracked(topo: Topology, sgctl: Sgctl) -> None
         untracked.close()
 
 
+def test_revalidate_cuts_connections_the_new_policy_would_not_open(topo: Topology,
+                                                                   sgctl: Sgctl) -> None:
+    """DESIGN 1.4's option, per interface: on a policy change, tracked
+    connections the new rules would not let open are cut; the others live
+    on. Without the option (test above) they all survive."""
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    keep = {"proto": "tcp", "ports": 22, "from": cli.ip4 + "/32"}
+    cut = {"proto": "tcp", "ports": 443, "from": cli.ip4 + "/32"}
+    interfaces = enis(topo, {"web": ["sg-w"]})
+    for eni in interfaces.values():
+        eni["revalidate"] = True
+    sgctl.apply({"sgctl": 1, "groups": {"sg-w": {"name": "w", "ingress": [keep, cut]}},
+                 "interfaces": interfaces})
+    kept, doomed = cli.tcp_connect(web.ip4, 22), cli.tcp_connect(web.ip4, 443)
+    assert kept is not None and doomed is not None
+    try:
+        assert echo_ok(kept) and echo_ok(doomed)
+        res = sgctl.apply_text(yaml.safe_dump({"sgctl": 1, "interfaces": interfaces, "groups": {
+            "sg-w": {"name": "w", "ingress": [keep]}}}))
+        assert res.returncode == 0 and "revalidate: cut 1 connections" in res.stdout, res
+
+        assert echo_ok(kept), "a connection the new policy allows survives"
+        doomed.settimeout(1.0)
+        assert not echo_ok(doomed), "a connection it would not allow is cut"
+    finally:
+        kept.close()
+        doomed.close()
+
+
 def test_host_mode(topo: Topology, sgctl: Sgctl) -> None:
     """The root namespace as the instance, on its own veth end (host mode)."""
     tag = unique("")[-5:]

@@ -161,7 +161,8 @@ def interface_from(doc: Dict[str, Any], obj: str, groups: List[str],
         device=tags.get("host-interface"),
         mode=tags.get("host-interface-mode", MODE_WORKLOAD),
         description=str(doc.get("Description") or ""), tags=tags,
-        watch_addresses=tags.get("host-interface-addresses") == "watch")
+        watch_addresses=tags.get("host-interface-addresses") == "watch",
+        revalidate=tags.get("host-interface-revalidate") == "true")
 
 
 def load(doc: Dict[str, Any]) -> State:

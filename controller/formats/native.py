@@ -136,7 +136,7 @@ def load(doc: Dict[str, Any]) -> State:
         check_id("eni", eid, str(eid), "id")
         e = _map(e, eid, "interface")
         _check_keys(e, ("groups", "ipv4", "ipv6", "device", "mode", "timeouts", "description",
-                       "watch_addresses"), eid)
+                       "watch_addresses", "revalidate"), eid)
         t = _map(e.get("timeouts"), eid, "timeouts")
         _check_keys(t, tuple(Timeouts.__dataclass_fields__), f"{eid} timeouts")
         groups = e.get("groups") or []
@@ -153,7 +153,8 @@ def load(doc: Dict[str, Any]) -> State:
             device=None if e.get("device") is None else str(e["device"]),
             mode=str(e.get("mode", MODE_WORKLOAD)),
             description=str(e.get("description") or ""),
-            watch_addresses=bool(e.get("watch_addresses", False)))
+            watch_addresses=bool(e.get("watch_addresses", False)),
+            revalidate=bool(e.get("revalidate", False)))
 
     ipv6 = state.uses_ipv6()
     for gid, g in _map(doc.get("groups"), "document", "groups").items():
@@ -216,7 +217,7 @@ def dump(state: State) -> Dict[str, Any]:
             "groups": list(e.groups), "ipv4": [str(a) for a in e.ipv4],
             "ipv6": [str(a) for a in e.ipv6], "device": e.device, "mode": e.mode,
             "timeouts": dict(vars(e.timeouts)), "description": e.description,
-            "watch_addresses": e.watch_addresses}
+            "watch_addresses": e.watch_addresses, "revalidate": e.revalidate}
     out["settings"] = {"exempt": [str(c) for c in state.settings.exempt],
                        "exempt_dhcp": state.settings.exempt_dhcp,
                        "max_groups_per_interface": state.settings.max_groups_per_interface,
