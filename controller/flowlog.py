@@ -222,7 +222,7 @@ class FlowLogger:
         self.skipped_total = 0
         self._out = self._sinks()
         self._ring: Optional[bpfsys.Ring] = None
-        self._offset_ns = 0  # wall - monotonic, refreshed per drain
+        self._offset_ns = 0  # wall clock - the datapath's (coarse monotonic), per drain
 
     # ------------------------------------------------------------ set-up
 
@@ -284,7 +284,7 @@ class FlowLogger:
         icmp = ev.proto in ICMP_PROTOS
         sport = 0 if icmp else socket.ntohs(ev.sport)
         dport = 0 if icmp else socket.ntohs(ev.dport)
-        action = "ACCEPT" if ev.reason < 16 else "REJECT"
+        action = "ACCEPT" if Reason(ev.reason).allowed else "REJECT"
         key = (int(ev.ep_id), int(ev.dir), fam, int(ev.proto), src, dst, sport, dport, action)
         a = self.agg.get(key)
         if a is None:
