@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.request
@@ -23,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.flowlog import FlowLogError, parse_format
-from tests.daemonproc import DaemonProc, free_port, tcp_perm, udp_exchanges, udp_perm, web_setup
+from tests.daemonproc import ROOT, DaemonProc, free_port, tcp_perm, udp_exchanges, udp_perm, web_setup
 from tests.netns import Instance, Topology, echo_ok
 
 pytestmark = pytest.mark.netns
@@ -332,6 +333,8 @@ def test_windows_close_by_themselves_idle_interfaces_say_nodata_stdout_too(
     daemon.start("--flow-log", str(log), "--flow-log", "-", "--flow-log-window", "1")
     with daemon.client() as c:
         web_setup(c, topo, [udp_perm(53, cli.ip4 + "/32")])
+    follow = subprocess.Popen([*daemon.base(), "flows", "tail", "--follow", "--action", "ACCEPT",
+                               "-o", "json"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     time.sleep(2.5)
     udp_exchanges(cli, web.ip4, 53, 3)
     deadline = time.monotonic() + 5
@@ -345,6 +348,14 @@ def test_windows_close_by_themselves_idle_interfaces_say_nodata_stdout_too(
     nodata = [r for r in lines if r["log-status"] == "NODATA"][0]
     assert int(nodata["end"]) - int(nodata["start"]) <= 2
     assert sum(int(r["packets"]) for r in lines if r["dstport"] == "53") == 3
+    # `flows tail --follow` printed them as they came
+    try:
+        followed = [json.loads(follow.stdout.readline()) for _ in range(2)]  # one each way
+    finally:
+        follow.terminate()
+        follow.wait(timeout=10)
+    assert {(r["srcport"], r["dstport"]) for r in followed if r["protocol"] == 17} & {
+        (int(r["srcport"]), int(r["dstport"])) for r in lines if r["dstport"] == "53"}
     # the same records on stdout (which DaemonProc sends to its log)
     stdout = daemon.logs().splitlines()
     assert all(" ".join(r.values()) in stdout for r in lines if r["dstport"] == "53")
