@@ -389,6 +389,7 @@ class Daemon:
 
             self.flows = FlowLogger(self.dp, self.cfg.flow_log, self.flow_names)
             self.flows.start()
+            self.dp.retire = self.flows.retire
             flows = self.flows
             self._spawn("flowlog", lambda: flows.run(self.stopping))
             log.info("flow logs to %s, %d s windows", ", ".join(self.cfg.flow_log.outputs),

@@ -19,7 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import orjson
 
@@ -96,6 +96,8 @@ class Dataplane:
         self._pm = PolicyMaps(self.map)  # classification maps: classes and images
         self._attached: Dict[int, str] = {}  # ifindex -> program tag attached there
         self._ep_written: Dict[int, bytes] = {}  # ifindex -> endpoint value written
+        # sees conntrack entries before apply deletes them (the flow logger)
+        self.retire: Optional[Callable[[List[Tuple[Any, Any]]], None]] = None
 
     # ------------------------------------------------------------ programs
 
@@ -221,8 +223,9 @@ class Dataplane:
                         abi.CFG_EXEMPT_DHCP if state.settings.exempt_dhcp else 0)
 
     def flush_conntrack(self, ep_ids: set) -> int:
-        m = self.map("sg_conntrack")
-        return sum(m.delete(k) for k in m.keys() if k.ep_id in ep_ids)  # type: ignore[attr-defined]
+        from .conntrack import flush  # conntrack builds on this module
+
+        return flush(self, ep_ids, self.retire)
 
     # ------------------------------------------------------------ apply
 

@@ -214,6 +214,7 @@ class FlowLogger:
         self.snap_lock = threading.Lock()
         self.skips_seen: Dict[int, int] = {}
         self.user_skips: Dict[int, int] = {}  # ep_id -> events dropped here (max_flows)
+        self.last_endpoints: Dict[int, Tuple[str, str]] = {}  # names at the last window end
         self.window_start = time.time()
         self.recent: Deque[Tuple[int, FlowRecord]] = deque(maxlen=cfg.keep)
         self.seq = 0
@@ -359,7 +360,11 @@ class FlowLogger:
         a.seen(max(self.window_start, last))
 
     def retire(self, entries: List[Tuple[Any, Any]]) -> None:
-        """Conntrack GC is about to delete these: report what they last grew."""
+        """Conntrack GC (or a flush, or an interface going away) is about to
+        delete these: report what they last grew, under the names they had."""
+        endpoints, _ = self.names()
+        with self.lock:
+            self.last_endpoints.update(endpoints)
         self._scan_conntrack(entries=entries)
 
     def skipped_of(self, ep_id: int) -> int:
@@ -392,13 +397,15 @@ class FlowLogger:
             start, end = int(self.window_start), int(time.time())
             self.window_start = time.time()
         endpoints, rules = self.names()
+        # an interface removed during the window still gets its last records
+        named, self.last_endpoints = {**self.last_endpoints, **endpoints}, endpoints
         records: List[FlowRecord] = []
         busy = set()
         for key, a in sorted(agg.items(), key=lambda kv: kv[1].start or 0):
             ep_id, d, fam, proto, src, dst, sport, dport, action = key
-            if ep_id not in endpoints or (a.packets == 0 and action == "ACCEPT"):
+            if ep_id not in named or (a.packets == 0 and action == "ACCEPT"):
                 continue  # the probe endpoint, an unbound one; a tracked start without packets
-            eni, dev = endpoints[ep_id]
+            eni, dev = named[ep_id]
             busy.add(ep_id)
             rule_id, group_id = rules.get(a.rule_index, (None, None))
             reason = Reason(a.reason).label if a.reason >= 0 else None

@@ -377,7 +377,8 @@ def test_a_connection_is_reported_per_window_and_when_deleted_early(
     """One UDP flow over two windows: each window reports only its own
     packets (growth since the last scan). Then its conntrack entry is
     deleted before the window ends (flush; the GC takes the same path):
-    its last packets are still reported."""
+    its last packets are still reported; so are those of a connection whose
+    interface is deleted."""
     web, cli = topo.instances["web"], topo.instances["cli"]
     log = tmp_path / "flows.log"
     daemon.start("--flow-log", str(log), "--flow-log-window", "600")
@@ -411,5 +412,17 @@ def test_a_connection_is_reported_per_window_and_when_deleted_early(
             assert sorted((r["packets"], r["bytes"]) for r in records
                           if str(sport) in (r["srcport"], r["dstport"])) == \
                 [("4", "116"), ("4", "116")]
+            # the interface goes away mid-window: its connection's last packets are
+            # reported under its name
+            log.write_text("")
+            for i in range(2):
+                s.sendto(b"%d" % i, (web.ip4, 53))
+                assert s.recvfrom(64)[0] == b"%d" % i
+            eni = c.call("DescribeNetworkInterfaces", {})["NetworkInterfaces"][0]
+            c.call("DeleteNetworkInterface", {"NetworkInterfaceId": eni["NetworkInterfaceId"]})
+            records = flush_records(daemon, log, V2)
+            assert sorted((r["interface-id"], r["packets"], r["bytes"]) for r in records
+                          if str(sport) in (r["srcport"], r["dstport"])) == \
+                [(eni["NetworkInterfaceId"], "2", "58")] * 2
         finally:
             s.close()

@@ -19,17 +19,17 @@ from . import control, device, on_sigterm, packet, report, tcp
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 # (per-packet sizes, conntrack sizes, repeat, runs, new flows, device packets,
-#  iperf seconds, control sizes, control samples)
+#  iperf seconds and rounds, control sizes, control samples)
 PROFILES: Dict[str, Dict[str, Any]] = {
     "smoke": dict(sizes=[10, 100], ct=[1000], repeat=2000, runs=2, new=50,
-                  dev_packets=20000, dev_sizes=[10], tcp_s=1, tcp_flood=False,
+                  dev_packets=20000, dev_sizes=[10], tcp_s=1, tcp_rounds=1, tcp_flood=False,
                   ctl_sizes=[10], ctl_samples=4),
     "quick": dict(sizes=[10, 100, 1000, 10000], ct=[1000, 1000000], repeat=100000, runs=5,
-                  new=2000, dev_packets=2000000, dev_sizes=[10, 10000], tcp_s=3, tcp_flood=True,
-                  ctl_sizes=[10, 1000, 10000], ctl_samples=20),
+                  new=2000, dev_packets=2000000, dev_sizes=[10, 10000], tcp_s=3, tcp_rounds=3,
+                  tcp_flood=True, ctl_sizes=[10, 1000, 10000], ctl_samples=20),
     "full": dict(sizes=[10, 100, 1000, 10000], ct=[1000, 1000000], repeat=1000000, runs=7,
                  new=10000, dev_packets=10000000, dev_sizes=[10, 1000, 10000], tcp_s=10,
-                 tcp_flood=True, ctl_sizes=[10, 1000, 10000], ctl_samples=100),
+                 tcp_rounds=3, tcp_flood=True, ctl_sizes=[10, 1000, 10000], ctl_samples=100),
 }
 
 
@@ -51,7 +51,7 @@ def main() -> int:
     steps = [
         ("per_packet", lambda: packet.run(p["sizes"], p["ct"], p["repeat"], p["runs"], p["new"])),
         ("device", lambda: device.run(p["dev_packets"], p["dev_sizes"])),
-        ("tcp", lambda: tcp.run(p["tcp_s"], 10, p["tcp_flood"])),
+        ("tcp", lambda: tcp.run(p["tcp_s"], 10, p["tcp_flood"], p["tcp_rounds"])),
         ("control", lambda: control.run(p["ctl_sizes"], p["ctl_samples"])),
     ]
     for name, fn in steps:

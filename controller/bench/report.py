@@ -204,7 +204,10 @@ def write(res: Res, out: Path) -> None:
     for r in rates:
         lines.append(f"| {r['filter']} | {r['rules']} | {r['traffic']} | {r['pps'] / 1e6:.3f} |")
     lines += ["", f"## TCP throughput (iperf3, {res['tcp']['seconds']} s, "
-              f"{res['tcp']['rules']} + 1 rules)", "", "![tcp](docs/bench/tcp.png)", "",
+              f"{res['tcp']['rules']} + 1 rules)", "",
+              f"Median of {res['tcp'].get('rounds', 1)} runs per filter, the filters "
+              "interleaved (single runs vary by a few percent).", "",
+              "![tcp](docs/bench/tcp.png)", "",
               "| filter | Gbit/s | Gbit/s while a denied flood hits the device |",
               "|---|---|---|"]
     flood = {r["filter"]: r["gbps"] for r in res["tcp"].get("under_flood", [])}
