@@ -1,9 +1,11 @@
 /* Flow logs (issue 5), the datapath's half: packets of tracked connections
  * are counted in their conntrack entry (flow_account); every other logged
  * packet becomes one event in the sg_flow_events ring, at most
- * 1e9 / flow_cost_ns a second per CPU (a token bucket in nanoseconds of
- * credit, on the coarse clock: it advances a tick, a few ms, at a time), so a flood cannot bury the controller. What the limit or a full
- * ring holds back is counted per endpoint and reported as SKIPDATA. */
+ * 1e9 / flow_cost_ns a second per CPU, so a flood cannot bury the
+ * controller. The limit is a token bucket in nanoseconds of credit on the
+ * coarse clock (it advances a tick, a few ms, at a time; the precise clock
+ * cost ~30 ns a packet). What the limit or a full ring holds back is counted
+ * per endpoint and reported as SKIPDATA. */
 #ifndef SG_FLOWLOG_H
 #define SG_FLOWLOG_H
 
@@ -83,7 +85,7 @@ static __always_inline void flow_event(struct sg_config *cfg, __u32 ep_id, __u8 
 				       struct sg_scratch *s)
 {
 	struct sg_pkt *p = &s->p;
-	__u64 now = bpf_ktime_get_coarse_ns();  /* a few ns, vs ~25 for the precise clock */
+	__u64 now = bpf_ktime_get_coarse_ns();
 	if (!flow_budget(cfg, now)) {
 		flow_skip(ep_id);
 		return;
