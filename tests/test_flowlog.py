@@ -11,6 +11,7 @@ sends an exact number (UDP datagrams, raw ICMP, single SYNs)."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import subprocess
@@ -25,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.flowlog import FlowLogError, parse_format
 from tests.daemonproc import ROOT, DaemonProc, free_port, tcp_perm, udp_exchanges, udp_perm, web_setup
-from tests.netns import Instance, Topology, echo_ok
+from tests.harness import unique
+from tests.netns import Instance, Topology, echo_ok, sh
 
 pytestmark = pytest.mark.netns
 V2 = ["version", "account-id", "interface-id", "srcaddr", "dstaddr", "srcport", "dstport",
@@ -328,33 +330,51 @@ def test_skipdata_when_an_event_flood_meets_the_rate_limit(topo: Topology,
 
 def test_windows_close_by_themselves_idle_interfaces_say_nodata_stdout_too(
         topo: Topology, daemon: DaemonProc, tmp_path: Path) -> None:
+    """1 s windows: records appear without a flush, in the file, on stdout
+    and through `flows tail --follow`; an interface whose device is down
+    (no traffic at all) says NODATA every window."""
     web, cli = topo.instances["web"], topo.instances["cli"]
     log = tmp_path / "flows.log"
-    daemon.start("--flow-log", str(log), "--flow-log", "-", "--flow-log-window", "1")
-    with daemon.client() as c:
-        web_setup(c, topo, [udp_perm(53, cli.ip4 + "/32")])
-    follow = subprocess.Popen([*daemon.base(), "flows", "tail", "--follow", "--action", "ACCEPT",
-                               "-o", "json"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(2.5)
-    udp_exchanges(cli, web.ip4, 53, 3)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [dict(zip(V2, line.split(" "))) for line in log.read_text().splitlines()]
-        if any(r["dstport"] == "53" for r in lines):
-            break
-        time.sleep(0.2)
-    statuses = {r["log-status"] for r in lines}
-    assert "NODATA" in statuses and "OK" in statuses
-    nodata = [r for r in lines if r["log-status"] == "NODATA"][0]
-    assert int(nodata["end"]) - int(nodata["start"]) <= 2
+    idle = unique("sgi")
+    sh("ip", "link", "add", idle, "type", "veth", "peer", "name", idle + "p")
+    follow = None
+    try:
+        daemon.start("--flow-log", str(log), "--flow-log", "-", "--flow-log-window", "1")
+        with daemon.client() as c:
+            web_setup(c, topo, [udp_perm(53, cli.ip4 + "/32")])
+            quiet = c.call("CreateNetworkInterface", {"Groups": [], "TagSpecifications": [
+                {"ResourceType": "network-interface", "Tags": [
+                    {"Key": "host-interface", "Value": idle}]}]}
+            )["NetworkInterface"]["NetworkInterfaceId"]
+        follow = subprocess.Popen([*daemon.base(), "flows", "tail", "--follow", "--action",
+                                   "ACCEPT", "-o", "json"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, bufsize=0, cwd=ROOT)
+        time.sleep(2.5)
+        udp_exchanges(cli, web.ip4, 53, 3)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = [dict(zip(V2, line.split(" "))) for line in log.read_text().splitlines()]
+            if any(r["dstport"] == "53" for r in lines):
+                break
+            time.sleep(0.2)
+        assert follow.stdout is not None
+        followed = []  # until the UDP flow shows (other ACCEPT records may come first);
+        # unbuffered, so that select() sees every line
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(r["dstport"] == 53 for r in followed):
+            if select.select([follow.stdout], [], [], 0.5)[0]:
+                followed.append(json.loads(follow.stdout.readline()))
+    finally:
+        if follow is not None:
+            follow.terminate()
+            follow.wait(timeout=10)
+        sh("ip", "link", "del", idle, check=False)
+    nodata = [r for r in lines if r["log-status"] == "NODATA" and r["interface-id"] == quiet]
+    assert len(nodata) >= 2 and all(int(r["end"]) - int(r["start"]) <= 2 for r in nodata)
+    assert not [r for r in lines if r["interface-id"] == quiet and r["log-status"] != "NODATA"]
     assert sum(int(r["packets"]) for r in lines if r["dstport"] == "53") == 3
     # `flows tail --follow` printed them as they came
-    try:
-        followed = [json.loads(follow.stdout.readline()) for _ in range(2)]  # one each way
-    finally:
-        follow.terminate()
-        follow.wait(timeout=10)
-    assert {(r["srcport"], r["dstport"]) for r in followed if r["protocol"] == 17} & {
+    assert {(r["srcport"], r["dstport"]) for r in followed if r["dstport"] == 53} == {
         (int(r["srcport"]), int(r["dstport"])) for r in lines if r["dstport"] == "53"}
     # the same records on stdout (which DaemonProc sends to its log)
     stdout = daemon.logs().splitlines()
