@@ -151,7 +151,9 @@ def run_traffic(topo: Topology, c: Any) -> Dict[str, Any]:
     web, cli = topo.instances["web"], topo.instances["cli"]
     gid = web_setup(c, topo, [tcp_perm(80, cli.ip4 + "/32"), udp_perm(53, cli.ip4 + "/32"),
                               {"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1,
-                               "IpRanges": [{"CidrIp": cli.ip4 + "/32", "Description": "ping"}]}])
+                               "IpRanges": [{"CidrIp": cli.ip4 + "/32", "Description": "ping"}]},
+                              {"IpProtocol": "icmpv6", "FromPort": 128, "ToPort": -1,
+                               "Ipv6Ranges": [{"CidrIpv6": cli.ip6 + "/128"}]}])
     rules = {(r["IpProtocol"], r["FromPort"]): r["SecurityGroupRuleId"] for r in c.call(
         "DescribeSecurityGroupRules", {"Filters": [{"Name": "group-id", "Values": [gid]}]}
     )["SecurityGroupRules"] if not r["IsEgress"]}
@@ -167,6 +169,7 @@ def run_traffic(topo: Topology, c: Any) -> Dict[str, Any]:
     s.close()
     udp_exchanges(cli, web.ip4, 53, 4)
     assert cli.ping(web.ip4, count=3)
+    assert cli.ping(web.ip6, count=3)
     rej_syn = one_syn(cli, web.ip4, 22)
     rej_udp = udp_send(cli, web.ip4, 9999, 5, size=100)
     icmp_send(cli, web.ip4, 13, 2)
@@ -233,6 +236,10 @@ def test_default_format_records_field_by_field(topo: Topology, daemon: DaemonPro
     assert (udp["packets"], udp["bytes"], udp["action"]) == ("5", "640", "REJECT")
     ts = find(ok, srcaddr=cli.ip4, protocol=1, action="REJECT")
     assert (ts["packets"], ts["bytes"], ts["srcport"]) == ("2", "72", "0")
+    # IPv6: the echo requests and replies (40 + 8 + 56 bytes each)
+    for src, dst in ((cli.ip6, web.ip6), (web.ip6, cli.ip6)):
+        rec = find(records, srcaddr=src, dstaddr=dst, protocol=58)
+        assert (rec["packets"], rec["bytes"], rec["action"]) == ("3", "312", "ACCEPT"), rec
     # nothing was rejected that the sniffer saw, nothing the sniffer saw is missing
     assert flow_of(seen, cli.ip4, web.ip4, 17, dport=9999) == (0, 0)
     assert len(ok) == 9, ok
