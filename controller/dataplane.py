@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -98,6 +99,11 @@ class Dataplane:
         self._ep_written: Dict[int, bytes] = {}  # ifindex -> endpoint value written
         # sees conntrack entries before apply deletes them (the flow logger)
         self.retire: Optional[Callable[[List[Tuple[Any, Any]]], None]] = None
+        # Grace periods (see quiesce): a barrier started after the last switch,
+        # and whether one has completed since it
+        self._rcu: Optional[bpfsys.RcuBarrier] = None
+        self._grace: Optional[threading.Thread] = None
+        self._quiet = False
 
     # ------------------------------------------------------------ programs
 
@@ -172,7 +178,40 @@ class Dataplane:
             self._maps[name] = bpfsys.Map(path, key_t, val_t, name in abi.PERCPU_MAPS)
         return self._maps[name]
 
+    # ------------------------------------------------------------ grace periods
+
+    def _barrier(self) -> None:
+        if self._rcu is None:
+            self._rcu = bpfsys.RcuBarrier()
+        self._rcu.wait()
+        self._quiet = True
+
+    def switched(self) -> None:
+        """Endpoints now name other policies: start a grace period in the
+        background (call_rcu-like), so the next change rarely waits."""
+        if self._grace is not None:  # at most one running; it is done or nearly
+            self._grace.join()
+        self._quiet = False
+        self._grace = threading.Thread(target=self._barrier, name="sgctl-rcu", daemon=True)
+        self._grace.start()
+
+    def quiesce(self) -> None:
+        """Return once no program run that read an endpoint value before the
+        last switch can still be running: before a change overwrites the
+        image a switch left (the inactive one) or deletes a policy that was
+        active. A packet that read the old endpoint value could otherwise
+        still be in its lookups of that image."""
+        if self._grace is not None:
+            self._grace.join()
+            self._grace = None
+        if not self._quiet:  # a new process: the last switch was another's
+            self._barrier()
+
     def close(self) -> None:
+        self.quiesce()
+        if self._rcu is not None:
+            self._rcu.close()
+            self._rcu = None
         for m in self._maps.values():
             m.close()
         self._maps.clear()
@@ -282,6 +321,7 @@ class Dataplane:
             inactive = next((i for i in (old or {}).get("ids", []) if i != active), None)
             if inactive is not None and inactive in pm.images:
                 target = inactive
+                self.quiesce()
                 written = pm.write(target, img, pm.images[inactive])
             else:
                 target = applied.next_policy_id
@@ -295,6 +335,7 @@ class Dataplane:
                               "peers": len(img.peers), "classes": len(set(img.peers.values())),
                               "written": written}
         # 2. endpoints: one update each switches to the new policy
+        switched = False
         endpoints: Dict[str, dict] = {}
         for eni in state.bound_interfaces():
             if eni.eni_id not in ifindexes:
@@ -319,6 +360,7 @@ class Dataplane:
                                  eni.timeouts)
             if bytes(val) != self._ep_written.get(idx):
                 eps.update(ct.c_uint32(idx), val)
+                switched = True
                 self._ep_written[idx] = bytes(val)
             endpoints[eni.eni_id] = {"ifindex": idx, "ep_id": ep_id, "device": eni.device,
                                      "mode": eni.mode, "policy": name}
@@ -345,7 +387,12 @@ class Dataplane:
         live = {i for p in policies.values() for i in p["ids"]}
         known = {i for p in applied.policies.values()
                  for i in p.get("ids", [p.get("policy_id")]) if i is not None}
-        for pid in sorted((known - live) | set(drop) | (set(pm.images) - live)):
+        dead = (known - live) | set(drop) | (set(pm.images) - live)
+        if switched or gone:
+            self.switched()
+        if dead:  # some were active until just now (or, in a new process, may have been)
+            self.quiesce()
+        for pid in sorted(dead):
             pm.delete_policy(pid)
         pm.gc_classes(unknown_policies=bool(live - set(pm.images)))
         applied.next_class_id = pm.next_class

@@ -9,8 +9,9 @@
   holds the version before last) into it, then the endpoints switch to it in
   one update each (DESIGN 2.3) and the old active becomes the inactive.
   A packet that read the endpoint before the switch may still be in its
-  lookups when the next change starts writing into that id: a program run
-  lasts microseconds, a change follows another after milliseconds.
+  lookups of the old image, so the next change writes into it (and a
+  change deletes a policy that was active) only after an RCU grace period
+  (``Dataplane.quiesce``; started in the background at each switch).
 - A new process does not know the images and classes it finds in the maps:
   it keeps them until the policies using them are replaced, then removes
   them by scanning.

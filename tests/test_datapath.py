@@ -521,3 +521,41 @@ def test_incremental_writes_equal_a_fresh_write_and_leak_nothing(kernel, test_de
         val = dp.map("sg_ports").lookup(k)
         if val.n != abi.SEGS_LPM:
             assert [(s.lo, s.hi, s.rule_index, s.flags) for s in val.seg[:val.n]] == segs
+
+
+def test_an_image_is_overwritten_or_deleted_only_after_a_grace_period(kernel, test_devs) -> None:
+    """A change writes into the image the previous switch left, and deletes
+    policies that were active: each only once no program run that read the
+    old endpoint value can still be running (an RCU grace period, started in
+    the background at the switch, waited for when still running)."""
+    dp = kernel.dp
+    events: List[str] = []
+    real_write, real_delete, real_barrier = dp._pm.write, dp._pm.delete_policy, dp._barrier
+
+    def write(pid, new, old):  # type: ignore[no-untyped-def]
+        if old is not None:  # overwriting an image some endpoint used before
+            events.append("overwrite" if dp._grace is None and dp._quiet else "UNSAFE overwrite")
+        return real_write(pid, new, old)
+
+    def delete(pid):  # type: ignore[no-untyped-def]
+        events.append("delete" if dp._grace is None and dp._quiet else "UNSAFE delete")
+        return real_delete(pid)
+
+    def barrier() -> None:
+        real_barrier()
+        events.append("grace")
+
+    dp._pm.write, dp._pm.delete_policy, dp._barrier = write, delete, barrier  # type: ignore
+    try:
+        for ports in ("80", "81", "82", "83"):  # images: new, new, overwrite, overwrite
+            kernel.apply(one_interface(device=test_devs[0], ingress=[
+                {"proto": "tcp", "ports": ports, "from": "198.18.0.0/16"}]))
+            assert kernel.run("eni-a", "ingress", tin(5000, int(ports))) == R.ALLOW_NEW
+        kernel.apply(one_interface(device=test_devs[0], eni_groups=["sg-a", "sg-b"],
+                                   extra_groups={"sg-b": {"name": "b"}}))  # a new group set
+    finally:
+        dp._pm.write, dp._pm.delete_policy, dp._barrier = real_write, real_delete, real_barrier
+    assert not [e for e in events if e.startswith("UNSAFE")], events
+    # (a deletion empties its image through write() too)
+    assert events.count("overwrite") >= 2 and "delete" in events, events
+    assert events.count("grace") >= 4, events  # one after each switch
