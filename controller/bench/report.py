@@ -73,8 +73,10 @@ WHY = {
     "established": "the empty program costs ~5 ns here, one hash lookup ~15 ns; an "
                    "established packet needs at least the endpoint lookup and the conntrack "
                    "lookup (44-byte key) plus parsing and a per-CPU counter, ~45 ns. 5x would "
-                   "leave room for one lookup. Next: endpoint as an ifindex-indexed array, a "
-                   "shorter IPv4 conntrack key.",
+                   "leave room for one lookup. Next: a shorter IPv4 conntrack key. (An "
+                   "ifindex-indexed endpoint array would be cheaper than the hash but is "
+                   "written in place: a packet could read half an old and half a new "
+                   "endpoint value, which breaks the atomic policy switch.)",
     "denied_near": "a source inside some rule's CIDR pays the conntrack miss, the exempt "
                    "lookup, one hash lookup per distinct prefix length (3 here) and the port "
                    "check; flat in the rule count (the 1.5x target holds) but ~25x the empty "
