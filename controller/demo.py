@@ -116,6 +116,15 @@ def server(ns: str, port: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def wait_listening(ns: str, port: int, seconds: float = 10.0) -> None:
+    """A server just started may not listen yet: wait until it does."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ex(ns, "ss", "-Hltn", f"sport = :{port}").stdout.strip():
+            return
+        time.sleep(0.05)
+
+
 def tcp(src: str, dst: str, port: int) -> bool:
     code = (f"import socket\ns=socket.create_connection(('{NS[dst][2]}',{port}),timeout=1)\n"
             "assert s.recv(2)==b'ok'")
@@ -173,8 +182,10 @@ def main() -> int:
     good = True
     try:
         setup()
-        procs += [server(NS["web"][0], 80), server(NS["web"][0], 22),
-                  server(NS["app"][0], 5432), server(NS["client"][0], 8080)]
+        listeners = [("web", 80), ("web", 22), ("app", 5432), ("client", 8080)]
+        procs += [server(NS[name][0], port) for name, port in listeners]
+        for name, port in listeners:
+            wait_listening(NS[name][0], port)
         print("Three instances on a bridge: web 198.18.0.10, app 198.18.0.20, client 198.18.0.30")
         print("\nBefore any policy, everything flows:")
         good &= show("client -> web tcp/22", tcp("client", "web", 22), True)
