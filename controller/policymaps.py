@@ -56,27 +56,27 @@ def _mask_words(family: int, plen: int) -> ct.Array[ct.c_uint32]:
     return abi.addr_words(mask.to_bytes(bits // 8, "big"))
 
 
+def set_top16(bits: bytearray, family: int, plen: int, net: int) -> None:
+    """Mark the values of the top 16 address bits that prefix ``net/plen`` covers
+    (bit b = byte b>>3, bit b&7: the little-endian __u64 words of the C side)."""
+    if plen == 0:
+        bits[:] = b"\xff" * len(bits)
+        return
+    top = net >> ((32 if family == 4 else 128) - 16)
+    for b in range(top, top + (1 << (16 - min(plen, 16)))):
+        bits[b >> 3] |= 1 << (b & 7)
+
+
 def top16_bitmaps(pol: Policy) -> Dict[PlensKeyT, bytes]:
     """Per (dir, family): which values of an address's top 16 bits some
     prefix (or exempt address) covers -- the datapath's first, cheapest test."""
     maps = {k: bytearray(abi.TOP16_WORDS * 8) for k in pol.plens}
-    full = set()
     exempt = [(d, fam, plen, net) for d, fam in pol.plens for fam2, plen, net in pol.exempt
               if fam2 == fam]
     for (d, family, plen, net) in [*pol.peers, *exempt]:
         bits = maps.get((d, family))
-        if bits is None or (d, family) in full:
-            continue
-        top = net >> ((32 if family == 4 else 128) - 16)
-        if plen >= 16:
-            bits[top >> 3] |= 1 << (top & 7)
-        elif plen == 0:
-            full.add((d, family))
-        else:
-            for b in range(top, top + (1 << (16 - plen))):
-                bits[b >> 3] |= 1 << (b & 7)
-    for k in full:
-        maps[k][:] = b"\xff" * len(maps[k])
+        if bits is not None:
+            set_top16(bits, family, plen, net)
     return {k: bytes(v) for k, v in maps.items()}
 
 

@@ -190,6 +190,18 @@ CASES: List[Case] = [
         I(tin(80, 5000, SA, src=addr("169.254.169.254")), R.ALLOW_EXEMPT),
         E(tout(5000, 80, dst=addr("169.254.169.250")), R.DROP_NO_RULE),
     ], {"ingress": [], "egress": []}),
+    Case("exempt addresses from settings: a /8, a /32, IPv6; their neighbours are not", [
+        E(tout(5000, 80, dst=addr("10.200.1.1")), R.ALLOW_EXEMPT),  # /8: many top-16 values
+        I(tin(80, 5000, SA, src=addr("10.0.0.1")), R.ALLOW_EXEMPT),
+        E(tout(5000, 80, dst=addr("11.0.0.1")), R.DROP_NO_RULE),
+        E(tout(5000, 80, dst=addr("203.0.113.7")), R.ALLOW_EXEMPT),
+        E(tout(5000, 80, dst=addr("203.0.113.8")), R.DROP_NO_RULE),  # same top 16 bits
+        E(tout(5000, 80, src=LOCAL6, dst=addr("2001:db8:ff::1")), R.ALLOW_EXEMPT),
+        E(tout(5000, 80, src=LOCAL6, dst=addr("2001:db8:fe::1")), R.DROP_NO_RULE),
+        E(tout(5000, 80, dst=addr("169.254.169.254")), R.DROP_NO_RULE),  # not in this list
+        I(tin(5000, 22, src=addr("198.18.1.5")), R.ALLOW_NEW),
+    ], {"ingress": [{"proto": "tcp", "ports": 22, "from": "198.18.1.0/24"}], "egress": [],
+        "settings": {"exempt": ["10.0.0.0/8", "203.0.113.7/32", "2001:db8:ff::/48"]}}),
     Case("IPv4 fragments: later fragments follow the first", [
         I(replace(uin(5000, 53), frag_id=77, more_fragments=True), R.ALLOW_NEW),
         I(replace(uin(5000, 53), frag_id=77, frag_offset=1480), R.ALLOW_FRAGMENT),
