@@ -32,8 +32,8 @@ def test_bench_smoke_profile_produces_a_report(tmp_path: Path) -> None:
     sg = next(r for r in data["device"]["rates"] if r["filter"] == "sgctl"
               and r["traffic"] == "denied")
     assert sg["pps"] > 0, "the generator's frames reached sgctl's program"
-    assert {r["filter"] for r in data["tcp"]["throughput"]} == {"none", "sgctl", "iptables",
-                                                                  "nftables"}
+    assert {r["filter"] for r in data["tcp"]["throughput"]} == {
+        "none", "sgctl", "sgctl+flowlogs", "iptables", "nftables"}
     assert all(r["gbps"] > 0 for r in data["tcp"]["throughput"])
     assert data["control"]["rule_change"][0]["samples"] == 4
     text = (tmp_path / "BENCHMARKS.md").read_text()

@@ -1,5 +1,6 @@
 """TCP throughput with iperf3 between two namespaces on a bridge (DESIGN 4):
-no filter, sgctl (workload mode on the server's host-side veth), iptables
+no filter, sgctl (workload mode on the server's host-side veth; also with
+flow logs on, which counts every packet in its connection's entry), iptables
 and nftables (INPUT of the server's namespace, with conntrack); and the
 server's throughput while a denied flood hits its device (sgctl vs the
 others, via the live-frames generator on a second veth into the server)."""
@@ -15,7 +16,7 @@ import tempfile
 import time
 from typing import Any, Dict
 
-from .. import bpfsys
+from .. import abi, bpfsys
 from ..dataplane import Dataplane
 from ..formats import load_document
 from .control import rules
@@ -58,12 +59,15 @@ class TcpBench:
         self.clear()
         rs = rules(n_rules) + [{"proto": "tcp", "ports": "5201", "from": f"{CLI}/32"}]
         ex = ("ip", "netns", "exec", self.srv_ns)
-        if kind == "sgctl":
+        if kind.startswith("sgctl"):
             self.dp.apply(load_document({"sgctl": 1, "groups": {"sg-s": {"name": "s",
                                                                          "ingress": rs}},
                                          "interfaces": {"eni-s": {"groups": ["sg-s"],
                                                                   "ipv4": [SRV],
                                                                   "device": self.srv_host}}}))
+            if kind == "sgctl+flowlogs":  # the connection's accounting on every packet
+                self.dp.set_config(abi.CFG_FLOW_LOG, abi.CFG_FLOW_LOG, flow_cost_ns=10**5,
+                                   flow_burst_ns=10**9)
         elif kind == "iptables":
             sh(*ex, "iptables-restore", "--noflush", inp=iptables_rules(rs, "eth0"))
         elif kind == "nftables":
@@ -145,7 +149,7 @@ def run(seconds: int, n_rules: int, flood: bool = True, rounds: int = 1) -> Dict
     reported: single iperf3 runs here vary by a few percent from one run to
     the next, as much as the difference being measured."""
     b = TcpBench()
-    kinds = ("none", "sgctl", "iptables", "nftables")
+    kinds = ("none", "sgctl", "sgctl+flowlogs", "iptables", "nftables")
     out: Dict[str, Any] = {"seconds": seconds, "rules": n_rules, "rounds": rounds,
                            "throughput": [], "under_flood": []}
     samples: Dict[str, list] = {k: [] for k in kinds}
