@@ -14,7 +14,7 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from . import abi
 from .abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM
@@ -111,19 +111,19 @@ def connections(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> List[C
     return out
 
 
-Retire = Callable[[List[Tuple[abi.CtKey, abi.CtEntry]]], None]
+def _delete(dp: Dataplane, doomed: List[Tuple[abi.CtKey, abi.CtEntry]]) -> int:
+    """Delete entries (one BPF_MAP_DELETE_BATCH); ``dp.retire`` (the flow
+    logger, when there is one) sees their last values first."""
+    if dp.retire is not None and doomed:
+        dp.retire(doomed)
+    return dp.map("sg_conntrack").delete_many([k for k, _ in doomed])
 
 
-def flush(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None,
-          retire: Optional[Retire] = None) -> int:
-    """Delete the entries of ``ep_ids`` (all when None); ``retire`` (the flow
-    logger) sees their last values first."""
-    m = dp.map("sg_conntrack")
+def flush(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> int:
+    """Delete the entries of ``ep_ids`` (all when None)."""
     want = None if ep_ids is None else set(ep_ids)
-    doomed = [(k, e) for k, e in m.batch_items() if want is None or k.ep_id in want]
-    if retire is not None and doomed:
-        retire(doomed)
-    return sum(m.delete(k) for k, _ in doomed)
+    return _delete(dp, [(k, e) for k, e in dp.map("sg_conntrack").batch_items()
+                        if want is None or k.ep_id in want])
 
 
 @dataclass
@@ -134,12 +134,11 @@ class GcResult:
     seconds: float
 
 
-def gc(dp: Dataplane, retire: Optional[Retire] = None) -> GcResult:
+def gc(dp: Dataplane) -> GcResult:
     """Delete expired entries and entries of endpoints that no longer exist.
 
     An entry is re-read just before it is deleted, and kept if the datapath
-    refreshed it in between; the window left is one map lookup long.
-    ``retire`` (the flow logger) sees the doomed entries' last values."""
+    refreshed it in between; the window left is one map lookup long."""
     start = time.monotonic()
     m = dp.map("sg_conntrack")
     eps = endpoint_timeouts(dp)
@@ -163,13 +162,10 @@ def gc(dp: Dataplane, retire: Optional[Retire] = None) -> GcResult:
             live[k.ep_id] = live.get(k.ep_id, 0) + 1
             continue
         dead.append((k, e))
-    if retire is not None and dead:
-        retire(dead)
-    removed = m.delete_many([k for k, _ in dead])  # one BPF_MAP_DELETE_BATCH for the lot
-    return GcResult(scanned, removed, live, time.monotonic() - start)
+    return GcResult(scanned, _delete(dp, dead), live, time.monotonic() - start)
 
 
-def revalidate(dp: Dataplane, state: State, retire: Optional[Retire] = None) -> int:
+def revalidate(dp: Dataplane, state: State) -> int:
     """DESIGN 1.4's option: on interfaces with ``revalidate``, delete the
     tracked connections that ``state`` (just enforced) would not let open.
     The reference evaluator judges each connection's first packet, rebuilt
@@ -196,9 +192,7 @@ def revalidate(dp: Dataplane, state: State, retire: Optional[Retire] = None) -> 
             seen[memo] = ev.would_open(key, origin)  # type: ignore[arg-type]
         if not seen[memo]:
             doomed.append((k, e))
-    if retire is not None and doomed:
-        retire(doomed)
-    return dp.map("sg_conntrack").delete_many([k for k, _ in doomed])
+    return _delete(dp, doomed)
 
 
 def _expired(t: Timeouts, k: abi.CtKey, e: abi.CtEntry, now: int) -> bool:

@@ -130,8 +130,7 @@ class Daemon:
         eff = self.effective(state, view)
         self.dp.apply(eff, missing_ok=True, record_desired=False)
         self.view = view
-        flows = self.flows
-        cut = conntrack.revalidate(self.dp, eff, flows.retire if flows else None)
+        cut = conntrack.revalidate(self.dp, eff)
         if cut:
             log.info("revalidate: %d connections the policy no longer allows were cut", cut)
 
@@ -261,9 +260,7 @@ class Daemon:
         return explain(self.dp, self.effective(self.state, view), params)
 
     def act_flush(self, params: Dict[str, Any]) -> Dict[str, Any]:
-        flows = self.flows
-        return {"Flushed": conntrack.flush(self.dp, self._ep_ids(params),
-                                           flows.retire if flows else None)}
+        return {"Flushed": conntrack.flush(self.dp, self._ep_ids(params))}
 
     def _flows_on(self) -> FlowLogger:
         if self.flows is None:
@@ -344,8 +341,7 @@ class Daemon:
     def gc_loop(self) -> None:
         while not self.stopping.wait(self.cfg.gc_interval):
             try:
-                flows = self.flows
-                self.gc_last = conntrack.gc(self.dp, flows.retire if flows else None)
+                self.gc_last = conntrack.gc(self.dp)
                 if self.gc_last.removed:
                     log.info("conntrack gc: %d of %d entries expired (%.1f ms)",
                              self.gc_last.removed, self.gc_last.scanned,

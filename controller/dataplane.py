@@ -97,7 +97,7 @@ class Dataplane:
         self._pm = PolicyMaps(self.map)  # classification maps: classes and images
         self._attached: Dict[int, str] = {}  # ifindex -> program tag attached there
         self._ep_written: Dict[int, bytes] = {}  # ifindex -> endpoint value written
-        # sees conntrack entries before apply deletes them (the flow logger)
+        # sees conntrack entries before anything deletes them (the flow logger)
         self.retire: Optional[Callable[[List[Tuple[Any, Any]]], None]] = None
         # Grace periods (see quiesce): a barrier started after the last switch,
         # and whether one has completed since it
@@ -264,7 +264,7 @@ class Dataplane:
     def flush_conntrack(self, ep_ids: set) -> int:
         from .conntrack import flush  # conntrack builds on this module
 
-        return flush(self, ep_ids, self.retire)
+        return flush(self, ep_ids)
 
     # ------------------------------------------------------------ apply
 

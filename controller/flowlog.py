@@ -319,15 +319,15 @@ class FlowLogger:
                 prev = self.snap.get(kb)
                 seen[kb] = raw
                 if report and raw != prev:
-                    grown.append((k, e, prev))
+                    grown.append((k, e, raw, prev))
             if retire:
                 for kb in seen:
                     self.snap.pop(kb, None)
             else:
                 self.snap = seen
         with self.lock:
-            for k, e, prev in grown:
-                cur = ACCT.unpack(bytes(e)[ACCT_OFFSET:])
+            for k, e, raw, prev in grown:
+                cur = ACCT.unpack(raw)
                 old = ACCT.unpack(prev) if prev is not None else (0,) * 7
                 if cur[3] < old[3] or cur[4] < old[4]:  # the key was reused by a new flow
                     old = (0,) * 7
