@@ -42,11 +42,15 @@ def _kernel_session() -> Iterator[KernelRunner]:
     if not _root_and_bpf():
         pytest.fail("kernel tests need root and bpffs (run `make test`)")
     tmp = tempfile.mkdtemp(prefix="sgctl-test-")
-    runner = KernelRunner(f"/sys/fs/bpf/{unique('sgt')}", tmp, ct_max=KERNEL_CT_MAX)
+    pin_dir = f"/sys/fs/bpf/{unique('sgt')}"
+    runner = None
     try:
+        runner = KernelRunner(pin_dir, tmp, ct_max=KERNEL_CT_MAX)
         yield runner
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
+        shutil.rmtree(pin_dir, ignore_errors=True)  # also when the build failed
         shutil.rmtree(tmp, ignore_errors=True)
 
 
