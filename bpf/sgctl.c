@@ -19,6 +19,7 @@
 #include "lib/parse.h"
 #include "lib/policy.h"
 #include "lib/conntrack.h"
+#include "lib/addrcheck.h"
 #include "lib/counters.h"
 #include "lib/flowlog.h"
 
@@ -34,37 +35,42 @@ static __always_inline __u64 sg_now(struct sg_config *cfg)
 	return bpf_ktime_get_coarse_ns() / SG_NSEC_PER_SEC;
 }
 
-/* Traffic security groups never filter, by protocol: ND, DHCP. */
-static __always_inline int sg_exempt_proto(struct sg_config *cfg, struct sg_flow *f)
-{
-	if (f->proto == SG_IPPROTO_ICMPV6 && f->icmp_type >= 133 && f->icmp_type <= 137)
-		return 1;
-	if (cfg && (cfg->flags & SG_CFG_EXEMPT_DHCP) && f->proto == SG_IPPROTO_UDP) {
-		__u16 s = bpf_ntohs(f->sport), d = bpf_ntohs(f->dport);
-		if (f->family == 4 && ((s == 67 && d == 68) || (s == 68 && d == 67)))
-			return 1;
-		if (f->family == 6 && ((s == 547 && d == 546) || (s == 546 && d == 547)))
-			return 1;
-	}
-	return 0;
-}
-
-/* ... and by remote address (metadata, DNS, time sync). */
-static __always_inline int sg_exempt_addr(__u8 dir, struct sg_flow *f)
-{
-	struct sg_exempt_key k = { .prefixlen = f->family == 4 ? 64 : 160, .family = f->family };
-	__builtin_memcpy(k.addr, dir == SG_DIR_EGRESS ? f->dst : f->src, 16);
-	return sg_exempt_lpm.lookup(&k) != 0;
-}
-
 static __always_inline void frag_key_of(struct sg_frag_key *k, __u32 ep_id, struct sg_pkt *p)
 {
 	k->ep_id = ep_id;
 	k->family = p->f.family;
-	k->proto = p->f.proto;
+	k->proto = p->frag_proto;
 	__builtin_memcpy(k->src, p->f.src, 16);
 	__builtin_memcpy(k->dst, p->f.dst, 16);
 	k->id = p->frag_id;
+}
+
+/* Is an ICMP error about a connection of this endpoint, and consistent
+ * with it (1.4)? The error goes to the embedded packet's source; leaving a
+ * source-checked instance, it comes from the embedded packet's destination. */
+static __always_inline int sg_related(struct sg_endpoint *ep, struct sg_config *cfg, __u8 dir,
+				      struct sg_pkt *p)
+{
+	if (!addr_eq(p->f.dst, p->inner.src))
+		return 0;
+	if (dir == SG_DIR_EGRESS && (ep->flags & SG_EP_SRC_CHECK) && !addr_eq(p->f.src, p->inner.dst))
+		return 0;
+	struct sg_ct_key ik = {};
+	ct_key_of(&ik, ep->ep_id, dir ^ 1, &p->inner);
+	struct sg_ct_entry *ie = sg_conntrack.lookup(&ik);
+	return ie && !ct_expired(ep, &ik, ie, sg_now(cfg));
+}
+
+/* Exempt traffic (1.3) that opens a connection for its replies: a request
+ * to an infrastructure service or a DHCP request. */
+static __always_inline int sg_exempt_open(struct sg_endpoint *ep, struct sg_ct_key *key,
+					  int exists, __u8 dir, struct sg_pkt *p, __u64 now)
+{
+	if (ep->flags & SG_EP_PROBE)
+		return SG_ALLOW_EXEMPT;
+	if (ct_create(key, exists, dir, p, ep, 0, now, SG_CT_F_EXEMPT))
+		return SG_DROP_CT_FULL;
+	return SG_ALLOW_EXEMPT;
 }
 
 /* DESIGN 1.3 for one parsed IP packet (fragments handled by the caller). */
@@ -79,7 +85,7 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	ct_key_of(&key, ep->ep_id, dir, &p->f);
 	struct sg_ct_entry *e = 0;
 	int exists = 0;
-	if (!p->icmp_error) {
+	if (!p->icmp_error && ct_trackable(&p->f)) {
 		e = sg_conntrack.lookup(&key);
 		exists = e != 0;
 		if (e) {
@@ -97,25 +103,36 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 
 	/* 2. an ICMP error about a tracked connection (the embedded packet went
 	 *    the other way) */
-	if (p->icmp_error) {
-		struct sg_ct_key ik = {};
-		ct_key_of(&ik, ep->ep_id, dir ^ 1, &p->inner);
-		struct sg_ct_entry *ie = sg_conntrack.lookup(&ik);
-		if (ie && !ct_expired(ep, &ik, ie, sg_now(cfg)))
-			return SG_ALLOW_RELATED;
-	}
+	if (p->icmp_error && sg_related(ep, cfg, dir, p))
+		return SG_ALLOW_RELATED;
 
-	/* infrastructure traffic is never filtered (after conntrack: established
-	 * flows skip these lookups; exempt traffic itself is never tracked).
-	 * The prefix bitmap covers the exempt addresses too: a remote address
-	 * outside it can be neither exempt nor allowed, and is dropped here. */
-	if (sg_exempt_proto(cfg, &p->f))
+	/* exemptions nobody can borrow (after conntrack: established flows
+	 * skip these checks) */
+	if (sg_nd_exempt(ep, p))
 		return SG_ALLOW_EXEMPT;
+	int dhcp = sg_dhcp_kind(cfg, dir, p);
+	if (dhcp == SG_DHCP_REQUEST) {
+		struct sg_ct_key dk = {};
+		ct_dhcp_key(&dk, ep->ep_id, p->f.family);
+		return sg_exempt_open(ep, &dk, sg_conntrack.lookup(&dk) != 0, dir, p, sg_now(cfg));
+	}
+	if (dhcp == SG_DHCP_REPLY) {
+		struct sg_ct_key dk = {};
+		ct_dhcp_key(&dk, ep->ep_id, p->f.family);
+		struct sg_ct_entry *de = sg_conntrack.lookup(&dk);
+		if (de && !ct_expired(ep, &dk, de, sg_now(cfg)))
+			return SG_ALLOW_EXEMPT;
+	}
+	/* The prefix bitmap covers the exempt addresses too: a remote address
+	 * outside it can be neither exempt nor allowed, and is dropped here. */
 	struct sg_plens *pl = policy_plens(ep->policy_id, dir, &p->f);
 	if (pl && !policy_top16(pl, dir, &p->f))
 		return SG_DROP_NO_RULE;
-	if (sg_exempt_addr(dir, &p->f))
-		return SG_ALLOW_EXEMPT;
+	if (dir == SG_DIR_EGRESS && (exempt_bits(p->f.family, p->f.dst) & SG_EXEMPT_SERVICE)) {
+		if (!ct_opens(&p->f))  /* e.g. an ICMP reply: exempt, nothing to track */
+			return SG_ALLOW_EXEMPT;
+		return sg_exempt_open(ep, &key, exists, dir, p, sg_now(cfg));
+	}
 
 	/* 3. the rules */
 	struct sg_match *m = &s->m;
@@ -123,13 +140,13 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 		return SG_DROP_NO_RULE;
 	s->rule = m->rule_index;
 	s->now = sg_now(cfg);
-	if (p->icmp_error)
-		return SG_ALLOW_NEW;
+	if (!ct_opens(&p->f))  /* ICMP errors, replies and other types: per packet */
+		return SG_ALLOW_UNTRACKED;
 	if (policy_untracked(ep, dir, &p->f, m, &s->wm))
 		return SG_ALLOW_UNTRACKED;
 	if (ep->flags & SG_EP_PROBE)
 		return SG_ALLOW_NEW;
-	if (ct_create(&key, exists, dir, p, ep, m->rule_index, s->now)) {
+	if (ct_create(&key, exists, dir, p, ep, m->rule_index, s->now, 0)) {
 		s->rule = 0;
 		return SG_DROP_CT_FULL;
 	}
@@ -143,6 +160,11 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, struct sg_config *
 	int rc = parse_packet(data, end, bytes, p);
 	if (rc)
 		return rc;
+	rc = sg_addr_check(ep, dir, p);
+	if (rc)
+		return rc;
+	if (p->is_arp)  /* ARP is never filtered by the rules */
+		return SG_ALLOW_EXEMPT;
 	if (p->frag == SG_FRAG_LATER) {
 		struct sg_frag_key fk = {};
 		frag_key_of(&fk, ep->ep_id, p);

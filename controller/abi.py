@@ -13,12 +13,15 @@ CT_NEW, CT_ESTABLISHED, CT_STREAM, CT_CLOSING = 1, 2, 3, 4  # SG_CT_*
 MODE_WORKLOAD, MODE_HOST = 0, 1
 PROTO_ANY = 256
 FLAG_WORLD = 0x1
-CFG_EXEMPT_DHCP, CFG_FLOW_LOG = 0x1, 0x2  # sg_config.flags
+CFG_EXEMPT_DHCP, CFG_FLOW_LOG, CFG_DHCP_SERVERS = 0x1, 0x2, 0x4  # SG_CFG_*: sg_config.flags
+EXEMPT_SERVICE, EXEMPT_DHCP_SERVER = 0x1, 0x2  # SG_EXEMPT_*: sg_exempt_lpm values
+LOCAL_ADDR, LOCAL_ONLINK64 = 0, 1  # SG_LOCAL_*: sg_local_key.kind
+CT_F_EXEMPT = 0x1  # SG_CT_F_*: sg_ct_entry.flags
 PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout
 COUNTER_SLOTS = 1024
-EP_PROBE = 0x1  # SG_EP_PROBE
+EP_PROBE, EP_SRC_CHECK = 0x1, 0x2  # SG_EP_*: sg_endpoint.flags
 PROBE_EP_ID = COUNTER_SLOTS - 1  # reserved for `sgctl explain`: its own counter slot
 RULE_SLOTS = 65536  # rule numbers below get their own hit counters
 REASON_MAX = 32
@@ -29,7 +32,12 @@ Addr = ct.c_uint32 * 4  # __be32[4]
 
 class Endpoint(ct.Structure):
     _fields_ = [("ep_id", u32), ("policy_id", u32), ("mode", u8), ("flags", u8),
-                ("open_all", u16), ("world_class", u32 * 4), ("timeouts", u32 * 7)]
+                ("open_all", u16), ("world_class", u32 * 4), ("timeouts", u32 * 7),
+                ("addr_id", u32)]
+
+
+class LocalKey(ct.Structure):
+    _fields_ = [("addr_id", u32), ("family", u8), ("kind", u8), ("pad", u16), ("addr", Addr)]
 
 
 class PeerKey(ct.Structure):
@@ -79,7 +87,8 @@ class CtKey(ct.Structure):
 
 class CtEntry(ct.Structure):
     _fields_ = [("last_seen", u64), ("rule_index", u32), ("policy_id", u32), ("state", u8),
-                ("origin", u8), ("fin", u8), ("pad", u8), ("tcp_flags", u8 * 2), ("pad2", u16),
+                ("origin", u8), ("fin", u8), ("flags", u8), ("tcp_flags", u8 * 2),
+                ("icmp_type", u8), ("icmp_code", u8),
                 ("packets", u64 * 2), ("bytes", u64 * 2)]
 
 
@@ -122,6 +131,7 @@ MAPS = {
     "sg_conntrack": (CtKey, CtEntry),
     "sg_frags": (FragKey, u64),
     "sg_exempt_lpm": (ExemptKey, u8),
+    "sg_local_addrs": (LocalKey, u8),
     "sg_config": (u32, Config),
     "sg_verdicts": (u32, Counter),
     "sg_rule_hits": (u32, RuleHit),

@@ -30,6 +30,7 @@ from .model import (
     default_egress,
     make_rule,
     parse_address,
+    parse_bool,
     parse_cidr,
     protocol_label,
 )
@@ -215,12 +216,15 @@ def interface_shape(e: NetworkInterface) -> Result:
     if e.revalidate:
         tags["host-interface-revalidate"] = "true"
     t = e.timeouts
+    ll = e.link_local()
     return {"NetworkInterfaceId": e.eni_id, "Description": e.description,
             "Groups": [{"GroupId": g} for g in e.groups],
             "PrivateIpAddress": str(e.ipv4[0]) if e.ipv4 else None,
             "PrivateIpAddresses": [{"PrivateIpAddress": str(a), "Primary": i == 0}
                                    for i, a in enumerate(e.ipv4)],
             "Ipv6Addresses": [{"Ipv6Address": str(a)} for a in e.ipv6],
+            "SourceDestCheck": e.source_dest_check, "MacAddress": e.mac_address,
+            "Ipv6LinkLocalAddress": str(ll) if ll is not None else None,
             "ConnectionTrackingConfiguration": {"TcpEstablishedTimeout": t.tcp_established,
                                                 "UdpStreamTimeout": t.udp_stream,
                                                 "UdpTimeout": t.udp_other},
@@ -525,6 +529,7 @@ def create_network_interface(state: State, p: Params) -> Result:
            "PrivateIpAddress": p.get("PrivateIpAddress"),
            "PrivateIpAddresses": p.get("PrivateIpAddresses"),
            "Ipv6Addresses": p.get("Ipv6Addresses"),
+           "SourceDestCheck": p.get("SourceDestCheck", True), "MacAddress": p.get("MacAddress"),
            "ConnectionTrackingConfiguration": p.get("ConnectionTrackingSpecification")}
     eni = aws.interface_from(doc, "CreateNetworkInterface", _groups_param(state, p), tags)
     eni.tags = {k: v for k, v in tags.items() if not k.startswith("host-interface")}
@@ -546,6 +551,10 @@ def modify_network_interface_attribute(state: State, p: Params) -> Result:
     if p.get("Description") is not None:
         d = p["Description"]
         eni.description = str(d.get("Value", "") if isinstance(d, dict) else d)
+    if p.get("SourceDestCheck") is not None:  # EC2: {"Value": false}
+        v = p["SourceDestCheck"]
+        eni.source_dest_check = parse_bool(v.get("Value") if isinstance(v, dict) else v,
+                                           eni.eni_id, "SourceDestCheck")
     return {"Return": True}
 
 

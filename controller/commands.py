@@ -119,6 +119,7 @@ def _create_eni(args: argparse.Namespace) -> Params:
     if args.revalidate:
         tags.append({"Key": "host-interface-revalidate", "Value": "true"})
     p: Params = {"Groups": args.groups or [], "Description": args.description,
+                 "SourceDestCheck": args.source_dest_check, "MacAddress": args.mac_address,
                  "PrivateIpAddresses": [{"PrivateIpAddress": a} for a in args.private_ip or []],
                  "Ipv6Addresses": [{"Ipv6Address": a} for a in args.ipv6 or []],
                  "TagSpecifications": [{"ResourceType": "network-interface", "Tags": tags}]}
@@ -135,7 +136,17 @@ def _modify_eni(args: argparse.Namespace) -> Params:
         p["ConnectionTrackingSpecification"] = _timeouts(args)
     if args.description is not None:
         p["Description"] = {"Value": args.description}
+    if args.source_dest_check is not None:
+        p["SourceDestCheck"] = {"Value": args.source_dest_check}
     return p
+
+
+def _source_dest_check_flag(p: argparse.ArgumentParser, default: Optional[bool]) -> None:
+    p.add_argument("--source-dest-check", dest="source_dest_check", action="store_true",
+                   default=default, help="only the interface's own addresses, in and out "
+                   "(AWS SourceDestCheck; the default)")
+    p.add_argument("--no-source-dest-check", dest="source_dest_check", action="store_false",
+                   help="no address checks: a NAT or router instance")
 
 
 def _eni_flags(p: argparse.ArgumentParser) -> None:
@@ -224,6 +235,8 @@ def _create_eni_flags(p: argparse.ArgumentParser) -> None:
                    help="take the addresses from the device and follow them")
     p.add_argument("--revalidate", action="store_true",
                    help="a policy change cuts the tracked connections it no longer allows")
+    p.add_argument("--mac-address", help="the instance's MAC (gives its IPv6 link-local)")
+    _source_dest_check_flag(p, True)
     p.add_argument("--description")
     p.add_argument("--tag", action="append", help="KEY=VALUE")
     _timeout_flags(p)
@@ -233,6 +246,7 @@ def _modify_eni_flags(p: argparse.ArgumentParser) -> None:
     _eni_flags(p)
     p.add_argument("--groups", nargs="+")
     p.add_argument("--description")
+    _source_dest_check_flag(p, None)
     _timeout_flags(p)
 
 
@@ -290,7 +304,8 @@ COMMANDS: List[Spec] = [
     ("create-network-interface", "CreateNetworkInterface", "add an interface (member)",
      _create_eni_flags, _create_eni),
     ("modify-network-interface-attribute", "ModifyNetworkInterfaceAttribute",
-     "change an interface's groups, timeouts or description", _modify_eni_flags, _modify_eni),
+     "change an interface's groups, timeouts, description or source/dest check",
+     _modify_eni_flags, _modify_eni),
     ("delete-network-interface", "DeleteNetworkInterface", "remove an interface",
      _eni_flags, lambda a: {"NetworkInterfaceId": a.network_interface_id}),
     ("describe-network-interfaces", "DescribeNetworkInterfaces", "list interfaces",

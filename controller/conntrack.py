@@ -138,7 +138,10 @@ def gc(dp: Dataplane) -> GcResult:
     """Delete expired entries and entries of endpoints that no longer exist.
 
     An entry is re-read just before it is deleted, and kept if the datapath
-    refreshed it in between; the window left is one map lookup long."""
+    refreshed it in between; the window left is one map lookup long. The
+    endpoints are read again after the scan (which takes seconds at 1M
+    entries): an interface bound meanwhile owns its entries, they are not
+    orphans."""
     start = time.monotonic()
     m = dp.map("sg_conntrack")
     eps = endpoint_timeouts(dp)
@@ -152,12 +155,15 @@ def gc(dp: Dataplane) -> GcResult:
         if ep is not None and not _expired(ep[1], k, e, now):
             live[k.ep_id] = live.get(k.ep_id, 0) + 1
         else:
-            doomed.append((k, ep))
+            doomed.append(k)
+    if doomed:
+        eps = endpoint_timeouts(dp)  # after the scan: bound since it started count too
     dead = []
-    for k, ep in doomed:
+    for k in doomed:
         e = m.lookup(k)
         if e is None:
             continue
+        ep = eps.get(k.ep_id)
         if ep is not None and not _expired(ep[1], k, e, now):
             live[k.ep_id] = live.get(k.ep_id, 0) + 1
             continue
@@ -169,8 +175,11 @@ def revalidate(dp: Dataplane, state: State) -> int:
     """DESIGN 1.4's option: on interfaces with ``revalidate``, delete the
     tracked connections that ``state`` (just enforced) would not let open.
     The reference evaluator judges each connection's first packet, rebuilt
-    from its key; connections alike in all the rules look at (interface,
-    direction, protocol, remote address, rule port) share one answer."""
+    from its key and, for ICMP, the type and code that opened it;
+    connections alike in all the rules look at (interface, direction,
+    protocol, remote address, rule port or type/code) share one answer.
+    Connections opened by exempt traffic (infrastructure services, DHCP)
+    are not the rules' to cut."""
     eps = {ep["ep_id"]: eni for eni, ep in dp.load_applied().endpoints.items()
            if eni in state.interfaces and state.interfaces[eni].revalidate}
     if not eps:
@@ -180,16 +189,18 @@ def revalidate(dp: Dataplane, state: State) -> int:
     doomed = []
     for k, e in dp.map("sg_conntrack").batch_items():
         eni = eps.get(k.ep_id)
-        if eni is None:
+        if eni is None or e.flags & abi.CT_F_EXEMPT:
             continue
         origin = INGRESS if e.origin == abi.DIR_INGRESS else EGRESS
         key = (eni, int(k.family), int(k.proto), ipaddress.ip_address(abi.words_bytes(k.local, k.family)),
                ipaddress.ip_address(abi.words_bytes(k.remote, k.family)), socket.ntohs(k.lport),
                socket.ntohs(k.rport))
+        icmp = (int(e.icmp_type), int(e.icmp_code)) if k.proto in (PROTO_ICMP, PROTO_ICMPV6) \
+            else (0, 0)
         rule_port = key[5] if origin == INGRESS else key[6]
-        memo = (eni, origin, key[2], key[4], rule_port)
+        memo = (eni, origin, key[2], key[4], rule_port, icmp)
         if memo not in seen:
-            seen[memo] = ev.would_open(key, origin)  # type: ignore[arg-type]
+            seen[memo] = ev.would_open(key, origin, *icmp)  # type: ignore[arg-type]
         if not seen[memo]:
             doomed.append((k, e))
     return _delete(dp, doomed)

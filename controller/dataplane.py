@@ -75,7 +75,7 @@ class Applied:
     endpoints: Dict[str, dict] = field(default_factory=dict)  # eni -> {ifindex, ep_id, device, ...}
     policies: Dict[str, dict] = field(default_factory=dict)  # "sg-a,sg-b" -> {policy_id, fp}
     next_policy_id: int = 1
-    next_ep_id: int = 1
+    next_ep_id: int = 1  # unused: ids are reused now (kept so older files load)
     rule_index: Dict[str, int] = field(default_factory=dict)  # rule id -> kernel rule number
     next_rule_index: int = 1
     next_class_id: int = 1
@@ -97,6 +97,7 @@ class Dataplane:
         self._pm = PolicyMaps(self.map)  # classification maps: classes and images
         self._attached: Dict[int, str] = {}  # ifindex -> program tag attached there
         self._ep_written: Dict[int, bytes] = {}  # ifindex -> endpoint value written
+        self._local_written: Optional[Dict[bytes, abi.LocalKey]] = None  # sg_local_addrs keys
         # sees conntrack entries before anything deletes them (the flow logger)
         self.retire: Optional[Callable[[List[Tuple[Any, Any]]], None]] = None
         # Grace periods (see quiesce): a barrier started after the last switch,
@@ -238,7 +239,6 @@ class Dataplane:
         if os.path.exists(f"{self.pin_dir}/sg_endpoints"):
             for _, ep in self.map("sg_endpoints").items():
                 applied.next_policy_id = max(applied.next_policy_id, ep.policy_id + 1)
-                applied.next_ep_id = max(applied.next_ep_id, ep.ep_id + 1)
         return applied
 
     def save_applied(self, applied: Applied) -> None:
@@ -247,19 +247,88 @@ class Dataplane:
     # ------------------------------------------------------------ policy writes
 
     def sync_exempt(self, state: State) -> None:
+        """Infrastructure services and DHCP servers (1.3). A prefix's value
+        holds its own bits and those of every prefix containing it, so the
+        longest match answers for all of them."""
         m = self.map("sg_exempt_lpm")
-        want: Dict[bytes, Any] = {}
-        for net in state.settings.exempt:
+        nets = [(n, abi.EXEMPT_SERVICE) for n in state.settings.exempt] + \
+               [(n, abi.EXEMPT_DHCP_SERVER) for n in state.settings.dhcp_servers]
+        want: Dict[bytes, Tuple[Any, int]] = {}
+        for net, _ in nets:
+            bits = 0
+            for other, bit in nets:
+                if other.version == net.version and net.subnet_of(other):  # type: ignore[arg-type]
+                    bits |= bit
             key = abi.ExemptKey(prefixlen=32 + net.prefixlen, family=net.version,
                                 addr=abi.addr_words(network_bytes(net)))
-            want[bytes(key)] = key
+            want[bytes(key)] = (key, bits)
         for old in m.keys():
             if bytes(old) not in want:
                 m.delete(old)
-        for new in want.values():
-            m.update(new, ct.c_uint8(1))
-        self.set_config(abi.CFG_EXEMPT_DHCP,
-                        abi.CFG_EXEMPT_DHCP if state.settings.exempt_dhcp else 0)
+        for key, bits in want.values():
+            m.update(key, ct.c_uint8(bits))
+        flags = (abi.CFG_EXEMPT_DHCP if state.settings.exempt_dhcp else 0) | \
+            (abi.CFG_DHCP_SERVERS if state.settings.dhcp_servers else 0)
+        self.set_config(abi.CFG_EXEMPT_DHCP | abi.CFG_DHCP_SERVERS, flags)
+
+    def local_keys(self, state: State, ep_ids: Dict[str, int]) -> Dict[bytes, abi.LocalKey]:
+        """sg_local_addrs for the bound interfaces (eni -> ep_id): their own
+        addresses and IPv6 /64s (1.6)."""
+        out: Dict[bytes, abi.LocalKey] = {}
+        for eni_id, ep_id in ep_ids.items():
+            eni = state.interfaces[eni_id]
+            keys = [abi.LocalKey(addr_id=ep_id, family=a.version, kind=abi.LOCAL_ADDR,
+                                 addr=abi.addr_words(a.packed)) for a in eni.own_addresses()]
+            keys += [abi.LocalKey(addr_id=ep_id, family=6, kind=abi.LOCAL_ONLINK64,
+                                  addr=abi.addr_words(n.network_address.packed[:8]))
+                     for n in eni.onlink64()]
+            out.update((bytes(k), k) for k in keys)
+        return out
+
+    def _local_have(self) -> Dict[bytes, abi.LocalKey]:
+        if self._local_written is None:
+            self._local_written = {bytes(k): k for k in self.map("sg_local_addrs").keys()}
+        return self._local_written
+
+    def add_local(self, want: Dict[bytes, abi.LocalKey]) -> None:
+        """Before the endpoints switch: the addresses they will check."""
+        have, m = self._local_have(), self.map("sg_local_addrs")
+        for raw, key in want.items():
+            if raw not in have:
+                m.update(key, ct.c_uint8(1))
+                have[raw] = key
+
+    def remove_local(self, want: Dict[bytes, abi.LocalKey]) -> None:
+        """After the switch: addresses no interface has any more."""
+        have, m = self._local_have(), self.map("sg_local_addrs")
+        for raw in [r for r in have if r not in want]:
+            m.delete(have.pop(raw))
+
+    def reset_counters(self, ep_id: int) -> None:
+        """A reused endpoint id starts its counter slot at zero, so two
+        interfaces' counts never merge."""
+        if not 0 < ep_id < abi.COUNTER_SLOTS:
+            return
+        verdicts, skips = self.map("sg_verdicts"), self.map("sg_flow_skips")
+        for i in range(ep_id * 2 * abi.REASON_MAX, (ep_id + 1) * 2 * abi.REASON_MAX):
+            verdicts.update(ct.c_uint32(i), (abi.Counter * verdicts.ncpu)())
+        skips.update(ct.c_uint32(ep_id), (ct.c_uint64 * skips.ncpu)())
+
+    def used_ep_ids(self, applied: Applied) -> set:
+        """Endpoint ids that the last apply or the kernel's endpoints hold."""
+        used = {ep["ep_id"] for ep in applied.endpoints.values()}
+        if os.path.exists(f"{self.pin_dir}/sg_endpoints"):
+            used |= {int(ep.ep_id) for _, ep in self.map("sg_endpoints").items()}
+        return used
+
+    @staticmethod
+    def free_ep_id(used: set) -> int:
+        """The lowest id no endpoint holds (not explain's probe id): ids are
+        reused, so counter slots are not used up by binds over time."""
+        n = 1
+        while n in used or n == abi.PROBE_EP_ID:
+            n += 1
+        return n
 
     def flush_conntrack(self, ep_ids: set) -> int:
         from .conntrack import flush  # conntrack builds on this module
@@ -291,6 +360,12 @@ class Dataplane:
                     continue
                 raise DataplaneError(f"{eni.eni_id}: host-interface: device {eni.device!r} "
                                      "does not exist on this host")
+            kind = netlink.link_type(idx)
+            if kind != netlink.ARPHRD_ETHER:
+                raise DataplaneError(f"{eni.eni_id}: host-interface: device {eni.device!r} is "
+                                     f"not an Ethernet device (link type {kind}: "
+                                     f"{netlink.arphrd_name(kind)}); sgctl filters Ethernet "
+                                     "frames only")
             ifindexes[eni.eni_id] = idx
         progs = self.programs() if attach else None
         ours = self.known_prog_ids(applied)  # ours to replace or detach; others are refused
@@ -334,36 +409,41 @@ class Dataplane:
                               "world": {f"{d},{fam}": c for (d, fam), c in img.world.items()},
                               "peers": len(img.peers), "classes": len(set(img.peers.values())),
                               "written": written}
-        # 2. endpoints: one update each switches to the new policy
+        # 2. endpoints: their addresses first, then one update each switches
+        #    to the new policy; an unbound interface's id is free for reuse
+        #    only from the next change on (its addresses are gone by then)
         switched = False
         endpoints: Dict[str, dict] = {}
+        values: Dict[int, abi.Endpoint] = {}
+        used = self.used_ep_ids(applied)
         for eni in state.bound_interfaces():
             if eni.eni_id not in ifindexes:
                 continue
             name = ",".join(eni.groups)
-            pol = compiled.policies[tuple(eni.groups)]
             idx = ifindexes[eni.eni_id]
             old = applied.endpoints.get(eni.eni_id)
             if old and old["ifindex"] == idx:
                 ep_id = old["ep_id"]
             else:
-                if applied.next_ep_id == abi.PROBE_EP_ID:  # reserved for explain's probe
-                    applied.next_ep_id += 1
-                ep_id = applied.next_ep_id
-                applied.next_ep_id += 1
+                ep_id = self.free_ep_id(used)
+                used.add(ep_id)
+                self.reset_counters(ep_id)
             rec = policies[name]
             world = {}
             for key, cls in rec["world"].items():  # stored as "dir,family"
                 d, fam = key.split(",")
                 world[(int(d), int(fam))] = cls
-            val = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
-                                 eni.timeouts)
+            values[idx] = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
+                                         eni.timeouts, eni.source_dest_check)
+            endpoints[eni.eni_id] = {"ifindex": idx, "ep_id": ep_id, "device": eni.device,
+                                     "mode": eni.mode, "policy": name}
+        local = self.local_keys(state, {e: ep["ep_id"] for e, ep in endpoints.items()})
+        self.add_local(local)
+        for idx, val in values.items():
             if bytes(val) != self._ep_written.get(idx):
                 eps.update(ct.c_uint32(idx), val)
                 switched = True
                 self._ep_written[idx] = bytes(val)
-            endpoints[eni.eni_id] = {"ifindex": idx, "ep_id": ep_id, "device": eni.device,
-                                     "mode": eni.mode, "policy": name}
         self.sync_exempt(state)
         if attach and progs is not None:
             for ep in endpoints.values():
@@ -383,6 +463,7 @@ class Dataplane:
                 self._ep_written.pop(ep["ifindex"], None)
         if gone:
             self.flush_conntrack({ep["ep_id"] for ep in gone.values()})
+        self.remove_local(local)
         # 4. delete policy ids nobody uses any more, then unused classes
         live = {i for p in policies.values() for i in p["ids"]}
         known = {i for p in applied.policies.values()
@@ -416,7 +497,9 @@ class Dataplane:
             applied.desired["stale_rules"] = [r.rule_id for r in state.stale_rules]
         else:
             applied.desired = {"settings": {"exempt": [str(n) for n in state.settings.exempt],
-                                            "exempt_dhcp": state.settings.exempt_dhcp},
+                                            "exempt_dhcp": state.settings.exempt_dhcp,
+                                            "dhcp_servers": [str(n) for n in
+                                                             state.settings.dhcp_servers]},
                                "stale_rules": [r.rule_id for r in state.stale_rules]}
         self.save_applied(applied)
         self._applied = applied
@@ -499,7 +582,7 @@ class Dataplane:
         self.close()
         shutil.rmtree(self.pin_dir, ignore_errors=True)
         self._applied, self._pm = None, PolicyMaps(self.map)
-        self._attached, self._ep_written = {}, {}
+        self._attached, self._ep_written, self._local_written = {}, {}, None
         for path in (self.applied_path, Store(str(self.state_dir)).path):
             try:
                 path.unlink()
@@ -510,11 +593,13 @@ class Dataplane:
 
 
 def endpoint_value(ep_id: int, policy_id: int, mode: str, open_all: int,
-                   world: Dict[Tuple[int, int], int], timeouts: Timeouts) -> abi.Endpoint:
+                   world: Dict[Tuple[int, int], int], timeouts: Timeouts,
+                   source_dest_check: bool = True) -> abi.Endpoint:
     """The sg_endpoints value; ``world``: (dir index, family) -> world class."""
     val = abi.Endpoint(ep_id=ep_id, policy_id=policy_id,
                        mode=abi.MODE_HOST if mode == MODE_HOST else abi.MODE_WORKLOAD,
-                       open_all=open_all)
+                       open_all=open_all, addr_id=ep_id,
+                       flags=abi.EP_SRC_CHECK if source_dest_check else 0)
     for (d, fam), cls in world.items():
         val.world_class[d * 2 + FAMILY_INDEX[fam]] = cls
     for i, tname in enumerate(abi.TO_NAMES):

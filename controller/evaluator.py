@@ -6,11 +6,18 @@ the datapath's business and are covered by fixture tables.
 
 Where the contract leaves a choice, the choice is made here and the datapath
 follows it:
-- a UDP flow becomes a *stream* when a packet is seen after the reply
-  direction has been seen once ("seen both ways more than once");
+- a UDP flow becomes a *stream* at the reply of its second transaction
+  (request, reply, request, reply);
+- an ICMP reply never opens a connection; ICMP other than queries and
+  their replies is judged per packet, untracked;
 - a TCP entry whose first packet was not a SYN starts half-open all the same;
-- an ICMP error is never tracked itself; when it relates to no connection it
-  is judged by the ICMP rules like any other ICMP packet;
+- an ICMP error is never tracked itself; when it relates to no connection
+  (or is inconsistent with it) it is judged by the ICMP rules like any
+  other ICMP packet;
+- infrastructure services and the DHCP client's requests open connections
+  (marked exempt) so that exactly their replies come back;
+- with the source/destination check on, an unspecified source is accepted
+  only for DHCP discovery (UDP 68->67) and IPv6 DAD (NS, MLDv2 report);
 - a non-first fragment is allowed if the first fragment of the same datagram
   (addresses, protocol, IP id) was allowed in the last FRAG_TIMEOUT seconds;
 - the conntrack table counts every entry until it is collected, expired or
@@ -50,9 +57,18 @@ ICMP4_ERRORS = frozenset({3, 11, 12})  # dest-unreachable, time-exceeded, parame
 ICMP6_ERRORS = frozenset({1, 2, 3, 4})  # + packet-too-big
 ICMP4_ECHO = frozenset({8, 0})
 ICMP6_ECHO = frozenset({128, 129})
+# query/reply pairs (1.4): request type -> reply type
+ICMP4_QUERIES = {8: 0, 13: 14, 15: 16, 17: 18}
+ICMP6_QUERIES = {128: 129}
 ND_TYPES = frozenset(range(133, 138))
+ND_RS, ND_RA, ND_NS, ND_NA, ND_REDIRECT, MLD2_REPORT = 133, 134, 135, 136, 137, 143
+ND_HOP_LIMIT = 255
 DHCP_PORTS = {4: (67, 68), 6: (547, 546)}  # (server, client)
+DHCP_GROUP = {4: ipaddress.ip_address("255.255.255.255"), 6: ipaddress.ip_address("ff02::1:2")}
 FRAG_TIMEOUT = 30
+ARP = 0x806  # Packet.proto of an ARP frame (IPv4 over Ethernet): src/dst = sender/target
+LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
+MCAST_LINK6 = ipaddress.ip_network("ff02::/16")
 
 # conntrack entry states (bpf/lib/conntrack.h)
 CT_NEW, CT_ESTABLISHED, CT_STREAM, CT_CLOSING = 1, 2, 3, 4
@@ -83,6 +99,9 @@ class Packet:
     frag_id: Optional[int] = None  # set for fragments
     frag_offset: int = 0
     more_fragments: bool = False
+    hop_limit: int = 64  # IPv6 hop limit (IPv4 TTL)
+    nd_target: Optional[IPAddress] = None  # NS/NA target
+    l2_multicast: bool = False  # Ethernet destination is broadcast/multicast
 
     @property
     def family(self) -> int:
@@ -104,13 +123,33 @@ class Packet:
             self.proto == PROTO_ICMPV6 and self.icmp_type in ICMP6_ECHO)
 
     @property
-    def port_key(self) -> int:
-        """What a rule's port range is compared with: destination port, or type<<8|code."""
-        if self.proto in (PROTO_TCP, PROTO_UDP):
-            return self.dport
-        if self.is_icmp:
-            return (self.icmp_type << 8) | self.icmp_code
+    def query_request(self) -> int:
+        """The request type of the ICMP query/reply pair this is part of, or 0."""
+        queries = (ICMP4_QUERIES if self.proto == PROTO_ICMP else
+                   ICMP6_QUERIES if self.proto == PROTO_ICMPV6 else {})
+        for req, rep in queries.items():
+            if self.icmp_type in (req, rep):
+                return req
         return 0
+
+    @property
+    def trackable(self) -> bool:
+        """Can it belong to a connection? ICMP: queries and their replies only."""
+        return not self.is_icmp or self.query_request != 0
+
+    @property
+    def opens(self) -> bool:
+        """Can it open one? Not an ICMP reply (nor an error, nor another type)."""
+        return not self.is_icmp or (self.query_request != 0
+                                    and self.query_request == self.icmp_type)
+
+    @property
+    def is_arp(self) -> bool:
+        return self.proto == ARP
+
+    @property
+    def first_or_whole(self) -> bool:
+        return self.frag_id is None or (self.frag_offset == 0 and not self.more_fragments)
 
     def reversed(self) -> Packet:
         return replace(self, src=self.dst, dst=self.src, sport=self.dport, dport=self.sport)
@@ -135,8 +174,14 @@ class CtEntry:
     origin: str  # direction of the first packet
     state: int
     last_seen: int
-    fin: int = 0  # bit 0: FIN from origin side, bit 1: from reply side
-    reply_seen: bool = False
+    fin: int = 0  # TCP: bit 0 FIN from origin side, bit 1 from reply side; UDP: UDP_ASKED
+    exempt: bool = False  # opened by exempt traffic (never revalidated)
+    icmp_type: int = 0  # ICMP: what opened it
+    icmp_code: int = 0
+
+
+UDP_ASKED = 0x1  # CtEntry.fin of UDP: the origin spoke again after the reply
+DIR_NUMBER = {INGRESS: 0, EGRESS: 1}  # abi.DIR_*
 
 
 def local_remote(pkt: Packet, direction: str) -> Tuple[IPAddress, IPAddress, int, int]:
@@ -147,13 +192,25 @@ def local_remote(pkt: Packet, direction: str) -> Tuple[IPAddress, IPAddress, int
 
 
 def ct_key(eni_id: str, pkt: Packet, direction: str) -> CtKey:
-    """TCP/UDP: 5-tuple; ICMP echo: addresses + id; anything else: addresses + protocol."""
+    """TCP/UDP: 5-tuple; ICMP query/reply: addresses + id + (request type,
+    the side that asked); anything else: addresses + protocol."""
     local, remote, lport, rport = local_remote(pkt, direction)
     if pkt.proto in (PROTO_TCP, PROTO_UDP):
         return (eni_id, pkt.family, pkt.proto, local, remote, lport, rport)
-    if pkt.is_echo:
-        return (eni_id, pkt.family, pkt.proto, local, remote, pkt.ident, 0)
+    if pkt.is_icmp:
+        req = pkt.query_request
+        asker = direction if pkt.icmp_type == req else reverse(direction)
+        return (eni_id, pkt.family, pkt.proto, local, remote, pkt.ident,
+                req | DIR_NUMBER[asker] << 8)
     return (eni_id, pkt.family, pkt.proto, local, remote, 0, 0)
+
+
+def dhcp_key(eni_id: str, family: int) -> CtKey:
+    """The DHCP client's pseudo-connection: refreshed by its requests, it
+    lets the answers in whatever server address they come from."""
+    server, client = DHCP_PORTS[family]
+    zero = ipaddress.ip_address(0 if family == 4 else "::")
+    return (eni_id, family, PROTO_UDP, zero, zero, client, server)
 
 
 class Evaluator:
@@ -174,13 +231,14 @@ class Evaluator:
         self.state = state
         for key, entry in list(self.ct.items()):
             eni = state.interfaces.get(key[0])
-            if eni is not None and eni.revalidate and not self.would_open(key, entry.origin):
+            if (eni is not None and eni.revalidate and not entry.exempt
+                    and not self.would_open(key, entry.origin, entry.icmp_type, entry.icmp_code)):
                 del self.ct[key]
 
-    def would_open(self, key: CtKey, origin: str) -> bool:
+    def would_open(self, key: CtKey, origin: str, icmp_type: int = 0, icmp_code: int = 0) -> bool:
         """Would the current policy let the connection of ``key`` open now?
-        Its first packet is rebuilt from the key; an ICMP connection is
-        judged as an echo request (the key does not hold the type)."""
+        Its first packet is rebuilt from the key and, for ICMP, the type and
+        code that opened it."""
         eni_id, family, proto, local, remote, lport, rport = key
         eni = self.state.interfaces.get(eni_id)
         if eni is None:
@@ -190,10 +248,11 @@ class Evaluator:
         if proto in (PROTO_TCP, PROTO_UDP):
             pkt = Packet(src, dst, proto, sport=sport, dport=dport)
         elif proto in (PROTO_ICMP, PROTO_ICMPV6):
-            pkt = Packet(src, dst, proto, icmp_type=8 if proto == PROTO_ICMP else 128, ident=lport)
+            pkt = Packet(src, dst, proto, icmp_type=icmp_type, icmp_code=icmp_code, ident=lport)
         else:
             pkt = Packet(src, dst, proto)
-        return self.exempt(origin, pkt) or bool(self.matching_rules(eni, origin, pkt))
+        return (origin == EGRESS and self.service(pkt.dst)) or bool(
+            self.matching_rules(eni, origin, pkt))
 
     # ---------------------------------------------------------------- rules
 
@@ -279,24 +338,102 @@ class Evaluator:
         elif reply and entry.state == CT_NEW:
             entry.state = CT_ESTABLISHED
         elif entry.state == CT_ESTABLISHED and pkt.proto == PROTO_UDP:
-            entry.state = CT_STREAM
+            # a stream: more than one request-response transaction
+            if not reply:
+                entry.fin |= UDP_ASKED
+            elif entry.fin & UDP_ASKED:
+                entry.state = CT_STREAM
         entry.last_seen = self.clock()
 
     # ---------------------------------------------------------------- verdict
 
-    def exempt(self, direction: str, pkt: Packet) -> bool:
-        """Traffic security groups never filter (1.3)."""
-        if pkt.proto == PROTO_ICMPV6 and pkt.icmp_type in ND_TYPES:
-            return True
-        settings = self.state.settings
-        _, remote, lport, rport = local_remote(pkt, direction)
-        if settings.exempt_dhcp and pkt.proto == PROTO_UDP:
-            server, client = DHCP_PORTS[pkt.family]
-            if {lport, rport} == {server, client}:
-                return True
+    # ---------------------------------------------------------------- addresses (1.6)
+
+    def address_check(self, eni: NetworkInterface, direction: str, pkt: Packet) -> Optional[Reason]:
+        """SourceDestCheck: None, or why the packet is dropped."""
+        if not eni.source_dest_check:
+            return None
+        own = eni.own_addresses()
+        if pkt.is_arp:
+            if direction == INGRESS or int(pkt.src) == 0 or pkt.src in own:
+                return None
+            return Reason.DROP_NEIGH_SPOOF
+        if direction == INGRESS:
+            if pkt.dst in own or pkt.dst.is_multicast or (pkt.family == 4 and (
+                    int(pkt.dst) == 0xFFFFFFFF or pkt.l2_multicast)):
+                return None
+            return Reason.DROP_DST_FOREIGN
+        if pkt.src not in own and not (int(pkt.src) == 0 and self.unspecified_ok(pkt)):
+            return Reason.DROP_SRC_SPOOF
+        if pkt.proto == PROTO_ICMPV6 and pkt.family == 6 and pkt.frag_id is None:
+            if pkt.icmp_type in (ND_RA, ND_REDIRECT):
+                return Reason.DROP_ND_ROUTER
+            if pkt.icmp_type == ND_NA and pkt.nd_target not in own:
+                return Reason.DROP_NEIGH_SPOOF
+        return None
+
+    @staticmethod
+    def unspecified_ok(pkt: Packet) -> bool:
+        """DHCP discovery and IPv6 duplicate address detection start from 0.0.0.0 / ::."""
+        if pkt.frag_id is not None:
+            return False
+        if pkt.family == 4:
+            return pkt.proto == PROTO_UDP and (pkt.sport, pkt.dport) == (68, 67)
+        return pkt.proto == PROTO_ICMPV6 and pkt.icmp_type in (ND_NS, MLD2_REPORT)
+
+    # ---------------------------------------------------------------- exemptions (1.3)
+
+    @staticmethod
+    def nd_exempt(eni: NetworkInterface, pkt: Packet) -> bool:
+        """IPv6 neighbour discovery on the link: hop limit 255, code 0, router
+        messages from link-local, to link-local / link-scope multicast / one
+        of the interface's /64s."""
+        if (pkt.family != 6 or pkt.proto != PROTO_ICMPV6 or pkt.icmp_type not in ND_TYPES
+                or pkt.icmp_code != 0 or pkt.frag_id is not None
+                or pkt.hop_limit != ND_HOP_LIMIT):
+            return False
+        if pkt.icmp_type in (ND_RA, ND_REDIRECT) and pkt.src not in LINK_LOCAL6:
+            return False
+        return (pkt.dst in LINK_LOCAL6 or pkt.dst in MCAST_LINK6
+                or any(pkt.dst in n for n in eni.onlink64()))
+
+    def service(self, addr: IPAddress) -> bool:
+        """An infrastructure service address (exempt as a destination)."""
+        return any(addr.version == n.version and addr in n for n in self.state.settings.exempt)
+
+    def dhcp_server(self, addr: IPAddress) -> bool:
+        return any(addr.version == n.version and addr in n
+                   for n in self.state.settings.dhcp_servers)
+
+    def dhcp_kind(self, direction: str, pkt: Packet) -> str:
+        """"request" (the client asks), "reply" (an answer it may take) or ""."""
+        if not self.state.settings.exempt_dhcp or pkt.proto != PROTO_UDP or pkt.frag_id is not None:
+            return ""
+        server, client = DHCP_PORTS[pkt.family]
         if direction == EGRESS:
-            return any(pkt.dst.version == n.version and pkt.dst in n for n in settings.exempt)
-        return any(pkt.src.version == n.version and pkt.src in n for n in settings.exempt)
+            if (pkt.sport, pkt.dport) == (client, server) and (
+                    pkt.dst == DHCP_GROUP[pkt.family] or self.dhcp_server(pkt.dst)):
+                return "request"
+            return ""
+        if (pkt.sport, pkt.dport) != (server, client):
+            return ""
+        if self.state.settings.dhcp_servers and not self.dhcp_server(pkt.src):
+            return ""
+        return "reply"
+
+    def related(self, eni: NetworkInterface, direction: str, pkt: Packet) -> bool:
+        """1.3 step 2 with 1.4's consistency: the error goes to the embedded
+        packet's source, and leaving a source-checked instance comes from its
+        destination; the embedded packet belongs to a live connection."""
+        inner = pkt.embedded
+        assert inner is not None
+        if pkt.dst != inner.src:
+            return False
+        if direction == EGRESS and eni.source_dest_check and pkt.src != inner.dst:
+            return False
+        return self.live_entry(eni, ct_key(eni.eni_id, inner, reverse(direction))) is not None
+
+    # ---------------------------------------------------------------- verdict
 
     def packet(self, eni_id: str, direction: str, pkt: Packet) -> Verdict:
         eni = self.state.interfaces.get(eni_id)
@@ -306,6 +443,11 @@ class Evaluator:
             return Verdict(Reason.DROP_TCP_FLAGS)
         if pkt.is_icmp_error and pkt.embedded is None and pkt.frag_offset == 0:
             return Verdict(Reason.DROP_ICMP_EMBEDDED)  # an error must carry the header it is about
+        bad = self.address_check(eni, direction, pkt)
+        if bad is not None:
+            return Verdict(bad)
+        if pkt.is_arp:
+            return Verdict(Reason.ALLOW_EXEMPT)
         frag_key = None
         if pkt.frag_id is not None:
             frag_key = (eni_id, pkt.family, pkt.proto, pkt.src, pkt.dst, pkt.frag_id)
@@ -319,38 +461,54 @@ class Evaluator:
             self.frags[frag_key] = self.clock()
         return verdict
 
+    def _open(self, key: CtKey, direction: str, pkt: Packet, exempt: bool) -> bool:
+        """Start tracking (False: the table is full)."""
+        if key not in self.ct and len(self.ct) >= self.ct_max:
+            return False
+        entry = CtEntry(origin=direction, state=CT_NEW, last_seen=self.clock(), exempt=exempt)
+        if pkt.is_icmp:
+            entry.icmp_type, entry.icmp_code = pkt.icmp_type, pkt.icmp_code
+        self.ct[key] = entry
+        self.ct_update(entry, direction, pkt)
+        return True
+
     def _decide(self, eni: NetworkInterface, direction: str, pkt: Packet) -> Verdict:
         # 1. a tracked connection of this interface, either direction
         key = ct_key(eni.eni_id, pkt, direction)
-        entry = None if pkt.is_icmp_error else self.live_entry(eni, key)
+        entry = None if pkt.is_icmp_error or not pkt.trackable else self.live_entry(eni, key)
         fresh_syn = (entry is not None and pkt.proto == PROTO_TCP and entry.state == CT_CLOSING
                      and pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
         if entry is not None and not fresh_syn:
             self.ct_update(entry, direction, pkt)
             return Verdict(Reason.ALLOW_ESTABLISHED, tracked=True)
         # 2. an ICMP error about a tracked connection
-        if pkt.is_icmp_error:
-            assert pkt.embedded is not None
-            inner_key = ct_key(eni.eni_id, pkt.embedded, reverse(direction))
-            if self.live_entry(eni, inner_key) is not None:
-                return Verdict(Reason.ALLOW_RELATED, tracked=True)
-        # infrastructure traffic is never filtered (checked after conntrack, which is
-        # cheaper for established flows; exempt traffic itself is never tracked)
-        if self.exempt(direction, pkt):
+        if pkt.is_icmp_error and self.related(eni, direction, pkt):
+            return Verdict(Reason.ALLOW_RELATED, tracked=True)
+        # exemptions nobody can borrow (after conntrack, which is cheaper for
+        # established flows)
+        if self.nd_exempt(eni, pkt):
             return Verdict(Reason.ALLOW_EXEMPT)
+        dhcp = self.dhcp_kind(direction, pkt)
+        if dhcp == "request":
+            ok = self._open(dhcp_key(eni.eni_id, pkt.family), direction, pkt, exempt=True)
+            return Verdict(Reason.ALLOW_EXEMPT if ok else Reason.DROP_CT_FULL, tracked=ok)
+        if dhcp == "reply" and self.live_entry(eni, dhcp_key(eni.eni_id, pkt.family)):
+            return Verdict(Reason.ALLOW_EXEMPT)
+        if direction == EGRESS and self.service(pkt.dst):
+            if not pkt.opens:
+                return Verdict(Reason.ALLOW_EXEMPT)
+            ok = self._open(key, direction, pkt, exempt=True)
+            return Verdict(Reason.ALLOW_EXEMPT if ok else Reason.DROP_CT_FULL, tracked=ok)
         # 3. the rules
         rules = self.matching_rules(eni, direction, pkt)
         if not rules:
             return Verdict(Reason.DROP_NO_RULE)
-        if pkt.is_icmp_error:
-            return Verdict(Reason.ALLOW_NEW, rules, tracked=False)
+        if not pkt.opens:  # ICMP errors, replies, other types: judged per packet
+            return Verdict(Reason.ALLOW_UNTRACKED, rules, tracked=False)
         if self.untracked(eni, direction, pkt, rules):
             return Verdict(Reason.ALLOW_UNTRACKED, rules, tracked=False)
-        if key not in self.ct and len(self.ct) >= self.ct_max:
+        if not self._open(key, direction, pkt, exempt=False):
             return Verdict(Reason.DROP_CT_FULL, rules)
-        entry = CtEntry(origin=direction, state=CT_NEW, last_seen=self.clock())
-        self.ct[key] = entry
-        self.ct_update(entry, direction, pkt)
         return Verdict(Reason.ALLOW_NEW, rules, tracked=True)
 
 

@@ -190,7 +190,7 @@ class Agg:
         self.end = t if self.end is None else max(self.end, t)
 
 
-# a conntrack entry's accounting: tcp_flags[2], pad, packets[2], bytes[2]
+# a conntrack entry's accounting: tcp_flags[2], (icmp type, code), packets[2], bytes[2]
 ACCT_OFFSET = abi.CtEntry.tcp_flags.offset
 ACCT = struct.Struct("<BBHQQQQ")
 assert ACCT_OFFSET + ACCT.size == ct.sizeof(abi.CtEntry)
@@ -318,8 +318,8 @@ class FlowLogger:
                 kb, raw = bytes(k), bytes(e)[ACCT_OFFSET:]
                 prev = self.snap.get(kb)
                 seen[kb] = raw
-                if report and raw != prev:
-                    grown.append((k, e, raw, prev))
+                if report and raw != prev and not e.flags & abi.CT_F_EXEMPT:
+                    grown.append((k, e, raw, prev))  # (exempt traffic is not logged)
             if retire:
                 for kb in seen:
                     self.snap.pop(kb, None)

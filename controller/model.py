@@ -55,6 +55,17 @@ _ID_RE = {
     "eni": re.compile(r"^eni-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
 }
 _DEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_MAC_RE = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+
+
+def parse_mac(value: object, obj: str, fieldname: str = "MacAddress") -> str:
+    """``02:AA:...`` -> ``02:aa:...``; a unicast Ethernet address."""
+    text = value.strip().lower().replace("-", ":") if isinstance(value, str) else None
+    if text is None or not _MAC_RE.match(text):
+        raise ValidationError(obj, fieldname, f"{value!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+    if int(text[:2], 16) & 1:
+        raise ValidationError(obj, fieldname, f"{text} is a multicast address")
+    return text
 
 
 class ValidationError(ValueError):
@@ -122,6 +133,15 @@ def parse_address(value: object, obj: str, fieldname: str, family: Optional[int]
     if family is not None and addr.version != family:
         raise ValidationError(obj, fieldname, f"{value!r} is not an IPv{family} address")
     return addr
+
+
+def parse_bool(value: object, obj: str, fieldname: str) -> bool:
+    """true/false (or the strings "true"/"false"); nothing else is a boolean."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValidationError(obj, fieldname, f"{value!r} is not true or false")
 
 
 def _int_field(value: object, obj: str, fieldname: str) -> int:
@@ -333,9 +353,31 @@ class NetworkInterface:
     tags: Dict[str, str] = field(default_factory=dict)
     watch_addresses: bool = False  # addresses follow the device's (daemon, netlink)
     revalidate: bool = False  # a policy change cuts tracked connections it no longer allows
+    source_dest_check: bool = True  # 1.6: only its own addresses, in and out (AWS default)
+    mac_address: Optional[str] = None  # the instance's MAC: gives its IPv6 link-local
 
     def addresses(self) -> List[IPAddress]:
+        """What group references match: the private addresses (1.1)."""
         return [*self.ipv4, *self.ipv6]
+
+    def link_local(self) -> Optional[ipaddress.IPv6Address]:
+        """fe80::/64 + the modified EUI-64 of ``mac_address`` (RFC 4291)."""
+        if self.mac_address is None:
+            return None
+        mac = bytes.fromhex(self.mac_address.replace(":", ""))
+        iid = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+        return ipaddress.IPv6Address(b"\xfe\x80" + b"\0" * 6 + iid)
+
+    def own_addresses(self) -> List[IPAddress]:
+        """What the source/destination check accepts as the interface's (1.6)."""
+        ll = self.link_local()
+        return [*self.ipv4, *self.ipv6, *([ll] if ll is not None and ll not in self.ipv6 else [])]
+
+    def onlink64(self) -> List[ipaddress.IPv6Network]:
+        """The /64s of its IPv6 addresses: where its neighbours are."""
+        nets = {ipaddress.IPv6Network((int(a) >> 64 << 64, 64)) for a in self.ipv6
+                if not a.is_link_local}
+        return sorted(nets)
 
 
 DEFAULT_EXEMPT = (
@@ -348,6 +390,9 @@ DEFAULT_EXEMPT = (
 )
 
 
+EXEMPT_WIDEST = {4: 8, 6: 32}  # shortest exempt prefix accepted without exempt_force
+
+
 @dataclass
 class Settings:
     """Host-wide configuration. Quotas are limits, not design limits (1.2)."""
@@ -355,6 +400,8 @@ class Settings:
     exempt: List[IPNetwork] = field(
         default_factory=lambda: [ipaddress.ip_network(c) for c in DEFAULT_EXEMPT])
     exempt_dhcp: bool = True
+    dhcp_servers: List[IPNetwork] = field(default_factory=list)  # empty: any server that answers
+    exempt_force: bool = False  # allow exempt entries wider than EXEMPT_WIDEST
     max_groups_per_interface: int = 16
     max_rules_per_interface: int = 100000
 
@@ -380,7 +427,8 @@ class State:
             interfaces={k: replace(e, groups=list(e.groups), ipv4=list(e.ipv4), ipv6=list(e.ipv6),
                                    timeouts=replace(e.timeouts), tags=dict(e.tags))
                         for k, e in self.interfaces.items()},
-            settings=replace(self.settings, exempt=list(self.settings.exempt)),
+            settings=replace(self.settings, exempt=list(self.settings.exempt),
+                             dhcp_servers=list(self.settings.dhcp_servers)),
             stale_rules=list(self.stale_rules))
 
     # -- lookups used by the evaluator and compiler
@@ -440,6 +488,14 @@ def validate(state: State) -> State:
     default group, and records stale group references in ``state.stale_rules``.
     """
     s = state.settings
+    if not s.exempt_force:
+        for i, net in enumerate(s.exempt):
+            if net.prefixlen < EXEMPT_WIDEST[net.version]:
+                raise ValidationError(f"settings exempt[{i}]", "exempt",
+                                      f"{net} would exempt everything the interfaces send to it "
+                                      f"from their rules; entries must be /{EXEMPT_WIDEST[4]} or "
+                                      f"longer (IPv4), /{EXEMPT_WIDEST[6]} or longer (IPv6), "
+                                      "unless exempt_force is true")
     if not any(g.name == DEFAULT_GROUP_NAME for g in state.groups.values()):
         state.groups[DEFAULT_GROUP_ID] = default_group()
     default_id = next(g.group_id for g in state.groups.values() if g.name == DEFAULT_GROUP_NAME)
@@ -519,6 +575,8 @@ def validate(state: State) -> State:
                 raise ValidationError(eid, "host-interface",
                                       f"device {eni.device} is already bound to {devices[eni.device]}")
             devices[eni.device] = eid
+        if eni.mac_address is not None:
+            eni.mac_address = parse_mac(eni.mac_address, eid)
         eni.timeouts.validate(eid)
         nrules = sum(len(state.groups[g].rules) for g in eni.groups)
         if nrules > s.max_rules_per_interface:

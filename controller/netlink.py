@@ -27,6 +27,21 @@ def ifindex(name: str) -> Optional[int]:
         return found[0] if found else None
 
 
+ARPHRD_ETHER = 1  # <linux/if_arp.h>
+_ARPHRD_NAMES = {1: "ethernet", 772: "loopback", 65534: "none (tun, wireguard)",
+                 778: "gre", 768: "ipip", 769: "ip6ip6", 776: "sit", 823: "ip6gre"}
+
+
+def arphrd_name(kind: int) -> str:
+    return _ARPHRD_NAMES.get(kind, "not ethernet")
+
+
+def link_type(idx: int) -> int:
+    """The device's ARPHRD_* link type (1 = Ethernet, which veth and tap are)."""
+    with IPRoute() as ipr:
+        return int(ipr.get_links(idx)[0]["ifi_type"])
+
+
 def xdp_state(ipr: IPRoute, idx: int) -> tuple:
     """(attached prog id or 0, mode 1=driver 2=generic or 0)."""
     link = ipr.get_links(idx)[0]

@@ -15,7 +15,7 @@ class Reason(enum.IntEnum):
     ALLOW_RELATED = 1  # ICMP error about a tracked connection
     ALLOW_NEW = 2  # allowed by a rule, connection now tracked
     ALLOW_UNTRACKED = 3  # allowed by a rule, untracked flow (1.4)
-    ALLOW_EXEMPT = 4  # ARP, neighbour discovery, DHCP, infrastructure address
+    ALLOW_EXEMPT = 4  # ARP, neighbour discovery, DHCP client, infrastructure service
     ALLOW_FRAGMENT = 5  # later fragment of an allowed datagram
     PASS_UNBOUND = 6  # device is not bound to an interface
     # dropped
@@ -31,6 +31,10 @@ class Reason(enum.IntEnum):
     DROP_FRAG_UNKNOWN = 25  # non-first fragment of a datagram never allowed
     DROP_ICMP_EMBEDDED = 26  # ICMP error whose embedded header is truncated
     DROP_CT_FULL = 27  # new connection but the conntrack table is full
+    DROP_SRC_SPOOF = 28  # from the instance, source not its address (SourceDestCheck)
+    DROP_DST_FOREIGN = 29  # to the instance, destination not its address (SourceDestCheck)
+    DROP_NEIGH_SPOOF = 30  # ARP/ND from the instance claiming an address not its own
+    DROP_ND_ROUTER = 31  # router advertisement or redirect from an instance
 
     @property
     def allowed(self) -> bool:

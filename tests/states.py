@@ -12,19 +12,21 @@ def one_interface(ingress: Optional[List[dict]] = None, egress: Optional[List[di
                   device: str = "lo", mode: str = "workload", extra_groups: Optional[dict] = None,
                   eni_groups: Optional[List[str]] = None, others: Optional[dict] = None,
                   prefix_lists: Optional[dict] = None, settings: Optional[dict] = None,
-                  ipv6: bool = True, timeouts: Optional[dict] = None) -> State:
-    """eni-a (198.18.0.10, 2001:db8::10) bound to ``device`` with group sg-a."""
+                  ipv6: bool = True, timeouts: Optional[dict] = None,
+                  eni: Optional[dict] = None) -> State:
+    """eni-a (198.18.0.10, 2001:db8::10) bound to ``device`` with group sg-a;
+    ``eni``: more of its fields (source_dest_check, mac_address, ...)."""
     group: Dict[str, Any] = {"name": "a", "ingress": ingress or []}
     if egress is not None:
         group["egress"] = egress
-    eni: Dict[str, Any] = {"groups": eni_groups or ["sg-a"], "ipv4": ["198.18.0.10"],
-                           "device": device, "mode": mode}
+    iface: Dict[str, Any] = {"groups": eni_groups or ["sg-a"], "ipv4": ["198.18.0.10"],
+                             "device": device, "mode": mode, **(eni or {})}
     if ipv6:
-        eni["ipv6"] = ["2001:db8::10"]
+        iface["ipv6"] = ["2001:db8::10"]
     if timeouts:
-        eni["timeouts"] = timeouts
+        iface["timeouts"] = timeouts
     doc: Dict[str, Any] = {"sgctl": 1, "groups": {"sg-a": group, **(extra_groups or {})},
-                           "interfaces": {"eni-a": eni, **(others or {})}}
+                           "interfaces": {"eni-a": iface, **(others or {})}}
     if prefix_lists:
         doc["prefix_lists"] = prefix_lists
     if settings:

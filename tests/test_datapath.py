@@ -16,12 +16,14 @@ from scapy.layers.inet6 import (
     ICMPv6ND_NS,
     IPv6,
     IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
 )
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
+from controller.evaluator import ARP as ARP_PROTO
 from controller.evaluator import (
     TCP_ACK,
     TCP_FIN,
@@ -43,6 +45,13 @@ pytestmark = pytest.mark.kernel
 
 LOCAL, REMOTE, OTHER = addr("198.18.0.10"), addr("198.18.1.1"), addr("198.18.2.2")
 LOCAL6, REMOTE6 = addr("2001:db8::10"), addr("2001:db8:1::1")
+OTHER6 = addr("2001:db8::66")
+MAC = "02:00:00:00:00:01"  # the instance's: its link-local is LL
+LL, LL_PEER = addr("fe80::ff:fe00:1"), addr("fe80::1")
+SOLICITED = addr("ff02::1:ff00:10")  # LOCAL6's solicited-node group
+ZERO4, ZERO6, BCAST4 = addr("0.0.0.0"), addr("::"), addr("255.255.255.255")
+SERVER = addr("198.18.0.1")  # a DHCP server on the link
+METADATA, DNS = addr("169.254.169.254"), addr("169.254.169.253")
 SA = TCP_SYN | TCP_ACK
 
 
@@ -65,6 +74,16 @@ def uout(sport: int, dport: int, src=LOCAL, dst=REMOTE) -> P:
 def icmp(src, dst, typ: int, code: int = 0, ident: int = 0, inner: Optional[P] = None,
          proto: int = 1) -> P:
     return P(src, dst, proto, icmp_type=typ, icmp_code=code, ident=ident, embedded=inner)
+
+
+def nd(src, dst, typ: int, target=None, hop: int = 255, code: int = 0) -> P:
+    """An ICMPv6 neighbour-discovery message (NS/NA carry ``target``)."""
+    return P(src, dst, 58, icmp_type=typ, icmp_code=code, hop_limit=hop, nd_target=target)
+
+
+def arp(sender, target) -> P:
+    """An ARP reply: ``sender`` claims its address."""
+    return P(sender, target, ARP_PROTO)
 
 
 Frame = Union[P, bytes]
@@ -115,6 +134,22 @@ def truncated_l4_ipv4(n: int) -> bytes:
     return raw_eth(bytes(ip))
 
 
+def padded_l4_ipv4(pkt: P, keep: int) -> bytes:
+    """The IP packet cut to ``keep`` bytes after its header (total length
+    says so), the rest of the original left behind it as link padding."""
+    ip = bytearray(ip4_bytes(pkt))
+    struct.pack_into("!H", ip, 2, 20 + keep)
+    struct.pack_into("!H", ip, 10, 0)
+    return raw_eth(bytes(ip) + b"\0" * 8)
+
+
+def padded_nd(pkt: P) -> bytes:
+    """An NS/NA whose payload length ends before the target address."""
+    raw = bytearray(bytes(l3(pkt)))
+    struct.pack_into("!H", raw, 4, 8)  # ICMPv6 header only; the target becomes padding
+    return raw_eth(bytes(raw), 0x86DD)
+
+
 def icmp_error_truncated_inner(keep: int) -> bytes:
     """ICMP dest-unreachable whose embedded header is cut to ``keep`` bytes."""
     inner = bytes(l3(tout(80, 5000)))[:keep]
@@ -152,8 +187,8 @@ CASES: List[Case] = [
         E(icmp(LOCAL, REMOTE, 0, 0, ident=7), R.ALLOW_ESTABLISHED),
         I(icmp(REMOTE, LOCAL, 8, 1, ident=8), R.DROP_NO_RULE),
         I(icmp(REMOTE, LOCAL, 13, 0), R.DROP_NO_RULE),
-        I(icmp(REMOTE, LOCAL, 3, 3, inner=tout(1, 2)), R.ALLOW_NEW),  # any code, not tracked
-        I(icmp(REMOTE, LOCAL, 3, 9, inner=tout(1, 2)), R.ALLOW_NEW),
+        I(icmp(REMOTE, LOCAL, 3, 3, inner=tout(1, 2)), R.ALLOW_UNTRACKED),  # any code, per packet
+        I(icmp(REMOTE, LOCAL, 3, 9, inner=tout(1, 2)), R.ALLOW_UNTRACKED),
         I(icmp(REMOTE, LOCAL, 3, 9), R.DROP_ICMP_EMBEDDED),  # an error without its header
     ], {"ingress": [{"proto": "icmp", "type": 8, "code": 0, "from": "0.0.0.0/0"},
                     {"proto": "icmp", "type": 3, "code": -1, "from": "0.0.0.0/0"}],
@@ -182,17 +217,17 @@ CASES: List[Case] = [
                     {"proto": "icmpv6", "from": "::/0"}], "egress": []}),
     Case("exempt: ARP, neighbour discovery, DHCP, metadata", [
         E(raw_eth(bytes(ARP(psrc=str(LOCAL), pdst=str(REMOTE))), 0x0806), R.ALLOW_EXEMPT),
-        I(raw_eth(bytes(IPv6(src=str(REMOTE6), dst=str(LOCAL6)) / ICMPv6ND_NS(tgt=str(LOCAL6))),
-                  0x86DD), R.ALLOW_EXEMPT),
-        I(icmp(REMOTE6, LOCAL6, 136, proto=58), R.ALLOW_EXEMPT),
+        I(raw_eth(bytes(IPv6(src=str(REMOTE6), dst=str(LOCAL6), hlim=255) /
+                        ICMPv6ND_NS(tgt=str(LOCAL6))), 0x86DD), R.ALLOW_EXEMPT),
+        I(nd(REMOTE6, LOCAL6, 136, target=REMOTE6), R.ALLOW_EXEMPT),
         E(uout(68, 67, dst=addr("255.255.255.255")), R.ALLOW_EXEMPT),
         E(tout(5000, 80, dst=addr("169.254.169.254")), R.ALLOW_EXEMPT),
-        I(tin(80, 5000, SA, src=addr("169.254.169.254")), R.ALLOW_EXEMPT),
+        I(tin(80, 5000, SA, src=addr("169.254.169.254")), R.ALLOW_ESTABLISHED),  # its reply
         E(tout(5000, 80, dst=addr("169.254.169.250")), R.DROP_NO_RULE),
     ], {"ingress": [], "egress": []}),
     Case("exempt addresses from settings: a /8, a /32, IPv6; their neighbours are not", [
         E(tout(5000, 80, dst=addr("10.200.1.1")), R.ALLOW_EXEMPT),  # /8: many top-16 values
-        I(tin(80, 5000, SA, src=addr("10.0.0.1")), R.ALLOW_EXEMPT),
+        I(tin(80, 5000, SA, src=addr("10.0.0.1")), R.DROP_NO_RULE),  # a source is not exempt
         E(tout(5000, 80, dst=addr("11.0.0.1")), R.DROP_NO_RULE),
         E(tout(5000, 80, dst=addr("203.0.113.7")), R.ALLOW_EXEMPT),
         E(tout(5000, 80, dst=addr("203.0.113.8")), R.DROP_NO_RULE),  # same top 16 bits
@@ -271,14 +306,20 @@ CASES: List[Case] = [
         I(truncated_l4_ipv4(19), R.DROP_L4_TRUNCATED),
         I(truncated_l4_ipv4(20), R.ALLOW_NEW),
     ], OPEN80),
-    Case("UDP timeouts: other 30 s, stream 180 s", [
+    Case("UDP timeouts: other 30 s; stream (request, reply, request, reply) 180 s", [
         E(uout(4000, 53), R.ALLOW_NEW),
         I(uin(53, 4000), R.ALLOW_ESTABLISHED, at=30),
         E(uout(4001, 53), R.ALLOW_NEW, at=30),
-        I(uin(53, 4001), R.DROP_NO_RULE, at=61),  # 31 s idle, not yet a stream
-        E(uout(4000, 53), R.ALLOW_ESTABLISHED, at=60),  # now a stream
+        I(uin(53, 4001), R.DROP_NO_RULE, at=61),  # 31 s idle, not a stream
+        E(uout(4000, 53), R.ALLOW_ESTABLISHED, at=60),  # second request: not yet a stream
+        I(uin(53, 4000), R.ALLOW_ESTABLISHED, at=61),  # its reply: a stream now
         I(uin(53, 4000), R.ALLOW_ESTABLISHED, at=240),
         I(uin(53, 4000), R.DROP_NO_RULE, at=421),
+        E(uout(4002, 53), R.ALLOW_NEW, at=500),
+        I(uin(53, 4002), R.ALLOW_ESTABLISHED, at=500),
+        I(uin(53, 4002), R.ALLOW_ESTABLISHED, at=501),  # replies alone: one transaction
+        E(uout(4002, 53), R.ALLOW_ESTABLISHED, at=502),  # a second request, no reply
+        I(uin(53, 4002), R.DROP_NO_RULE, at=533),  # still 30 s
     ], {"ingress": [], "egress": [{"proto": "udp", "ports": 53, "to": "0.0.0.0/0"}]}),
     Case("TCP: half-open 60 s, RST closes (10 s), SYN reopens", [
         I(tin(5000, 80), R.ALLOW_NEW),
@@ -308,7 +349,9 @@ CASES: List[Case] = [
         E(uout(4000, 53), R.ALLOW_NEW),
         I(uin(53, 4000), R.ALLOW_ESTABLISHED),
         E(uout(4000, 53), R.ALLOW_ESTABLISHED),
-        I(uin(53, 4000), R.DROP_NO_RULE, at=61),
+        I(uin(53, 4000), R.ALLOW_ESTABLISHED),  # a stream
+        I(uin(53, 4000), R.ALLOW_ESTABLISHED, at=60),
+        I(uin(53, 4000), R.DROP_NO_RULE, at=121),
     ], {"ingress": [], "egress": [{"proto": "udp", "ports": 53, "to": "0.0.0.0/0"}],
         "timeouts": {"udp_stream": 60}}),
     Case("host mode: XDP is ingress, tc is egress", [
@@ -335,6 +378,157 @@ CASES: List[Case] = [
     ], {"ingress": [{"proto": "tcp", "ports": 22, "from": "pl-x"}], "egress": [],
         "prefix_lists": {"pl-x": {"family": "ipv4", "max_entries": 4,
                                   "entries": ["198.18.9.0/24"]}}}),
+
+    # ------------------------------------------------------------ SourceDestCheck (1.6)
+    Case("source check: the instance sends only from its own addresses", [
+        E(tout(5000, 80, src=OTHER), R.DROP_SRC_SPOOF),  # a forged member address
+        E(tout(5000, 80, src=OTHER6, dst=REMOTE6), R.DROP_SRC_SPOOF),
+        E(tout(5000, 80), R.ALLOW_NEW),
+        E(uout(68, 67, src=ZERO4, dst=BCAST4), R.ALLOW_EXEMPT),  # DHCP discovery
+        E(uout(5000, 53, src=ZERO4), R.DROP_SRC_SPOOF),  # nothing else from 0.0.0.0
+        E(icmp(LL, addr("fe80::1"), 128, ident=4, proto=58), R.ALLOW_NEW),  # its link-local
+        E(icmp(addr("fe80::99"), addr("fe80::1"), 128, ident=4, proto=58), R.DROP_SRC_SPOOF),
+        E(nd(ZERO6, SOLICITED, 135, target=LOCAL6), R.ALLOW_EXEMPT),  # duplicate address detection
+        E(uout(5000, 53, src=ZERO6, dst=REMOTE6), R.DROP_SRC_SPOOF),
+        E(replace(uout(5000, 53, src=OTHER), frag_id=5, frag_offset=8), R.DROP_SRC_SPOOF),
+    ], {"ingress": [], "eni": {"mac_address": MAC}}),
+    Case("source check: the instance receives only at its own addresses", [
+        I(tin(5000, 22, dst=OTHER), R.DROP_DST_FOREIGN),  # an address it configured itself
+        I(tin(5000, 22, src=REMOTE6, dst=OTHER6), R.DROP_DST_FOREIGN),
+        I(tin(5000, 22), R.ALLOW_NEW),
+        I(uin(5000, 53, dst=BCAST4), R.DROP_NO_RULE),  # broadcast: the rules decide
+        I(uin(5000, 5353, dst=addr("224.0.0.251")), R.DROP_NO_RULE),
+        I(replace(uin(5000, 53, dst=addr("198.18.0.255")), l2_multicast=True), R.DROP_NO_RULE),
+        I(uin(5000, 53, dst=addr("198.18.0.255")), R.DROP_DST_FOREIGN),  # unicast frame
+        I(uin(5000, 53, src=REMOTE6, dst=addr("ff02::fb")), R.DROP_NO_RULE),
+        I(replace(uin(5000, 53, src=REMOTE6, dst=OTHER6), l2_multicast=True),
+          R.DROP_DST_FOREIGN),  # no broadcast in IPv6
+        I(tin(5000, 22, src=REMOTE6, dst=LL), R.ALLOW_NEW),
+    ], {"ingress": [{"proto": "tcp", "ports": 22, "from": "0.0.0.0/0"},
+                    {"proto": "tcp", "ports": 22, "from": "::/0"}], "egress": [],
+        "eni": {"mac_address": MAC}}),
+    Case("source check off (a router instance): addresses are the rules' business", [
+        E(tout(5000, 80, src=OTHER), R.ALLOW_NEW),
+        I(tin(5000, 22, dst=OTHER), R.ALLOW_NEW),
+        E(nd(LL, addr("ff02::1"), 134), R.ALLOW_EXEMPT),  # its router advertisements
+        E(nd(LOCAL6, addr("2001:db8::99"), 136, target=OTHER6), R.ALLOW_EXEMPT),
+        E(arp(OTHER, REMOTE), R.ALLOW_EXEMPT),
+        E(icmp(OTHER, REMOTE, 3, 3, inner=tin(5000, 22, dst=OTHER)), R.ALLOW_RELATED),
+    ], {"ingress": [{"proto": "tcp", "ports": 22, "from": "198.18.1.0/24"}],
+        "eni": {"source_dest_check": False, "mac_address": MAC}}),
+    Case("ARP from the instance claims only its own address", [
+        E(arp(LOCAL, REMOTE), R.ALLOW_EXEMPT),
+        E(arp(OTHER, REMOTE), R.DROP_NEIGH_SPOOF),  # poisoning a neighbour's table
+        E(arp(ZERO4, LOCAL), R.ALLOW_EXEMPT),  # address probe
+        I(arp(OTHER, LOCAL), R.ALLOW_EXEMPT),  # what others claim is their own check
+        E(raw_eth(bytes(ARP(hwtype=6, psrc=str(LOCAL), pdst=str(REMOTE))), 0x0806),
+          R.DROP_NEIGH_SPOOF),  # not IPv4 over Ethernet: nothing to check it by
+        E(raw_eth(bytes(ARP(psrc=str(LOCAL), pdst=str(REMOTE)))[:20], 0x0806),
+          R.DROP_L2_MALFORMED),
+    ], {"ingress": [], "egress": []}),
+    # ------------------------------------------------------------ exemptions (1.3)
+    Case("neighbour discovery: IPv6 only, hop limit 255, on the link", [
+        I(icmp(REMOTE, LOCAL, 135, proto=58), R.DROP_NO_RULE),  # IPv4 protocol 58 is not ND
+        E(icmp(LOCAL, REMOTE, 135, proto=58), R.DROP_NO_RULE),
+        I(nd(REMOTE6, LOCAL6, 135, target=LOCAL6, hop=64), R.DROP_NO_RULE),  # routed: not ND
+        I(nd(REMOTE6, SOLICITED, 135, target=LOCAL6), R.ALLOW_EXEMPT),
+        E(nd(LOCAL6, addr("2001:db8::99"), 136, target=LOCAL6), R.ALLOW_EXEMPT),  # same /64
+        E(nd(LOCAL6, addr("2001:db8:5::1"), 136, target=LOCAL6), R.DROP_NO_RULE),  # off the link
+        E(nd(LOCAL6, addr("2001:db8:5::1"), 135, target=LOCAL6), R.DROP_NO_RULE),
+        E(nd(LL, SOLICITED, 135, target=LOCAL6, code=1), R.DROP_NO_RULE),  # code must be 0
+        E(nd(LOCAL6, LL_PEER, 136, target=OTHER6), R.DROP_NEIGH_SPOOF),
+        E(nd(LOCAL6, LL_PEER, 136), R.DROP_NEIGH_SPOOF),  # an NA without its target
+        E(nd(LL, addr("ff02::1"), 134), R.DROP_ND_ROUTER),  # instances are not routers
+        E(nd(LL, LL_PEER, 137), R.DROP_ND_ROUTER),
+        E(nd(LL, addr("ff02::2"), 133), R.ALLOW_EXEMPT),  # router solicitation
+        I(nd(LL_PEER, addr("ff02::1"), 134), R.ALLOW_EXEMPT),  # the router's advertisement
+        I(nd(REMOTE6, addr("ff02::1"), 134), R.DROP_NO_RULE),  # not from a link-local
+        I(nd(REMOTE6, LOCAL6, 137), R.DROP_NO_RULE),  # a redirect from anywhere
+        I(nd(LL_PEER, LL, 137), R.ALLOW_EXEMPT),
+    ], {"ingress": [], "egress": [], "eni": {"mac_address": MAC}}),
+    Case("DHCP: the client side only", [
+        I(uin(67, 68, src=SERVER, dst=BCAST4), R.DROP_NO_RULE),  # a rogue offer, never asked
+        E(uout(68, 67, src=ZERO4, dst=BCAST4), R.ALLOW_EXEMPT),
+        I(uin(67, 68, src=SERVER, dst=BCAST4), R.ALLOW_EXEMPT),  # the answer
+        I(uin(67, 68, src=SERVER), R.ALLOW_EXEMPT, at=30),
+        I(uin(67, 68, src=SERVER), R.DROP_NO_RULE, at=61),  # 31 s after the last request
+        E(uout(68, 67, dst=REMOTE), R.DROP_NO_RULE),  # port 68 is no tunnel to the world
+        I(uin(68, 67), R.DROP_NO_RULE),  # server traffic towards the instance
+        E(uout(67, 68, dst=BCAST4), R.DROP_NO_RULE),  # the instance as a DHCP server
+        E(uout(546, 547, src=LL, dst=addr("ff02::1:2")), R.ALLOW_EXEMPT, at=100),
+        I(uin(547, 546, src=LL_PEER, dst=LL), R.ALLOW_EXEMPT, at=100),
+        I(uin(547, 546, src=LL_PEER, dst=LOCAL6), R.ALLOW_EXEMPT, at=100),
+    ], {"ingress": [], "egress": [], "eni": {"mac_address": MAC}}),
+    Case("DHCP servers configured: only they answer, requests go only to them", [
+        E(uout(68, 67, src=ZERO4, dst=BCAST4), R.ALLOW_EXEMPT),
+        I(uin(67, 68, src=addr("198.18.0.66"), dst=BCAST4), R.DROP_NO_RULE),
+        I(uin(67, 68, src=SERVER, dst=BCAST4), R.ALLOW_EXEMPT),
+        E(uout(68, 67, dst=SERVER), R.ALLOW_EXEMPT),  # renewal, unicast
+        E(uout(68, 67, dst=addr("198.18.0.66")), R.DROP_NO_RULE),
+    ], {"ingress": [], "egress": [], "settings": {"dhcp_servers": ["198.18.0.1/32"]}}),
+    Case("infrastructure services: exempt as destinations, and their replies only", [
+        I(tin(5000, 22, src=METADATA), R.DROP_NO_RULE),  # a forged exempt source
+        I(uin(53, 4000, src=DNS), R.DROP_NO_RULE),  # an answer nobody asked for
+        E(uout(4000, 53, dst=DNS), R.ALLOW_EXEMPT),
+        I(uin(53, 4000, src=DNS), R.ALLOW_ESTABLISHED),
+        I(uin(53, 4001, src=DNS), R.DROP_NO_RULE),
+        E(icmp(LOCAL, METADATA, 8, ident=9), R.ALLOW_EXEMPT),
+        I(icmp(METADATA, LOCAL, 0, ident=9), R.ALLOW_ESTABLISHED),
+        I(icmp(METADATA, LOCAL, 8, ident=9), R.DROP_NO_RULE),
+        E(icmp(LOCAL, METADATA, 0, ident=9), R.ALLOW_EXEMPT),  # a reply to it: not tracked
+        I(uin(53, 4000, src=DNS), R.DROP_NO_RULE, at=31),
+    ], {"ingress": [], "egress": []}),
+    # ------------------------------------------------------------ ICMP (1.4)
+    Case("ICMP queries: a reply answers only its own request", [
+        I(icmp(REMOTE, LOCAL, 13, ident=1), R.ALLOW_NEW),  # timestamp request
+        E(icmp(LOCAL, REMOTE, 0, ident=1), R.DROP_NO_RULE),  # an echo reply is no answer
+        E(icmp(LOCAL, REMOTE, 14, ident=1), R.ALLOW_ESTABLISHED),
+        E(icmp(LOCAL, REMOTE, 13, ident=1), R.DROP_NO_RULE),  # nor its own request back
+        E(icmp(LOCAL, REMOTE, 5, 1), R.DROP_NO_RULE),  # nor any other type
+        E(icmp(LOCAL, REMOTE, 14, ident=2), R.DROP_NO_RULE),
+        I(icmp(REMOTE, LOCAL, 13, ident=1), R.ALLOW_ESTABLISHED, at=29),
+        E(icmp(LOCAL, REMOTE, 14, ident=1), R.DROP_NO_RULE, at=60),
+    ], {"ingress": [{"proto": "icmp", "type": 13, "code": -1, "from": "0.0.0.0/0"}],
+        "egress": []}),
+    Case("ICMP other types and replies are judged per packet, never tracked", [
+        I(icmp(REMOTE, LOCAL, 5, 1), R.ALLOW_UNTRACKED),  # allowed here...
+        E(icmp(LOCAL, REMOTE, 5, 1), R.DROP_NO_RULE),  # ...opens nothing
+        E(icmp(LOCAL, REMOTE, 8, ident=3), R.DROP_NO_RULE),
+        I(icmp(REMOTE, LOCAL, 0, ident=3), R.ALLOW_UNTRACKED),  # an echo reply opens nothing
+        E(icmp(LOCAL, REMOTE, 8, ident=3), R.DROP_NO_RULE),
+    ], {"ingress": [{"proto": "icmp", "type": 5, "code": -1, "from": "0.0.0.0/0"},
+                    {"proto": "icmp", "type": 0, "code": -1, "from": "0.0.0.0/0"}],
+        "egress": []}),
+    Case("related ICMP errors must be consistent with their connection", [
+        I(tin(5000, 80), R.ALLOW_NEW),
+        E(icmp(LOCAL, REMOTE, 3, 3, inner=tin(5000, 80)), R.ALLOW_RELATED),
+        E(icmp(LOCAL, OTHER, 3, 3, inner=tin(5000, 80)), R.DROP_NO_RULE),  # not to its source
+        E(icmp(LOCAL, REMOTE, 3, 3, inner=tin(5000, 81)), R.DROP_NO_RULE),
+        E(tout(6000, 443), R.ALLOW_NEW),
+        I(icmp(OTHER, LOCAL, 3, 4, inner=tout(6000, 443)), R.ALLOW_RELATED),  # a router on the path
+        I(icmp(OTHER, LOCAL, 3, 4, inner=tout(6000, 443, src=OTHER)), R.DROP_NO_RULE),
+    ], {"ingress": [{"proto": "tcp", "ports": 80, "from": "198.18.1.0/24"}],
+        "egress": [{"proto": "tcp", "ports": 443, "to": "0.0.0.0/0"}]}),
+    # ------------------------------------------------------------ parsing (1.5)
+    Case("IPv6 fragments: extension headers after the Fragment header", [
+        I(bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src=str(REMOTE6), dst=str(LOCAL6)) /
+                IPv6ExtHdrFragment(id=11, m=1, nh=60) / IPv6ExtHdrDestOpt() /
+                UDP(sport=5000, dport=53) / Raw(b"x" * 16)), R.ALLOW_NEW),
+        I(bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src=str(REMOTE6), dst=str(LOCAL6)) /
+                IPv6ExtHdrFragment(id=11, offset=4, nh=60) / Raw(b"y" * 16)), R.ALLOW_FRAGMENT),
+        I(bytes(Ether(src=SRC_MAC, dst=DST_MAC) / IPv6(src=str(REMOTE6), dst=str(LOCAL6)) /
+                IPv6ExtHdrFragment(id=12, offset=4, nh=60) / Raw(b"y" * 16)),
+          R.DROP_FRAG_UNKNOWN),
+    ], {"ingress": [{"proto": "udp", "ports": 53, "from": "::/0"}], "egress": []}),
+    Case("headers are never read from the Ethernet padding", [
+        I(padded_l4_ipv4(tin(5000, 80), 10), R.DROP_L4_TRUNCATED),
+        I(padded_l4_ipv4(uin(5000, 53), 4), R.DROP_L4_TRUNCATED),
+        I(padded_l4_ipv4(icmp(REMOTE, LOCAL, 8, ident=1), 4), R.DROP_L4_TRUNCATED),
+        I(padded_l4_ipv4(icmp(OTHER, LOCAL, 3, 4, inner=tout(5000, 80)), 8 + 20 + 4),
+          R.DROP_ICMP_EMBEDDED),
+        I(padded_l4_ipv4(tin(5000, 80), 20), R.ALLOW_NEW),
+        E(padded_nd(nd(LOCAL6, LL_PEER, 136, target=LOCAL6)), R.DROP_NEIGH_SPOOF),
+    ], dict(OPEN80, eni={"mac_address": MAC})),
 ]
 
 
@@ -363,7 +557,8 @@ def test_fixture_table(case: Case, kernel, test_devs) -> None:
 def test_truncated_at_every_offset(kernel, test_devs) -> None:
     """Every prefix of valid frames (v4 TCP, v6 UDP, ICMP error, VLAN) is
     dropped and counted under a malformed-packet reason, never passed."""
-    kernel.apply(one_interface(device=test_devs[0], ingress=[]))  # default egress: all allowed
+    kernel.apply(one_interface(device=test_devs[0], ingress=[],  # default egress: all allowed
+                               eni={"source_dest_check": False}))  # the frames come in as egress
     malformed = {R.DROP_L2_MALFORMED, R.DROP_IPV4_MALFORMED, R.DROP_IPV6_MALFORMED,
                  R.DROP_L4_TRUNCATED, R.DROP_ICMP_EMBEDDED, R.DROP_EXTHDR_LIMIT}
     frames = [
@@ -442,7 +637,7 @@ def test_changes_rewrite_only_the_policies_they_touch(kernel, test_devs) -> None
                                                 "from": "198.18.0.0/16"}]},
             "sg-m": {"name": "m"}},
             "interfaces": {
-                "eni-a": {"groups": ["sg-a"], "device": test_devs[0]},
+                "eni-a": {"groups": ["sg-a"], "device": test_devs[0], "ipv4": ["198.18.0.10"]},
                 "eni-b": {"groups": ["sg-b"], "device": test_devs[1]},
                 "eni-m": {"groups": ["sg-m"], "ipv4": [member_ip]}}})
 

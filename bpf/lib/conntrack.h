@@ -19,9 +19,46 @@ static __always_inline void ct_key_of(struct sg_ct_key *k, __u32 ep_id, __u8 dir
 	if (f->proto == SG_IPPROTO_TCP || f->proto == SG_IPPROTO_UDP) {
 		k->lport = in ? f->dport : f->sport;
 		k->rport = in ? f->sport : f->dport;
-	} else if (sg_is_echo(f->proto, f->icmp_type)) {
+	} else if (f->proto == SG_IPPROTO_ICMP || f->proto == SG_IPPROTO_ICMPV6) {
+		/* a query and its reply find one entry; the two sides' own
+		 * queries with the same id are two entries */
+		__u8 req = sg_icmp_query(f->proto, f->icmp_type);
+		__u8 req_dir = f->icmp_type == req ? dir : dir ^ 1;
 		k->lport = f->echo_id;
+		k->rport = bpf_htons(req | ((__u16)req_dir << 8));
 	}
+}
+
+/* Can this packet belong to a connection? ICMP: only queries and their
+ * replies (errors are related, other types are judged per packet). */
+static __always_inline int ct_trackable(struct sg_flow *f)
+{
+	if (f->proto == SG_IPPROTO_ICMP || f->proto == SG_IPPROTO_ICMPV6)
+		return sg_icmp_query(f->proto, f->icmp_type) != 0;
+	return 1;
+}
+
+/* Can this packet open one? Not an ICMP reply, nor a packet that cannot
+ * belong to one. */
+static __always_inline int ct_opens(struct sg_flow *f)
+{
+	if (f->proto == SG_IPPROTO_ICMP || f->proto == SG_IPPROTO_ICMPV6) {
+		__u8 req = sg_icmp_query(f->proto, f->icmp_type);
+		return req && req == f->icmp_type;
+	}
+	return 1;
+}
+
+/* The DHCP client's pseudo-connection (1.3): refreshed by each request the
+ * interface sends, it lets the replies in for the UDP timeout whatever
+ * server address they come from. */
+static __always_inline void ct_dhcp_key(struct sg_ct_key *k, __u32 ep_id, __u8 family)
+{
+	k->ep_id = ep_id;
+	k->family = family;
+	k->proto = SG_IPPROTO_UDP;
+	k->lport = bpf_htons(family == 4 ? 68 : 546);
+	k->rport = bpf_htons(family == 4 ? 67 : 547);
 }
 
 static __always_inline __u32 ct_timeout(struct sg_endpoint *ep, __u8 proto, __u8 state)
@@ -69,7 +106,11 @@ static __always_inline void ct_update(struct sg_ct_entry *e, __u8 dir, struct sg
 	} else if (reply && state == SG_CT_NEW) {
 		state = SG_CT_ESTABLISHED;
 	} else if (state == SG_CT_ESTABLISHED && p->f.proto == SG_IPPROTO_UDP) {
-		state = SG_CT_STREAM;
+		/* a stream: more than one request-response transaction */
+		if (!reply && !(e->fin & SG_CT_UDP_ASKED))
+			e->fin |= SG_CT_UDP_ASKED;
+		else if (reply && (e->fin & SG_CT_UDP_ASKED))
+			state = SG_CT_STREAM;
 	}
 	if (state != e->state)
 		e->state = state;
@@ -86,10 +127,15 @@ static __always_inline int ct_fresh_syn(struct sg_pkt *p, struct sg_ct_entry *e)
 
 /* Create (or reuse an expired/closing) entry. Returns 0 or SG_DROP_CT_FULL. */
 static __always_inline int ct_create(struct sg_ct_key *k, int exists, __u8 dir, struct sg_pkt *p,
-				     struct sg_endpoint *ep, __u32 rule_index, __u64 now)
+				     struct sg_endpoint *ep, __u32 rule_index, __u64 now, __u8 flags)
 {
 	struct sg_ct_entry e = {};
 	e.origin = dir;
+	e.flags = flags;
+	if (p->f.proto == SG_IPPROTO_ICMP || p->f.proto == SG_IPPROTO_ICMPV6) {
+		e.icmp_type = p->f.icmp_type;
+		e.icmp_code = p->f.icmp_code;
+	}
 	e.state = SG_CT_NEW;
 	e.last_seen = now;
 	e.rule_index = rule_index;

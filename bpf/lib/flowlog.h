@@ -77,7 +77,7 @@ static __always_inline void flow_skip(__u32 ep_id)
  * traffic (which AWS does not log either). */
 static __always_inline int flow_logged(int reason, struct sg_pkt *p)
 {
-	return p->f.family && reason != SG_ALLOW_ESTABLISHED && reason != SG_ALLOW_EXEMPT &&
+	return p->f.family && !p->is_arp && reason != SG_ALLOW_ESTABLISHED && reason != SG_ALLOW_EXEMPT &&
 	       reason != SG_PASS_UNBOUND;
 }
 

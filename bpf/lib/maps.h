@@ -34,6 +34,9 @@
 #define SG_COUNTER_SLOTS 1024 /* endpoint ids 1..1023 get their own counters; 0 = other */
 #define SG_RULE_SLOTS 65536   /* rule numbers 1..65535 get their own hit counters; 0 = other */
 #define SG_EXEMPT_MAX 1024
+#ifndef SG_LOCAL_MAX
+#define SG_LOCAL_MAX 65536
+#endif
 #ifndef SG_FLOW_RING_BYTES
 #define SG_FLOW_RING_BYTES (4 << 20) /* ~58k flow events */
 #endif
@@ -59,9 +62,12 @@ BPF_TABLE_PINNED("hash", struct sg_ct_key, struct sg_ct_entry, sg_conntrack, SG_
 /* first fragments that were allowed: (endpoint, addresses, proto, IP id) -> seconds */
 BPF_TABLE_PINNED("lru_hash", struct sg_frag_key, __u64, sg_frags, SG_FRAG_MAX,
 		 SG_PIN_DIR "/sg_frags");
-/* infrastructure addresses security groups never filter (1.3) */
+/* infrastructure services and DHCP servers (1.3) -> SG_EXEMPT_* bits */
 BPF_TABLE_PINNED("lpm_trie", struct sg_exempt_key, __u8, sg_exempt_lpm, SG_EXEMPT_MAX,
 		 SG_PIN_DIR "/sg_exempt_lpm", BPF_F_NO_PREALLOC);
+/* each bound interface's own addresses and IPv6 /64s (SourceDestCheck, 1.6) */
+BPF_TABLE_PINNED("hash", struct sg_local_key, __u8, sg_local_addrs, SG_LOCAL_MAX,
+		 SG_PIN_DIR "/sg_local_addrs", BPF_F_NO_PREALLOC);
 /* global switches and the test clock */
 BPF_TABLE_PINNED("array", __u32, struct sg_config, sg_config, 1, SG_PIN_DIR "/sg_config");
 /* packets/bytes per (endpoint slot, direction, reason) */

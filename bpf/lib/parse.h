@@ -40,10 +40,14 @@
 			      (1ULL << 20) | (1ULL << 17) | (1ULL << 49) | (1ULL << 16) | \
 			      (1ULL << 48))
 
+#define SG_ARP_LEN     28  /* Ethernet/IPv4 ARP */
+#define SG_ND_TARGET_END 24 /* NS/NA: 8 bytes of header, then the target address */
+
 struct hdr_cursor {
 	void *pos;
 	void *start;
 	__u32 wire_len;  /* whole packet: tc sees only the linear part in [data, end) */
+	__u32 ip_end;    /* offset where the IP packet ends (Ethernet padding follows) */
 };
 
 /* Bytes of the packet from the cursor to its end on the wire. */
@@ -51,6 +55,14 @@ static __always_inline __u32 cursor_wire_left(struct hdr_cursor *c)
 {
 	__u32 off = c->pos - c->start;
 	return off < c->wire_len ? c->wire_len - off : 0;
+}
+
+/* Do n more bytes from the cursor belong to the IP packet? (Bytes past its
+ * total length are link padding: never read as headers.) */
+static __always_inline int cursor_in_ip(struct hdr_cursor *c, __u32 n)
+{
+	__u32 off = c->pos - c->start;
+	return off + n <= c->ip_end;
 }
 
 struct sg_vlan_hdr {
@@ -66,7 +78,7 @@ struct sg_flow {
 	__be16 sport;      /* TCP/UDP */
 	__be16 dport;
 	__be16 rule_port;  /* what port rules compare: dport, or ICMP type<<8|code */
-	__be16 echo_id;    /* ICMP echo identifier */
+	__be16 echo_id;    /* ICMP query identifier (echo, timestamp, ...) */
 	__u8 family;       /* 4 or 6 */
 	__u8 proto;
 	__u8 icmp_type;
@@ -74,20 +86,37 @@ struct sg_flow {
 };
 
 struct sg_pkt {
-	struct sg_flow f;
+	struct sg_flow f;      /* ARP: sender address in src, target in dst */
 	struct sg_flow inner;  /* the header inside an ICMP error */
+	__be32 nd_target[4];   /* NS/NA target address (has_target) */
 	__u32 frag_id;
 	__u32 ip_len;          /* IP bytes on the wire (header included) */
 	__u8 frag;             /* SG_FRAG_* */
+	__u8 frag_proto;       /* protocol of the fragmentable part: the same in
+				* every fragment of a datagram (fragment key) */
 	__u8 tcp_flags;
 	__u8 icmp_error;       /* inner is valid */
 	__u8 is_arp;
+	__u8 arp_ipv4;         /* ARP for IPv4 over Ethernet: addresses are valid */
+	__u8 hop_limit;        /* IPv6 hop limit (neighbour discovery needs 255) */
+	__u8 l2_mcast;         /* Ethernet destination is broadcast/multicast */
+	__u8 has_target;
 };
 
-static __always_inline int sg_is_echo(__u8 proto, __u8 type)
+/* ICMP query/reply pairs (1.4): echo, timestamp, information, address mask;
+ * ICMPv6 echo. Returns the pair's request type, 0 for any other type. */
+static __always_inline __u8 sg_icmp_query(__u8 proto, __u8 type)
 {
-	return (proto == SG_IPPROTO_ICMP && (type == 8 || type == 0)) ||
-	       (proto == SG_IPPROTO_ICMPV6 && (type == 128 || type == 129));
+	if (proto == SG_IPPROTO_ICMP) {
+		if (type == 8 || type == 0)
+			return 8;
+		if (type >= 13 && type <= 18)
+			return type & 1 ? type : type - 1;  /* 13/14, 15/16, 17/18 */
+		return 0;
+	}
+	if (proto == SG_IPPROTO_ICMPV6 && (type == 128 || type == 129))
+		return 128;
+	return 0;
 }
 
 static __always_inline int sg_is_icmp_error(__u8 proto, __u8 type)
@@ -100,12 +129,14 @@ static __always_inline int sg_is_icmp_error(__u8 proto, __u8 type)
 }
 
 /* Ethernet + up to VLAN_MAX_DEPTH tags. *eth_type gets the inner type (host order). */
-static __always_inline int parse_ethhdr(struct hdr_cursor *c, void *end, __u16 *eth_type)
+static __always_inline int parse_ethhdr(struct hdr_cursor *c, void *end, __u16 *eth_type,
+					struct sg_pkt *p)
 {
 	struct ethhdr *eth = c->pos;
 	if ((void *)(eth + 1) > end)
 		return SG_DROP_L2_MALFORMED;
 	c->pos = eth + 1;
+	p->l2_mcast = eth->h_dest[0] & 1;
 	__u16 type = bpf_ntohs(eth->h_proto);
 #pragma unroll
 	for (int i = 0; i < VLAN_MAX_DEPTH; i++) {
@@ -139,7 +170,10 @@ static __always_inline int parse_ipv4(struct hdr_cursor *c, void *end, struct sg
 		return SG_DROP_IPV4_MALFORMED;
 	p->f.family = 4;
 	p->ip_len = tot;
+	c->ip_end = (c->pos - c->start) + tot;
 	p->f.proto = ip->protocol;
+	p->frag_proto = ip->protocol;
+	p->hop_limit = ip->ttl;
 	p->f.src[0] = ip->saddr;
 	p->f.dst[0] = ip->daddr;
 	__u16 frag = bpf_ntohs(ip->frag_off);
@@ -163,6 +197,8 @@ static __always_inline int parse_ipv6(struct hdr_cursor *c, void *end, struct sg
 		return SG_DROP_IPV6_MALFORMED;
 	p->f.family = 6;
 	p->ip_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+	c->ip_end = (c->pos - c->start) + p->ip_len;
+	p->hop_limit = ip6->hop_limit;
 	__builtin_memcpy(p->f.src, &ip6->saddr, 16);
 	__builtin_memcpy(p->f.dst, &ip6->daddr, 16);
 	__u8 nexthdr = ip6->nexthdr;
@@ -195,6 +231,7 @@ static __always_inline int parse_ipv6(struct hdr_cursor *c, void *end, struct sg
 			__u16 off = bpf_ntohs(fh->off);
 			p->frag_id = bpf_ntohl(fh->id);
 			nexthdr = fh->nexthdr;
+			p->frag_proto = nexthdr;
 			c->pos = fh + 1;
 			if (off & 0xFFF8) {
 				p->frag = SG_FRAG_LATER;
@@ -238,12 +275,12 @@ static __always_inline int parse_icmp_inner(struct hdr_cursor *c, void *end, str
 		c->pos = ip6 + 1;
 	}
 	__u8 *l4 = c->pos;
-	if ((void *)(l4 + 8) > end)
+	if ((void *)(l4 + 8) > end || !cursor_in_ip(c, 8))
 		return SG_DROP_ICMP_EMBEDDED;
 	if (in->proto == SG_IPPROTO_TCP || in->proto == SG_IPPROTO_UDP) {
 		in->sport = *(__be16 *)l4;
 		in->dport = *(__be16 *)(l4 + 2);
-	} else if (sg_is_echo(in->proto, l4[0])) {
+	} else if (in->proto == SG_IPPROTO_ICMP || in->proto == SG_IPPROTO_ICMPV6) {
 		in->icmp_type = l4[0];
 		in->echo_id = *(__be16 *)(l4 + 4);
 	}
@@ -257,7 +294,7 @@ static __always_inline int parse_l4(struct hdr_cursor *c, void *end, struct sg_p
 	__u8 proto = p->f.proto;
 	if (proto == SG_IPPROTO_TCP) {
 		struct tcphdr *th = c->pos;
-		if ((void *)(th + 1) > end || th->doff < 5)
+		if ((void *)(th + 1) > end || !cursor_in_ip(c, sizeof(*th)) || th->doff < 5)
 			return SG_DROP_L4_TRUNCATED;
 		p->f.sport = th->source;
 		p->f.dport = th->dest;
@@ -267,19 +304,24 @@ static __always_inline int parse_l4(struct hdr_cursor *c, void *end, struct sg_p
 			return SG_DROP_TCP_FLAGS;
 	} else if (proto == SG_IPPROTO_UDP) {
 		struct udphdr *uh = c->pos;
-		if ((void *)(uh + 1) > end)
+		if ((void *)(uh + 1) > end || !cursor_in_ip(c, sizeof(*uh)))
 			return SG_DROP_L4_TRUNCATED;
 		p->f.sport = uh->source;
 		p->f.dport = uh->dest;
 		p->f.rule_port = uh->dest;
 	} else if (proto == SG_IPPROTO_ICMP || proto == SG_IPPROTO_ICMPV6) {
 		__u8 *ic = c->pos;
-		if ((void *)(ic + 8) > end)
+		if ((void *)(ic + 8) > end || !cursor_in_ip(c, 8))
 			return SG_DROP_L4_TRUNCATED;
 		p->f.icmp_type = ic[0];
 		p->f.icmp_code = ic[1];
 		p->f.rule_port = *(__be16 *)ic;  /* type, code: already type<<8|code in network order */
 		p->f.echo_id = *(__be16 *)(ic + 4);
+		if (proto == SG_IPPROTO_ICMPV6 && (ic[0] == 135 || ic[0] == 136) &&
+		    (void *)(ic + SG_ND_TARGET_END) <= end && cursor_in_ip(c, SG_ND_TARGET_END)) {
+			__builtin_memcpy(p->nd_target, ic + 8, 16);
+			p->has_target = 1;
+		}
 		c->pos = ic + 8;
 		if (sg_is_icmp_error(proto, ic[0]))
 			return parse_icmp_inner(c, end, p);
@@ -287,19 +329,36 @@ static __always_inline int parse_l4(struct hdr_cursor *c, void *end, struct sg_p
 	return 0;
 }
 
-/* The whole frame. Returns 0 for an IP packet to judge, SG_ALLOW_EXEMPT
- * for ARP, or a drop reason. */
+/* ARP: the sender and target protocol addresses when it is IPv4 over
+ * Ethernet (anything else has arp_ipv4 = 0). */
+static __always_inline int parse_arp(struct hdr_cursor *c, void *end, struct sg_pkt *p)
+{
+	__u8 *a = c->pos;
+	p->is_arp = 1;
+	if ((void *)(a + 8) > end)
+		return SG_DROP_L2_MALFORMED;
+	if (a[0] != 0 || a[1] != 1 || a[2] != 0x08 || a[3] != 0 || a[4] != 6 || a[5] != 4)
+		return 0;
+	if ((void *)(a + SG_ARP_LEN) > end)
+		return SG_DROP_L2_MALFORMED;
+	p->arp_ipv4 = 1;
+	p->f.family = 4;
+	__builtin_memcpy(p->f.src, a + 14, 4);
+	__builtin_memcpy(p->f.dst, a + 24, 4);
+	return 0;
+}
+
+/* The whole frame. Returns 0 for an IP or ARP packet to judge, or a drop
+ * reason. */
 static __always_inline int parse_packet(void *data, void *end, __u32 wire_len, struct sg_pkt *p)
 {
 	struct hdr_cursor c = { .pos = data, .start = data, .wire_len = wire_len };
 	__u16 eth_type = 0;
-	int rc = parse_ethhdr(&c, end, &eth_type);
+	int rc = parse_ethhdr(&c, end, &eth_type, p);
 	if (rc)
 		return rc;
-	if (eth_type == SG_ETH_P_ARP) {
-		p->is_arp = 1;
-		return SG_ALLOW_EXEMPT;
-	}
+	if (eth_type == SG_ETH_P_ARP)
+		return parse_arp(&c, end, p);
 	if (eth_type == SG_ETH_P_IP)
 		rc = parse_ipv4(&c, end, p);
 	else if (eth_type == SG_ETH_P_IPV6)

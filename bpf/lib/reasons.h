@@ -25,6 +25,10 @@ enum sg_reason {
 	SG_DROP_FRAG_UNKNOWN   = 25, /* fragment of a datagram never allowed */
 	SG_DROP_ICMP_EMBEDDED  = 26, /* ICMP error with truncated embedded header */
 	SG_DROP_CT_FULL        = 27, /* new connection, conntrack table full */
+	SG_DROP_SRC_SPOOF      = 28, /* from the instance, source not its address (1.6) */
+	SG_DROP_DST_FOREIGN    = 29, /* to the instance, destination not its address (1.6) */
+	SG_DROP_NEIGH_SPOOF    = 30, /* ARP/ND from the instance claiming another's address */
+	SG_DROP_ND_ROUTER      = 31, /* router advertisement or redirect from an instance */
 };
 
 #define SG_REASON_MAX 32

@@ -14,12 +14,27 @@
 #define SG_FLAG_WORLD 0x1  /* segment has a rule with peer 0.0.0.0/0 or ::/0 */
 
 /* sg_config.flags */
-#define SG_CFG_EXEMPT_DHCP 0x1
-#define SG_CFG_FLOW_LOG    0x2 /* flow logs on: connection accounting and flow events */
+#define SG_CFG_EXEMPT_DHCP  0x1 /* DHCP client traffic is exempt (1.3) */
+#define SG_CFG_FLOW_LOG     0x2 /* flow logs on: connection accounting and flow events */
+#define SG_CFG_DHCP_SERVERS 0x4 /* DHCP servers are configured: only they may answer */
+
+/* sg_exempt_lpm values: what an infrastructure address is */
+#define SG_EXEMPT_SERVICE     0x1 /* DNS, metadata, time: exempt as a destination */
+#define SG_EXEMPT_DHCP_SERVER 0x2 /* a configured DHCP server */
 
 /* sg_endpoint.flags */
 #define SG_EP_PROBE 0x1    /* `sgctl explain`'s probe: decide, but create no
 			    * conntrack entry and count no rule hit */
+#define SG_EP_SRC_CHECK 0x2 /* SourceDestCheck (1.6): the instance may send only
+			     * from, and receive only at, its own addresses */
+
+/* sg_ct_entry.flags */
+#define SG_CT_F_EXEMPT 0x1 /* opened by exempt traffic (infrastructure, DHCP):
+			    * not a flow-log record, never revalidated */
+
+/* sg_ct_entry.fin for UDP: the origin spoke again after the reply (the
+ * second transaction's request; its reply makes the flow a stream) */
+#define SG_CT_UDP_ASKED 0x1
 
 /* conntrack states */
 #define SG_CT_NEW         1 /* one direction seen */
@@ -50,6 +65,23 @@ struct sg_endpoint {
 	__u16 open_all;       /* bit ((dir*2+fam)*2 + is_udp): world-open on all ports */
 	__u32 world_class[4]; /* [dir*2+fam]: class of the 0/0 rules, 0 = none */
 	__u32 timeouts[SG_TO_MAX]; /* seconds */
+	__u32 addr_id;        /* sg_local_addrs identity: ep_id (explain's probe keeps
+			       * the real interface's) */
+};
+
+/* sg_local_addrs key (1.6): an address of an endpoint's interface (primary
+ * and secondary IPv4, IPv6, its IPv6 link-local), or one of its IPv6 /64
+ * on-link prefixes (neighbour discovery to a global neighbour). One hash
+ * lookup decides "is this address the interface's", however many it has. */
+#define SG_LOCAL_ADDR     0
+#define SG_LOCAL_ONLINK64 1
+
+struct sg_local_key {
+	__u32 addr_id;
+	__u8  family;
+	__u8  kind;           /* SG_LOCAL_* */
+	__u16 pad;
+	__be32 addr[4];       /* IPv4 in addr[0]; ONLINK64: the /64, rest zero */
 };
 
 /* Classification (DESIGN 2.2, as measured better here): the remote address
@@ -144,8 +176,8 @@ struct sg_ct_key {
 	__u16 pad;
 	__be32 local[4];
 	__be32 remote[4];
-	__be16 lport;         /* TCP/UDP port, ICMP echo id; 0 otherwise */
-	__be16 rport;
+	__be16 lport;         /* TCP/UDP port; ICMP query id; 0 otherwise */
+	__be16 rport;         /* TCP/UDP port; ICMP query: request type | request dir << 8 */
 };
 
 /* The accounting fields are indexed by SG_DIR_* and cumulative since the
@@ -157,10 +189,12 @@ struct sg_ct_entry {
 	__u32 policy_id;      /* policy that admitted it */
 	__u8  state;          /* SG_CT_* */
 	__u8  origin;         /* SG_DIR_* of the first packet */
-	__u8  fin;            /* bit 0: FIN from origin, bit 1: FIN from reply side */
-	__u8  pad;
+	__u8  fin;            /* TCP: bit 0 FIN from origin, bit 1 from the reply side;
+			       * UDP: SG_CT_UDP_ASKED */
+	__u8  flags;          /* SG_CT_F_* */
 	__u8  tcp_flags[2];   /* flow-log TCP flags seen (SG_FL_TCP_*), OR'd */
-	__u16 pad2;
+	__u8  icmp_type;      /* ICMP: the opening packet's type and code (revalidate */
+	__u8  icmp_code;      /* judges a connection by what opened it) */
 	__u64 packets[2];
 	__u64 bytes[2];       /* IP bytes (header included) */
 };

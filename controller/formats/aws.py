@@ -26,7 +26,9 @@ from ..model import (
     check_id,
     make_rule,
     parse_address,
+    parse_bool,
     parse_cidr,
+    parse_mac,
 )
 
 AWS_KEYS = ("SecurityGroups", "SecurityGroupRules", "PrefixLists", "NetworkInterfaces")
@@ -162,7 +164,10 @@ def interface_from(doc: Dict[str, Any], obj: str, groups: List[str],
         mode=tags.get("host-interface-mode", MODE_WORKLOAD),
         description=str(doc.get("Description") or ""), tags=tags,
         watch_addresses=tags.get("host-interface-addresses") == "watch",
-        revalidate=tags.get("host-interface-revalidate") == "true")
+        revalidate=tags.get("host-interface-revalidate") == "true",
+        source_dest_check=parse_bool(doc.get("SourceDestCheck", True), eid, "SourceDestCheck"),
+        mac_address=None if doc.get("MacAddress") is None else parse_mac(
+            doc["MacAddress"], eid, "MacAddress"))
 
 
 def load(doc: Dict[str, Any]) -> State:

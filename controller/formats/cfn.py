@@ -260,6 +260,8 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
                 "PrivateIpAddresses": p.get("PrivateIpAddresses"),
                 "Ipv6Addresses": p.get("Ipv6Addresses"),
                 "Description": p.get("Description"),
+                "SourceDestCheck": p.get("SourceDestCheck", True),
+                "MacAddress": tags.get("host-interface-mac"),
             }
             eni = interface_from(doc_eni, logical, [str(g) for g in p.get("GroupSet") or []], tags)
             track = p.get("ConnectionTrackingSpecification")

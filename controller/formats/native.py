@@ -37,7 +37,9 @@ from ..model import (
     default_egress,
     make_rule,
     parse_address,
+    parse_bool,
     parse_cidr,
+    parse_mac,
 )
 
 NATIVE_KEYS = ("sgctl", "groups", "interfaces", "prefix_lists", "settings")
@@ -98,14 +100,22 @@ def load(doc: Dict[str, Any]) -> State:
         raise ValidationError("document", "sgctl", f"unknown format version {doc['sgctl']!r}")
     state = State()
     sets = _map(doc.get("settings"), "settings", "settings")
-    _check_keys(sets, ("exempt", "exempt_dhcp", "max_groups_per_interface",
-                       "max_rules_per_interface"), "settings")
+    _check_keys(sets, ("exempt", "exempt_dhcp", "dhcp_servers", "exempt_force",
+                       "max_groups_per_interface", "max_rules_per_interface"), "settings")
     settings = Settings()
     if "exempt" in sets:
         settings.exempt = [parse_cidr(c, "settings", f"exempt[{i}]")
                            for i, c in enumerate(sets["exempt"] or [])]
     if "exempt_dhcp" in sets:
-        settings.exempt_dhcp = bool(sets["exempt_dhcp"])
+        settings.exempt_dhcp = parse_bool(sets["exempt_dhcp"], "settings", "exempt_dhcp")
+    if "dhcp_servers" in sets:
+        servers = sets["dhcp_servers"] or []
+        if not isinstance(servers, list):
+            raise ValidationError("settings", "dhcp_servers", "must be a list of addresses/CIDRs")
+        settings.dhcp_servers = [parse_cidr(c, "settings", f"dhcp_servers[{i}]")
+                                 for i, c in enumerate(servers)]
+    if "exempt_force" in sets:
+        settings.exempt_force = parse_bool(sets["exempt_force"], "settings", "exempt_force")
     for k in ("max_groups_per_interface", "max_rules_per_interface"):
         if k in sets:
             if not isinstance(sets[k], int) or sets[k] < 1:
@@ -136,7 +146,7 @@ def load(doc: Dict[str, Any]) -> State:
         check_id("eni", eid, str(eid), "id")
         e = _map(e, eid, "interface")
         _check_keys(e, ("groups", "ipv4", "ipv6", "device", "mode", "timeouts", "description",
-                       "watch_addresses", "revalidate"), eid)
+                       "watch_addresses", "revalidate", "source_dest_check", "mac_address"), eid)
         t = _map(e.get("timeouts"), eid, "timeouts")
         _check_keys(t, tuple(Timeouts.__dataclass_fields__), f"{eid} timeouts")
         groups = e.get("groups") or []
@@ -153,8 +163,12 @@ def load(doc: Dict[str, Any]) -> State:
             device=None if e.get("device") is None else str(e["device"]),
             mode=str(e.get("mode", MODE_WORKLOAD)),
             description=str(e.get("description") or ""),
-            watch_addresses=bool(e.get("watch_addresses", False)),
-            revalidate=bool(e.get("revalidate", False)))
+            watch_addresses=parse_bool(e.get("watch_addresses", False), eid, "watch_addresses"),
+            revalidate=parse_bool(e.get("revalidate", False), eid, "revalidate"),
+            source_dest_check=parse_bool(e.get("source_dest_check", True), eid,
+                                         "source_dest_check"),
+            mac_address=None if e.get("mac_address") is None else parse_mac(
+                e["mac_address"], eid, "mac_address"))
 
     ipv6 = state.uses_ipv6()
     for gid, g in _map(doc.get("groups"), "document", "groups").items():
@@ -217,9 +231,12 @@ def dump(state: State) -> Dict[str, Any]:
             "groups": list(e.groups), "ipv4": [str(a) for a in e.ipv4],
             "ipv6": [str(a) for a in e.ipv6], "device": e.device, "mode": e.mode,
             "timeouts": dict(vars(e.timeouts)), "description": e.description,
-            "watch_addresses": e.watch_addresses, "revalidate": e.revalidate}
+            "watch_addresses": e.watch_addresses, "revalidate": e.revalidate,
+            "source_dest_check": e.source_dest_check, "mac_address": e.mac_address}
     out["settings"] = {"exempt": [str(c) for c in state.settings.exempt],
                        "exempt_dhcp": state.settings.exempt_dhcp,
+                       "dhcp_servers": [str(c) for c in state.settings.dhcp_servers],
+                       "exempt_force": state.settings.exempt_force,
                        "max_groups_per_interface": state.settings.max_groups_per_interface,
                        "max_rules_per_interface": state.settings.max_rules_per_interface}
     return out
