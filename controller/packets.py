@@ -56,6 +56,8 @@ def l3(pkt: Packet) -> ScapyPacket:
             icmp.id = pkt.ident
         body = l3(pkt.embedded) if pkt.embedded is not None else Raw(b"\0" * 8)
         return ip / icmp / body
+    if pkt.proto == PROTO_ICMPV6 and pkt.family == 4:  # not ICMPv6 at all: just its bytes
+        return ip / Raw(bytes([pkt.icmp_type, pkt.icmp_code]) + b"\0" * 6)
     if pkt.proto == PROTO_ICMPV6:
         cls = _ICMP6.get(pkt.icmp_type)
         if pkt.icmp_type in (ND_NS, ND_NA) and pkt.nd_target is not None:

@@ -90,6 +90,7 @@ def web_setup(c: Client, topo: Topology, ingress: List[Dict[str, Any]]) -> str:
         c.call("AuthorizeSecurityGroupIngress", {"GroupId": gid, "IpPermissions": ingress})
     c.call("CreateNetworkInterface", {
         "Groups": [gid], "PrivateIpAddress": web.ip4,
+        "Ipv6Addresses": [{"Ipv6Address": web.ip6}], "MacAddress": web.mac,
         "TagSpecifications": [{"ResourceType": "network-interface", "Tags": [
             {"Key": "host-interface", "Value": web.host_dev}]}]})
     return str(gid)

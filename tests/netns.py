@@ -24,6 +24,7 @@ class Instance:
     host_dev: str  # host end, on the bridge
     ip4: str
     ip6: str
+    mac: str = ""  # of its eth0 (gives its IPv6 link-local)
 
     @contextmanager
     def inside(self) -> Iterator[None]:
@@ -167,12 +168,14 @@ class Topology:
             sh("ip", "link", "set", host, "master", self.bridge)
             sh("ip", "link", "set", host, "up")
             ip4, ip6 = f"198.18.0.{10 * (i + 1)}", f"2001:db8::{10 * (i + 1)}"
+            mac = f"02:53:47:00:00:{i + 1:02x}"
             ex = ("ip", "netns", "exec", ns)
             sh(*ex, "ip", "link", "set", "lo", "up")
+            sh(*ex, "ip", "link", "set", "eth0", "address", mac)
             sh(*ex, "ip", "addr", "add", f"{ip4}/24", "dev", "eth0")
             sh(*ex, "ip", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
             sh(*ex, "ip", "link", "set", "eth0", "up")
-            self.instances[name] = Instance(ns, host, ip4, ip6)
+            self.instances[name] = Instance(ns, host, ip4, ip6, mac)
 
     def close(self) -> None:
         for link in self.created_links:

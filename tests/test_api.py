@@ -316,6 +316,32 @@ def test_network_interfaces(api: Client) -> None:
                  {"NetworkInterfaceIds": [eid]})
 
 
+def test_source_dest_check_attribute(api: Client) -> None:
+    """SourceDestCheck: true unless told, EC2's {"Value": false} to turn it
+    off, shown by DescribeNetworkInterfaces; MacAddress gives the link-local."""
+    g = group(api)
+    eni = api.call("CreateNetworkInterface", {
+        "Groups": [g], "PrivateIpAddresses": [{"PrivateIpAddress": "198.18.3.9"}],
+        "MacAddress": "02:AA:00:00:00:09"})["NetworkInterface"]
+    eid = eni["NetworkInterfaceId"]
+    assert eni["SourceDestCheck"] is True
+    assert eni["MacAddress"] == "02:aa:00:00:00:09"
+    assert eni["Ipv6LinkLocalAddress"] == "fe80::aa:ff:fe00:9"
+    api.call("ModifyNetworkInterfaceAttribute", {"NetworkInterfaceId": eid,
+                                                 "SourceDestCheck": {"Value": False}})
+    e = api.call("DescribeNetworkInterfaces", {"NetworkInterfaceIds": [eid]})
+    assert e["NetworkInterfaces"][0]["SourceDestCheck"] is False
+    expect_error(api, "InvalidParameterValue", "ModifyNetworkInterfaceAttribute",
+                 {"NetworkInterfaceId": eid, "SourceDestCheck": {"Value": "maybe"}})
+    expect_error(api, "InvalidParameterValue", "CreateNetworkInterface",
+                 {"Groups": [g], "MacAddress": "01:00:5e:00:00:01"})  # multicast
+    api.call("ModifyNetworkInterfaceAttribute", {"NetworkInterfaceId": eid,
+                                                 "SourceDestCheck": {"Value": True}})
+    e = api.call("DescribeNetworkInterfaces", {"NetworkInterfaceIds": [eid]})
+    assert e["NetworkInterfaces"][0]["SourceDestCheck"] is True
+    api.call("DeleteNetworkInterface", {"NetworkInterfaceId": eid})
+
+
 # --------------------------------------------------------------------------- whole state, transport
 
 

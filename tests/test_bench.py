@@ -23,6 +23,8 @@ def test_bench_smoke_profile_produces_a_report(tmp_path: Path) -> None:
     per = data["per_packet"]["by_rules"]
     assert [r["rules"] for r in per] == [10, 100]
     assert all(r["empty"] > 0 and r["established"] > 0 and r["denied"] > 0 for r in per)
+    sc = data["per_packet"]["source_check"]
+    assert all(sc[f"{w}_{k}"] > 0 for w in ("established", "new") for k in ("on", "off"))
     fl = data["per_packet"]["flow_logs"]
     assert fl["rules"] == 100 and all(fl[k] > 0 for k in ("established", "denied_sent",
                                                           "denied_limited", "new"))

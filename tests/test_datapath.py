@@ -766,3 +766,114 @@ def test_an_image_is_overwritten_or_deleted_only_after_a_grace_period(kernel, te
     # (a deletion empties its image through write() too)
     assert events.count("overwrite") >= 2 and "delete" in events, events
     assert events.count("grace") >= 4, events  # one after each switch
+
+
+def test_a_device_that_is_not_ethernet_is_refused(kernel) -> None:
+    """tun (and wireguard, gre, ...) carry IP without an Ethernet header:
+    binding one is refused with the reason, and nothing changes."""
+    import subprocess
+
+    from controller.dataplane import DataplaneError
+    from tests.harness import unique
+
+    dev = unique("sgtun")
+    subprocess.run(["ip", "tuntap", "add", "dev", dev, "mode", "tun"], check=True)
+    try:
+        before = kernel.dp.load_applied().endpoints
+        with pytest.raises(DataplaneError, match=f"device '{dev}' is not an Ethernet device"):
+            kernel.apply(one_interface(device=dev, ingress=[]))
+        assert kernel.dp.load_applied().endpoints == before
+    finally:
+        subprocess.run(["ip", "link", "del", dev], check=False)
+
+
+def test_gc_keeps_the_entries_of_an_interface_bound_during_its_scan(kernel, test_devs,
+                                                                    monkeypatch) -> None:
+    """The GC lists the endpoints, then scans for seconds (1M entries): an
+    interface bound meanwhile is not an orphan. Simulated by handing the GC
+    the endpoint list from before the bind, once."""
+    from controller import conntrack
+
+    def state(both: bool) -> State:
+        others = {"eni-b": {"groups": ["sg-a"], "ipv4": ["198.18.0.20"],
+                            "device": test_devs[1]}} if both else None
+        return one_interface(device=test_devs[0], ingress=[], others=others)
+
+    kernel.apply(state(False))
+    assert kernel.run("eni-a", "egress", uout(4000, 53)) == R.ALLOW_NEW
+    before_bind = conntrack.endpoint_timeouts(kernel.dp)
+    kernel.apply(state(True))
+    for port in (53, 54, 55):
+        assert kernel.run("eni-b", "egress", uout(4000, port, src=addr("198.18.0.20"))) == \
+            R.ALLOW_NEW
+    real, calls = conntrack.endpoint_timeouts, []
+
+    def listed(dp):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return before_bind if len(calls) == 1 else real(dp)
+
+    monkeypatch.setattr(conntrack, "endpoint_timeouts", listed)
+    result = conntrack.gc(kernel.dp)
+    assert len(calls) == 2, "the endpoints are read again before anything is deleted"
+    assert result.removed == 0
+    ep_b = kernel.endpoints["eni-b"]["ep_id"]
+    assert result.live[ep_b] == 3
+    assert kernel.run("eni-b", "ingress", uin(53, 4000, dst=addr("198.18.0.20"))) == \
+        R.ALLOW_ESTABLISHED
+
+
+def test_endpoint_ids_are_reused_and_counters_start_at_zero(kernel, test_devs) -> None:
+    """Binding and unbinding interfaces does not use up counter slots (they
+    were never reused: after ~1,022 binds every new interface shared slot
+    0), and a reused slot starts at zero."""
+    kernel.apply(one_interface(device=test_devs[0], ingress=[]))  # (the last test's are gone)
+    ids = set()
+    for i in range(25):
+        eid = f"eni-x{i}"
+        kernel.apply(one_interface(device=test_devs[0], ingress=[], others={
+            eid: {"groups": ["sg-a"], "ipv4": ["198.18.0.20"], "device": test_devs[1]}}))
+        ep_id = kernel.endpoints[eid]["ep_id"]
+        ids.add(ep_id)
+        assert sum(kernel.counters(ep_id, "ingress")) == 0, f"bind {i}: counters carried over"
+        assert kernel.run(eid, "ingress", tin(5000, 22, dst=addr("198.18.0.20"))) == \
+            R.DROP_NO_RULE
+        kernel.apply(one_interface(device=test_devs[0], ingress=[]))
+    assert len(ids) == 1, ids
+
+
+def test_revalidate_judges_each_connection_by_what_opened_it(kernel, test_devs) -> None:
+    """On a revalidate interface, re-applying an unchanged document cuts
+    nothing: not an echo allowed by a code-specific rule, not a timestamp
+    query, not the exchanges with infrastructure services or DHCP. A real
+    change cuts exactly what it no longer allows."""
+    from controller import conntrack
+
+    def state(timestamp: bool) -> State:
+        rules = [{"proto": "icmp", "type": 8, "code": 0, "from": "0.0.0.0/0"},
+                 {"proto": "tcp", "ports": 22, "from": "198.18.1.0/24"}]
+        if timestamp:
+            rules.append({"proto": "icmp", "type": 13, "code": 0, "from": "0.0.0.0/0"})
+        return one_interface(device=test_devs[0], ingress=rules, egress=[],
+                             eni={"revalidate": True})
+
+    kernel.apply(state(True))
+    opened = [("ingress", icmp(REMOTE, LOCAL, 8, 0, ident=1)),
+              ("ingress", icmp(REMOTE, LOCAL, 13, 0, ident=2)),
+              ("ingress", tin(5000, 22)),
+              ("egress", uout(4000, 53, dst=DNS)),
+              ("egress", uout(68, 67, src=ZERO4, dst=BCAST4))]
+    for direction, pkt in opened:
+        assert kernel.run("eni-a", direction, pkt) in (R.ALLOW_NEW, R.ALLOW_EXEMPT)
+    assert len(conntrack.connections(kernel.dp)) == 5
+    kernel.apply(state(True))
+    assert conntrack.revalidate(kernel.dp, kernel.state) == 0
+    assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 0, 0, ident=1)) == \
+        R.ALLOW_ESTABLISHED
+    assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 14, 0, ident=2)) == \
+        R.ALLOW_ESTABLISHED
+    kernel.apply(state(False))
+    assert conntrack.revalidate(kernel.dp, kernel.state) == 1
+    assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 14, 0, ident=2)) == R.DROP_NO_RULE
+    assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 0, 0, ident=1)) == \
+        R.ALLOW_ESTABLISHED
+    assert kernel.run("eni-a", "ingress", uin(53, 4000, src=DNS)) == R.ALLOW_ESTABLISHED

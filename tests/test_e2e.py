@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import pytest
 import yaml
@@ -85,7 +86,7 @@ def enis(topo: Topology, groups: Dict[str, list], unbound: bool = False) -> Dict
     for name, gs in groups.items():
         inst = topo.instances[name]
         out[f"eni-{name}"] = {"groups": gs, "ipv4": [inst.ip4], "ipv6": [inst.ip6],
-                              "device": inst.host_dev}
+                              "device": inst.host_dev, "mac_address": inst.mac}
     return out
 
 
@@ -376,3 +377,214 @@ def test_foreign_xdp_program_is_not_replaced(topo: Topology, sgctl: Sgctl) -> No
         with IPRoute() as ipr:
             ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1),
                                                       ("IFLA_XDP_FLAGS", 2)]})
+
+
+# --------------------------------------------------------------------------- forged frames (1.3, 1.6)
+# A hostile instance (cli) sends frames it builds itself from inside its own
+# namespace; what arrives is checked at the receiver (web): sockets, raw
+# sockets, its neighbour table.
+
+class Receiver:
+    """A socket inside an instance that records what arrives."""
+
+    def __init__(self, inst, family: int, kind: int, proto: int = 0,
+                 port: Optional[int] = None) -> None:
+        import socket
+
+        with inst.inside():
+            self.sock = socket.socket(family, kind, proto)
+        if port is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            self.sock.bind(("0.0.0.0", port))
+        self.sock.settimeout(0.05)
+
+    def got(self, marker: bytes, wait: float = 1.0) -> bool:
+        import time
+
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            try:
+                if marker in self.sock.recv(2048):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send_frames(inst, *frames) -> None:  # type: ignore[no-untyped-def]
+    """Frames built with scapy, written as they are onto the instance's eth0."""
+    import socket
+
+    with inst.inside():
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        s.bind(("eth0", 0))
+    try:
+        for f in frames:
+            s.send(bytes(f))
+    finally:
+        s.close()
+
+
+def spoof_policy(topo: Topology, cli_check: bool = True) -> Dict[str, Any]:
+    """web (db) takes udp/7777 and tcp/80 only from sg-app; app is in sg-app,
+    cli is not. cli's SourceDestCheck as given."""
+    doc = {"sgctl": 1, "groups": {
+        "sg-db": {"name": "db", "ingress": [
+            {"proto": "udp", "ports": 7777, "from": "sg-app"},
+            {"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}]},
+        "sg-app": {"name": "app"}, "sg-cli": {"name": "cli"}},
+        "interfaces": enis(topo, {"web": ["sg-db"], "app": ["sg-app"], "cli": ["sg-cli"]})}
+    doc["interfaces"]["eni-cli"]["source_dest_check"] = cli_check
+    return doc
+
+
+def test_forged_member_source_is_dropped_unless_the_check_is_off(topo: Topology,
+                                                                  sgctl: Sgctl) -> None:
+    """A group reference is only as strong as the source address: cli forging
+    app's address reaches web's udp/7777 only when cli's SourceDestCheck is off."""
+    import socket
+
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    web, app, cli = (topo.instances[n] for n in ("web", "app", "cli"))
+    rx = Receiver(web, socket.AF_INET, socket.SOCK_DGRAM, port=7777)
+    try:
+        sgctl.apply(spoof_policy(topo))
+
+        def forged(marker: bytes) -> Any:
+            return (Ether(src=cli.mac, dst=web.mac) / IP(src=app.ip4, dst=web.ip4) /
+                    UDP(sport=4444, dport=7777) / marker)
+
+        send_frames(app, Ether(src=app.mac, dst=web.mac) / IP(src=app.ip4, dst=web.ip4) /
+                    UDP(sport=4444, dport=7777) / b"from-app")
+        assert rx.got(b"from-app"), "the member itself gets through"
+        send_frames(cli, forged(b"forged-1"))
+        assert not rx.got(b"forged-1"), "a forged member address was delivered"
+        status = json.loads(sgctl.run("status", "-o", "json").stdout)
+        row = next(r for r in status["interfaces"] if r["device"] == cli.host_dev)
+        assert row["counters"]["egress/drop_src_spoof"]["packets"] >= 1, row["counters"]
+        sgctl.apply(spoof_policy(topo, cli_check=False))
+        send_frames(cli, forged(b"forged-2"))
+        assert rx.got(b"forged-2"), "with SourceDestCheck off the forged source is delivered"
+    finally:
+        rx.close()
+
+
+def test_forged_exempt_source_and_ipv4_protocol_58_are_judged_by_the_rules(
+        topo: Topology, sgctl: Sgctl) -> None:
+    """A packet *from* 169.254.169.254 is not exempt (cli's own check is off
+    here, so only web's rules stand in the way); nor is an IPv4 packet of
+    protocol 58 whose first byte says "neighbour solicitation"."""
+    import socket
+
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    udp = Receiver(web, socket.AF_INET, socket.SOCK_DGRAM, port=7777)
+    raw58 = Receiver(web, socket.AF_INET, socket.SOCK_RAW, 58)
+    try:
+        sgctl.apply(spoof_policy(topo, cli_check=False))
+        send_frames(cli, Ether(src=cli.mac, dst=web.mac) /
+                    IP(src="169.254.169.254", dst=web.ip4) / UDP(sport=80, dport=7777) /
+                    b"exempt-src")
+        assert not udp.got(b"exempt-src"), "a forged metadata source was delivered"
+        send_frames(cli, Ether(src=cli.mac, dst=web.mac) / IP(src=cli.ip4, dst=web.ip4, proto=58) /
+                    Raw(bytes([135, 0, 0, 0]) + b"\0" * 4 + b"proto58-as-nd"))
+        assert not raw58.got(b"proto58-as-nd"), "IPv4 protocol 58 passed as neighbour discovery"
+        sgctl.apply({"sgctl": 1, "groups": {}, "interfaces": {}})  # the control: no filter
+        send_frames(cli, Ether(src=cli.mac, dst=web.mac) / IP(src=cli.ip4, dst=web.ip4, proto=58) /
+                    Raw(bytes([135, 0, 0, 0]) + b"\0" * 4 + b"proto58-open"))
+        assert raw58.got(b"proto58-open"), "the raw socket sees protocol 58 without sgctl"
+    finally:
+        udp.close()
+        raw58.close()
+
+
+def test_rogue_dhcp_offer_is_dropped(topo: Topology, sgctl: Sgctl) -> None:
+    """A DHCP "server" on the bridge (cli) cannot reach web's client port
+    unless web asked; web's own request opens the way for the answer."""
+    import socket
+
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    rx = Receiver(web, socket.AF_INET, socket.SOCK_DGRAM, port=68)
+    try:
+        sgctl.apply(spoof_policy(topo))
+        offer = (Ether(src=cli.mac, dst="ff:ff:ff:ff:ff:ff") /
+                 IP(src=cli.ip4, dst="255.255.255.255") / UDP(sport=67, dport=68))
+        send_frames(cli, offer / b"rogue-offer")
+        assert not rx.got(b"rogue-offer"), "an offer nobody asked for was delivered"
+        send_frames(web, Ether(src=web.mac, dst="ff:ff:ff:ff:ff:ff") /
+                    IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67) /
+                    b"discover")
+        send_frames(cli, offer / b"answered-offer")
+        assert rx.got(b"answered-offer"), "the answer to web's own request"
+    finally:
+        rx.close()
+
+
+def test_forged_arp_does_not_poison_a_neighbour(topo: Topology, sgctl: Sgctl) -> None:
+    """cli claims app's address in an ARP reply to web: web's neighbour entry
+    for app keeps app's MAC (and takes cli's once cli's check is off)."""
+    from scapy.layers.l2 import ARP, Ether
+
+    from tests.netns import sh
+
+    web, app, cli = (topo.instances[n] for n in ("web", "app", "cli"))
+    ex = ("ip", "netns", "exec", web.ns)
+
+    def web_thinks_app_is_at() -> str:
+        out = sh(*ex, "ip", "neigh", "show", app.ip4, "dev", "eth0").stdout.split()
+        return out[out.index("lladdr") + 1] if "lladdr" in out else ""
+
+    claim = (Ether(src=cli.mac, dst=web.mac) /
+             ARP(op=2, hwsrc=cli.mac, psrc=app.ip4, hwdst=web.mac, pdst=web.ip4))
+    sgctl.apply(spoof_policy(topo))
+    sh(*ex, "ip", "neigh", "replace", app.ip4, "lladdr", app.mac, "dev", "eth0", "nud", "stale")
+    try:
+        time.sleep(1.2)  # past the neighbour's locktime (1 s): a claim would now be taken
+        send_frames(cli, claim, claim)
+        time.sleep(0.2)
+        assert web_thinks_app_is_at() == app.mac, "web's neighbour table was poisoned"
+        sgctl.apply(spoof_policy(topo, cli_check=False))
+        for _ in range(15):
+            send_frames(cli, claim)
+            time.sleep(0.2)
+            if web_thinks_app_is_at() == cli.mac:
+                break
+        assert web_thinks_app_is_at() == cli.mac, "the control: the same claim, unchecked, lands"
+    finally:
+        sh(*ex, "ip", "neigh", "del", app.ip4, "dev", "eth0", check=False)
+
+
+def test_traffic_to_an_address_the_interface_does_not_have(topo: Topology, sgctl: Sgctl) -> None:
+    """web gives itself 198.18.0.99 (not declared): nothing reaches it there,
+    while its declared address still answers."""
+    from tests.netns import sh
+
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    undeclared = "198.18.0.99"
+    sh("ip", "netns", "exec", web.ns, "ip", "addr", "add", f"{undeclared}/32", "dev", "eth0")
+    sh("ip", "netns", "exec", cli.ns, "ip", "neigh", "replace", undeclared, "lladdr", web.mac,
+       "dev", "eth0")
+    try:
+        sgctl.apply(spoof_policy(topo))
+        assert cli.can_tcp(web.ip4, 80)
+        assert not cli.can_tcp(undeclared, 80), "delivered to an address web gave itself"
+        status = json.loads(sgctl.run("status", "-o", "json").stdout)
+        row = next(r for r in status["interfaces"] if r["device"] == web.host_dev)
+        assert row["counters"]["ingress/drop_dst_foreign"]["packets"] >= 1, row["counters"]
+    finally:
+        sh("ip", "netns", "exec", web.ns, "ip", "addr", "del", f"{undeclared}/32", "dev", "eth0",
+           check=False)
+        sh("ip", "netns", "exec", cli.ns, "ip", "neigh", "del", undeclared, "dev", "eth0",
+           check=False)

@@ -85,6 +85,33 @@ def test_stale_reference_is_reported_not_an_error() -> None:
     assert [r.peer.value for r in s.stale_rules] == ["sg-gone"]
 
 
+def test_source_dest_check_in_every_format() -> None:
+    """Native ``source_dest_check``/``mac_address``, AWS ``SourceDestCheck``/
+    ``MacAddress``, CloudFormation ``SourceDestCheck`` and the tag
+    ``host-interface-mac``; on by default; a forced wide exemption loads."""
+    native = load_document({"sgctl": 1, "interfaces": {
+        "eni-1": {"mac_address": "02:AA:BB:00:00:01"}, "eni-2": {"source_dest_check": False}},
+        "settings": {"exempt": ["10.0.0.0/7"], "exempt_force": True,
+                     "dhcp_servers": ["198.18.0.1"]}})
+    one, two = native.interfaces["eni-1"], native.interfaces["eni-2"]
+    assert one.source_dest_check and not two.source_dest_check
+    assert str(one.link_local()) == "fe80::aa:bbff:fe00:1"
+    assert [str(n) for n in native.settings.dhcp_servers] == ["198.18.0.1/32"]
+    again = load_document(dump(native))
+    assert again.interfaces["eni-2"].source_dest_check is False
+    assert again.interfaces["eni-1"].mac_address == "02:aa:bb:00:00:01"
+    aws = load_document({"NetworkInterfaces": [
+        {"NetworkInterfaceId": "eni-1", "SourceDestCheck": False, "MacAddress": "02:00:00:00:00:05"},
+        {"NetworkInterfaceId": "eni-2"}]})
+    assert not aws.interfaces["eni-1"].source_dest_check
+    assert aws.interfaces["eni-2"].source_dest_check
+    cfn = load_document({"Resources": {"Eni": {"Type": "AWS::EC2::NetworkInterface", "Properties": {
+        "SourceDestCheck": False, "Tags": [{"Key": "host-interface-mac",
+                                            "Value": "02:00:00:00:00:07"}]}}}})
+    (eni,) = cfn.interfaces.values()
+    assert not eni.source_dest_check and eni.mac_address == "02:00:00:00:00:07"
+
+
 @pytest.mark.parametrize("doc, where, field, words", [
     ({"sgctl": 1, "groups": {"sg-a": {"ingress": [{"proto": "tcp", "ports": "80-70000",
                                                    "from": "0.0.0.0/0"}]}}},
@@ -127,6 +154,16 @@ def test_stale_reference_is_reported_not_an_error() -> None:
     ({"groups": {"sg-a": {"ingress": [{"proto": "tcp", "ports": 1, "from": "1.2.3.4/32",
                                        "color": "red"}]}}},
      "sg-a ingress[0]", "color", "unknown field"),
+    ({"sgctl": 1, "settings": {"exempt": ["169.254.169.254/32", "0.0.0.0/0"]}},
+     "settings exempt[1]", "exempt", "exempt_force"),
+    ({"sgctl": 1, "settings": {"exempt": ["2000::/3"]}},
+     "settings exempt[0]", "exempt", "/32 or longer"),
+    ({"sgctl": 1, "interfaces": {"eni-1": {"source_dest_check": "no"}}},
+     "eni-1", "source_dest_check", "not true or false"),
+    ({"sgctl": 1, "interfaces": {"eni-1": {"mac_address": "02:00:00:00:00"}}},
+     "eni-1", "mac_address", "not a MAC address"),
+    ({"NetworkInterfaces": [{"NetworkInterfaceId": "eni-1", "SourceDestCheck": 1}]},
+     "eni-1", "SourceDestCheck", "not true or false"),
 ])
 def test_errors_name_object_and_field(doc, where, field, words) -> None:
     with pytest.raises(ValidationError) as info:

@@ -202,6 +202,7 @@ class DeviceBench:
         pm.write(pid, img, pm.images.get(pid))
         val = endpoint_value(1, pid, "host", pol.open_all, img.world,
                              state.interfaces["eni-b"].timeouts)
+        self.dp.add_local(self.dp.local_keys(state, {"eni-b": 1}))  # its own address (1.6)
         self.dp.map("sg_endpoints").update(ct.c_uint32(self.b_idx), val)
 
     def _zero_bare(self) -> None:

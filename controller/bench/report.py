@@ -198,6 +198,16 @@ def write(res: Res, out: Path) -> None:
                   f"| denied, event sent | {hi['denied']:.0f} | {fl['denied_sent']:.0f} |",
                   f"| denied, over the limit | {hi['denied']:.0f} | {fl['denied_limited']:.0f} |",
                   f"| new (single runs) | {fl['new_off']:.0f} | {fl['new']:.0f} |"]
+    sc = res["per_packet"].get("source_check")
+    if sc:
+        lines += ["", f"### SourceDestCheck off and on ({sc['rules']} rules)", "",
+                  "The same packets on an interface without and with the address check "
+                  "(one hash lookup in `sg_local_addrs`: the destination on ingress, the "
+                  "source on egress); medians of two interleaved rounds each.", "",
+                  "| packet | check off | check on |", "|---|---|---|",
+                  f"| empty program | {sc['empty_off']:.0f} | {sc['empty_on']:.0f} |",
+                  f"| established | {sc['established_off']:.0f} | {sc['established_on']:.0f} |",
+                  f"| new (single runs) | {sc['new_off']:.0f} | {sc['new_on']:.0f} |"]
     lines += ["", "## Through a device (live frames, packets/s processed)", "",
               "A generator (XDP_TX with BPF_F_TEST_XDP_LIVE_FRAMES) sends "
               f"{res['device']['packets']:,} frames from veth A into B (in a namespace); B's "
