@@ -64,11 +64,12 @@ static __always_inline int sg_related(struct sg_endpoint *ep, struct sg_config *
 /* Exempt traffic (1.3) that opens a connection for its replies: a request
  * to an infrastructure service or a DHCP request. */
 static __always_inline int sg_exempt_open(struct sg_endpoint *ep, struct sg_ct_key *key,
-					  int exists, __u8 dir, struct sg_pkt *p, __u64 now)
+					  int exists, __u8 dir, struct sg_pkt *p, __u64 now,
+					  __u8 flags)
 {
 	if (ep->flags & SG_EP_PROBE)
 		return SG_ALLOW_EXEMPT;
-	if (ct_create(key, exists, dir, p, ep, 0, now, SG_CT_F_EXEMPT))
+	if (ct_create(key, exists, dir, p, ep, 0, now, SG_CT_F_EXEMPT | flags))
 		return SG_DROP_CT_FULL;
 	return SG_ALLOW_EXEMPT;
 }
@@ -80,7 +81,10 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	struct sg_pkt *p = &s->p;
 	__u64 now;  /* read only where needed: a dropped packet never needs the clock */
 
-	/* 1. a tracked connection of this endpoint, either direction */
+	/* 1. a tracked connection of this endpoint, either direction. Its
+	 *    addresses passed the source/destination check when it opened (the
+	 *    key holds them; the controller cuts connections on addresses the
+	 *    interface loses), so its packets need no second look. */
 	struct sg_ct_key key = {};
 	ct_key_of(&key, ep->ep_id, dir, &p->f);
 	struct sg_ct_entry *e = 0;
@@ -88,7 +92,7 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	if (!p->icmp_error && ct_trackable(&p->f)) {
 		e = sg_conntrack.lookup(&key);
 		exists = e != 0;
-		if (e) {
+		if (e && !(e->flags & SG_CT_F_DHCP)) {
 			now = sg_now(cfg);
 			if (!ct_expired(ep, &key, e, now) && !ct_fresh_syn(p, e)) {
 				ct_update(e, dir, p, now);
@@ -100,6 +104,11 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 			}
 		}
 	}
+
+	/* SourceDestCheck: nothing new from or to an address not the interface's */
+	int bad = sg_addr_check(ep, dir, p);
+	if (bad)
+		return bad;
 
 	/* 2. an ICMP error about a tracked connection (the embedded packet went
 	 *    the other way) */
@@ -114,7 +123,8 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	if (dhcp == SG_DHCP_REQUEST) {
 		struct sg_ct_key dk = {};
 		ct_dhcp_key(&dk, ep->ep_id, p->f.family);
-		return sg_exempt_open(ep, &dk, sg_conntrack.lookup(&dk) != 0, dir, p, sg_now(cfg));
+		return sg_exempt_open(ep, &dk, sg_conntrack.lookup(&dk) != 0, dir, p, sg_now(cfg),
+				      SG_CT_F_DHCP);
 	}
 	if (dhcp == SG_DHCP_REPLY) {
 		struct sg_ct_key dk = {};
@@ -131,7 +141,7 @@ static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *c
 	if (dir == SG_DIR_EGRESS && (exempt_bits(p->f.family, p->f.dst) & SG_EXEMPT_SERVICE)) {
 		if (!ct_opens(&p->f))  /* e.g. an ICMP reply: exempt, nothing to track */
 			return SG_ALLOW_EXEMPT;
-		return sg_exempt_open(ep, &key, exists, dir, p, sg_now(cfg));
+		return sg_exempt_open(ep, &key, exists, dir, p, sg_now(cfg), 0);
 	}
 
 	/* 3. the rules */
@@ -160,18 +170,18 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, struct sg_config *
 	int rc = parse_packet(data, end, bytes, p);
 	if (rc)
 		return rc;
-	rc = sg_addr_check(ep, dir, p);
-	if (rc)
-		return rc;
-	if (p->is_arp)  /* ARP is never filtered by the rules */
-		return SG_ALLOW_EXEMPT;
-	if (p->frag == SG_FRAG_LATER) {
+	if (p->is_arp) {  /* never filtered by the rules; only its claim is checked */
+		rc = sg_addr_check(ep, dir, p);
+		return rc ? rc : SG_ALLOW_EXEMPT;
+	}
+	if (p->frag == SG_FRAG_LATER) {  /* (its first fragment passed the checks) */
 		struct sg_frag_key fk = {};
 		frag_key_of(&fk, ep->ep_id, p);
 		__u64 *seen = sg_frags.lookup(&fk);
 		if (seen && sg_now(cfg) - *seen <= SG_FRAG_TIMEOUT)
 			return SG_ALLOW_FRAGMENT;
-		return SG_DROP_FRAG_UNKNOWN;
+		rc = sg_addr_check(ep, dir, p);  /* the more telling reason, when it applies */
+		return rc ? rc : SG_DROP_FRAG_UNKNOWN;
 	}
 	rc = sg_decide(ep, cfg, dir, s);
 	if (p->frag == SG_FRAG_FIRST && SG_IS_ALLOWED(rc)) {

@@ -16,7 +16,7 @@ FLAG_WORLD = 0x1
 CFG_EXEMPT_DHCP, CFG_FLOW_LOG, CFG_DHCP_SERVERS = 0x1, 0x2, 0x4  # SG_CFG_*: sg_config.flags
 EXEMPT_SERVICE, EXEMPT_DHCP_SERVER = 0x1, 0x2  # SG_EXEMPT_*: sg_exempt_lpm values
 LOCAL_ADDR, LOCAL_ONLINK64 = 0, 1  # SG_LOCAL_*: sg_local_key.kind
-CT_F_EXEMPT = 0x1  # SG_CT_F_*: sg_ct_entry.flags
+CT_F_EXEMPT, CT_F_DHCP = 0x1, 0x2  # SG_CT_F_*: sg_ct_entry.flags
 PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout

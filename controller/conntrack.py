@@ -126,6 +126,16 @@ def flush(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> int:
                         if want is None or k.ep_id in want])
 
 
+def cut_foreign(dp: Dataplane, own: Dict[int, set]) -> int:
+    """Delete the connections of source-checked endpoints (ep_id -> their
+    own addresses, packed) whose local address is not one of them: an
+    address the interface lost, or connections opened while its check was
+    off. Their packets skip the check (it was made when they opened)."""
+    return _delete(dp, [(k, e) for k, e in dp.map("sg_conntrack").batch_items()
+                        if k.ep_id in own and not e.flags & abi.CT_F_DHCP
+                        and abi.words_bytes(k.local, k.family) not in own[k.ep_id]])
+
+
 @dataclass
 class GcResult:
     scanned: int

@@ -415,6 +415,7 @@ class Dataplane:
         switched = False
         endpoints: Dict[str, dict] = {}
         values: Dict[int, abi.Endpoint] = {}
+        lost: Dict[int, set] = {}  # ep_id -> own addresses, where some were lost
         used = self.used_ep_ids(applied)
         for eni in state.bound_interfaces():
             if eni.eni_id not in ifindexes:
@@ -435,8 +436,13 @@ class Dataplane:
                 world[(int(d), int(fam))] = cls
             values[idx] = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
                                          eni.timeouts, eni.source_dest_check)
+            own = sorted(str(a) for a in eni.own_addresses())
             endpoints[eni.eni_id] = {"ifindex": idx, "ep_id": ep_id, "device": eni.device,
-                                     "mode": eni.mode, "policy": name}
+                                     "mode": eni.mode, "policy": name, "own": own,
+                                     "check": eni.source_dest_check}
+            if old and old["ep_id"] == ep_id and eni.source_dest_check and (
+                    not old.get("check", True) or not set(old.get("own", [])) <= set(own)):
+                lost[ep_id] = {a.packed for a in eni.own_addresses()}
         local = self.local_keys(state, {e: ep["ep_id"] for e, ep in endpoints.items()})
         self.add_local(local)
         for idx, val in values.items():
@@ -444,6 +450,11 @@ class Dataplane:
                 eps.update(ct.c_uint32(idx), val)
                 switched = True
                 self._ep_written[idx] = bytes(val)
+        if lost:  # connections on an address the interface no longer has go now
+            from .conntrack import cut_foreign  # conntrack builds on this module
+
+            log.info("cut %d connections on addresses their interfaces lost",
+                     cut_foreign(self, lost))
         self.sync_exempt(state)
         if attach and progs is not None:
             for ep in endpoints.values():

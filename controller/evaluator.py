@@ -176,6 +176,7 @@ class CtEntry:
     last_seen: int
     fin: int = 0  # TCP: bit 0 FIN from origin side, bit 1 from reply side; UDP: UDP_ASKED
     exempt: bool = False  # opened by exempt traffic (never revalidated)
+    dhcp: bool = False  # the DHCP client's pseudo-connection (answers only look it up)
     icmp_type: int = 0  # ICMP: what opened it
     icmp_code: int = 0
 
@@ -227,12 +228,17 @@ class Evaluator:
     def set_state(self, state: State) -> None:
         """A policy change: conntrack survives (1.4), except on interfaces with
         ``revalidate``, where connections the new policy would not let open
-        are cut."""
+        are cut, and connections on a local address a source-checked
+        interface does not have (any more) are cut."""
         self.state = state
         for key, entry in list(self.ct.items()):
             eni = state.interfaces.get(key[0])
-            if (eni is not None and eni.revalidate and not entry.exempt
-                    and not self.would_open(key, entry.origin, entry.icmp_type, entry.icmp_code)):
+            if eni is None:
+                continue
+            if eni.source_dest_check and not entry.dhcp and key[3] not in eni.own_addresses():
+                del self.ct[key]  # an address it lost, or opened while the check was off
+            elif (eni.revalidate and not entry.exempt and not self.would_open(
+                    key, entry.origin, entry.icmp_type, entry.icmp_code)):
                 del self.ct[key]
 
     def would_open(self, key: CtKey, origin: str, icmp_type: int = 0, icmp_code: int = 0) -> bool:
@@ -443,11 +449,8 @@ class Evaluator:
             return Verdict(Reason.DROP_TCP_FLAGS)
         if pkt.is_icmp_error and pkt.embedded is None and pkt.frag_offset == 0:
             return Verdict(Reason.DROP_ICMP_EMBEDDED)  # an error must carry the header it is about
-        bad = self.address_check(eni, direction, pkt)
-        if bad is not None:
-            return Verdict(bad)
-        if pkt.is_arp:
-            return Verdict(Reason.ALLOW_EXEMPT)
+        if pkt.is_arp:  # never filtered by the rules; only its claim is checked
+            return Verdict(self.address_check(eni, direction, pkt) or Reason.ALLOW_EXEMPT)
         frag_key = None
         if pkt.frag_id is not None:
             frag_key = (eni_id, pkt.family, pkt.proto, pkt.src, pkt.dst, pkt.frag_id)
@@ -455,17 +458,20 @@ class Evaluator:
                 seen = self.frags.get(frag_key)
                 if seen is not None and self.clock() - seen <= FRAG_TIMEOUT:
                     return Verdict(Reason.ALLOW_FRAGMENT)
-                return Verdict(Reason.DROP_FRAG_UNKNOWN)
+                return Verdict(self.address_check(eni, direction, pkt)
+                               or Reason.DROP_FRAG_UNKNOWN)
         verdict = self._decide(eni, direction, pkt)
         if frag_key is not None and verdict.allowed:
             self.frags[frag_key] = self.clock()
         return verdict
 
-    def _open(self, key: CtKey, direction: str, pkt: Packet, exempt: bool) -> bool:
+    def _open(self, key: CtKey, direction: str, pkt: Packet, exempt: bool,
+              dhcp: bool = False) -> bool:
         """Start tracking (False: the table is full)."""
         if key not in self.ct and len(self.ct) >= self.ct_max:
             return False
-        entry = CtEntry(origin=direction, state=CT_NEW, last_seen=self.clock(), exempt=exempt)
+        entry = CtEntry(origin=direction, state=CT_NEW, last_seen=self.clock(), exempt=exempt,
+                        dhcp=dhcp)
         if pkt.is_icmp:
             entry.icmp_type, entry.icmp_code = pkt.icmp_type, pkt.icmp_code
         self.ct[key] = entry
@@ -474,13 +480,18 @@ class Evaluator:
 
     def _decide(self, eni: NetworkInterface, direction: str, pkt: Packet) -> Verdict:
         # 1. a tracked connection of this interface, either direction
+        # (its addresses passed the source/destination check when it opened)
         key = ct_key(eni.eni_id, pkt, direction)
         entry = None if pkt.is_icmp_error or not pkt.trackable else self.live_entry(eni, key)
         fresh_syn = (entry is not None and pkt.proto == PROTO_TCP and entry.state == CT_CLOSING
                      and pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
-        if entry is not None and not fresh_syn:
+        if entry is not None and not fresh_syn and not entry.dhcp:
             self.ct_update(entry, direction, pkt)
             return Verdict(Reason.ALLOW_ESTABLISHED, tracked=True)
+        # SourceDestCheck: nothing new from or to an address not the interface's
+        bad = self.address_check(eni, direction, pkt)
+        if bad is not None:
+            return Verdict(bad)
         # 2. an ICMP error about a tracked connection
         if pkt.is_icmp_error and self.related(eni, direction, pkt):
             return Verdict(Reason.ALLOW_RELATED, tracked=True)
@@ -490,7 +501,8 @@ class Evaluator:
             return Verdict(Reason.ALLOW_EXEMPT)
         dhcp = self.dhcp_kind(direction, pkt)
         if dhcp == "request":
-            ok = self._open(dhcp_key(eni.eni_id, pkt.family), direction, pkt, exempt=True)
+            ok = self._open(dhcp_key(eni.eni_id, pkt.family), direction, pkt, exempt=True,
+                            dhcp=True)
             return Verdict(Reason.ALLOW_EXEMPT if ok else Reason.DROP_CT_FULL, tracked=ok)
         if dhcp == "reply" and self.live_entry(eni, dhcp_key(eni.eni_id, pkt.family)):
             return Verdict(Reason.ALLOW_EXEMPT)

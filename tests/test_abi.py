@@ -37,6 +37,16 @@ def test_constants_match_header() -> None:
         assert header[name] == getattr(abi, name), name
 
 
+def test_flag_constants_match_header() -> None:
+    text = (ROOT / "bpf" / "lib" / "types.h").read_text()
+    header = {m.group(1): int(m.group(2), 0)
+              for m in re.finditer(r"#define SG_(\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text)}
+    for name in ("CFG_EXEMPT_DHCP", "CFG_FLOW_LOG", "CFG_DHCP_SERVERS", "EXEMPT_SERVICE",
+                 "EXEMPT_DHCP_SERVER", "LOCAL_ADDR", "LOCAL_ONLINK64", "CT_F_EXEMPT",
+                 "CT_F_DHCP", "EP_PROBE", "EP_SRC_CHECK"):
+        assert header[name] == getattr(abi, name), name
+
+
 def layout(t: type) -> list:
     if not (isinstance(t, type) and issubclass(t, ct.Structure)):
         return [ct.sizeof(t)]

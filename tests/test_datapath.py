@@ -877,3 +877,58 @@ def test_revalidate_judges_each_connection_by_what_opened_it(kernel, test_devs) 
     assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 0, 0, ident=1)) == \
         R.ALLOW_ESTABLISHED
     assert kernel.run("eni-a", "ingress", uin(53, 4000, src=DNS)) == R.ALLOW_ESTABLISHED
+
+
+def test_addresses_follow_the_interface_and_explain_names_the_check(kernel, test_devs) -> None:
+    """An address assigned to the interface becomes a valid source at once,
+    and stops being one when it is taken away; `explain` gives the source
+    check's reason from the evaluator and from the kernel alike."""
+    from controller.explain import explain
+
+    def state(*v4: str) -> State:
+        return one_interface(device=test_devs[0], ingress=[], eni={"ipv4": list(v4)})
+
+    kernel.apply(state("198.18.0.10"))
+    assert kernel.run("eni-a", "egress", tout(5000, 80, src=OTHER)) == R.DROP_SRC_SPOOF
+    kernel.apply(state("198.18.0.10", str(OTHER)))
+    assert kernel.run("eni-a", "egress", tout(5001, 80, src=OTHER)) == R.ALLOW_NEW
+    assert kernel.run("eni-a", "egress", tout(5009, 80)) == R.ALLOW_NEW
+    kernel.apply(state("198.18.0.10"))
+    assert kernel.run("eni-a", "egress", tout(5002, 80, src=OTHER)) == R.DROP_SRC_SPOOF
+    # its connections on the lost address are cut (their packets skip the check)
+    assert kernel.run("eni-a", "egress", tout(5001, 80, TCP_ACK, src=OTHER)) == R.DROP_SRC_SPOOF
+    assert kernel.run("eni-a", "egress", tout(5009, 80, TCP_ACK)) == R.ALLOW_ESTABLISHED
+    assert kernel.run("eni-a", "ingress", tin(5003, 80, dst=OTHER)) == R.DROP_DST_FOREIGN
+    got = explain(kernel.dp, kernel.state, {
+        "NetworkInterfaceId": "eni-a", "Direction": "egress", "Protocol": "tcp",
+        "Source": str(OTHER), "Destination": str(REMOTE), "Port": 80})
+    assert (got["Reason"], got["KernelReason"], got["Agree"]) == (
+        "drop_src_spoof", "drop_src_spoof", True)
+    got = explain(kernel.dp, kernel.state, {
+        "NetworkInterfaceId": "eni-a", "Direction": "egress", "Protocol": "tcp",
+        "Source": str(LOCAL), "Destination": str(REMOTE), "Port": 80})
+    assert (got["Reason"], got["KernelReason"]) == ("allow_new", "allow_new")
+
+
+def test_turning_the_check_on_cuts_connections_it_would_not_have_let_open(kernel,
+                                                                         test_devs) -> None:
+    """Connections a router instance opened on foreign addresses end when its
+    SourceDestCheck goes back on; its own ones, and DHCP, stay. The
+    evaluator's conntrack does the same."""
+    def state(check: bool) -> State:
+        return one_interface(device=test_devs[0], ingress=[],
+                             eni={"source_dest_check": check})
+
+    kernel.apply(state(False))
+    oracle = Evaluator(state(False), clock=lambda: 1000)
+    opened = [tout(5000, 80, src=OTHER), tout(5001, 80), uout(68, 67, src=ZERO4, dst=BCAST4)]
+    for pkt in opened:
+        assert kernel.run("eni-a", "egress", pkt) == oracle.packet("eni-a", "egress", pkt).reason
+    kernel.apply(state(True))
+    oracle.set_state(state(True))
+    for pkt, want in ((tout(5000, 80, TCP_ACK, src=OTHER), R.DROP_SRC_SPOOF),
+                      (tout(5001, 80, TCP_ACK), R.ALLOW_ESTABLISHED),
+                      (uin(67, 68, src=SERVER, dst=BCAST4), R.ALLOW_EXEMPT)):
+        direction = "ingress" if pkt.dst in (LOCAL, BCAST4) else "egress"
+        assert kernel.run("eni-a", direction, pkt) == want
+        assert oracle.packet("eni-a", direction, pkt).reason == want

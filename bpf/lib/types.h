@@ -31,6 +31,8 @@
 /* sg_ct_entry.flags */
 #define SG_CT_F_EXEMPT 0x1 /* opened by exempt traffic (infrastructure, DHCP):
 			    * not a flow-log record, never revalidated */
+#define SG_CT_F_DHCP   0x2 /* the DHCP client's pseudo-connection: looked up by
+			    * DHCP answers only, never by a packet's own key */
 
 /* sg_ct_entry.fin for UDP: the origin spoke again after the reply (the
  * second transaction's request; its reply makes the flow a stream) */
