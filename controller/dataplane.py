@@ -499,6 +499,7 @@ class Dataplane:
                          "rules_egress": len(state.rules_of(eni, "egress")),
                          "policy_id": policies[",".join(eni.groups)]["active"],
                          "addresses": [str(a) for a in eni.addresses()],
+                         "source_dest_check": eni.source_dest_check,
                          "pending": eni.eni_id in pending}
             for eni in state.bound_interfaces()}
         if record_desired:  # the daemon keeps it in its store instead

@@ -30,6 +30,7 @@ def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = Non
     return {"interfaces": rows,
             "exempt": desired.get("settings", {}).get("exempt", []),
             "exempt_dhcp": desired.get("settings", {}).get("exempt_dhcp", True),
+            "dhcp_servers": desired.get("settings", {}).get("dhcp_servers", []),
             "stale_rules": desired.get("stale_rules", []),
             "policies": applied.policies}
 
@@ -57,16 +58,19 @@ def map_fill(dp: Dataplane, conntrack_live: Optional[int] = None) -> List[Dict[s
 
 def print_table(out: Dict[str, Any]) -> None:
     print(f"{'INTERFACE':<18} {'DEVICE':<14} {'MODE':<9} {'IN':>5} {'OUT':>5} "
-          f"{'POLICY':>6}  {'XDP':<8} GROUPS")
+          f"{'POLICY':>6}  {'XDP':<8} {'SRCDST':<6} GROUPS")
     for r in out["interfaces"]:
         xdp = r["attached"].get("xdp_mode", "gone") if r["attached"] else "gone"
         if r.get("pending"):
             xdp = "pending"
         print(f"{r['interface']:<18} {r['device']:<14} {r['mode']:<9} "
               f"{r['rules_ingress']:>5} {r['rules_egress']:>5} {r['policy_id']:>6}  "
-              f"{xdp:<8} {','.join(r['groups'])}")
-    print(f"exempt: {', '.join(out['exempt']) or 'none'}; DHCP "
-          f"{'exempt' if out['exempt_dhcp'] else 'filtered'}")
+              f"{xdp:<8} {'check' if r.get('source_dest_check', True) else 'off':<6} "
+              f"{','.join(r['groups'])}")
+    servers = out.get("dhcp_servers") or []
+    print(f"exempt destinations: {', '.join(out['exempt']) or 'none'}; DHCP client "
+          f"{'exempt' if out['exempt_dhcp'] else 'filtered'}"
+          f"{' (servers ' + ', '.join(servers) + ')' if servers else ''}")
     for rid in out["stale_rules"]:
         print(f"stale rule {rid}: references a group that does not exist")
     if "maps" in out:
