@@ -415,6 +415,17 @@ class Receiver:
         self.sock.close()
 
 
+@pytest.fixture(scope="module")
+def checked() -> Iterator[Sgctl]:
+    """One dataplane for the forged-frame tests (they only re-apply policies):
+    the programs are compiled once, not once per test."""
+    s = Sgctl()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 def send_frames(inst, *frames) -> None:  # type: ignore[no-untyped-def]
     """Frames built with scapy, written as they are onto the instance's eth0."""
     import socket
@@ -443,7 +454,7 @@ def spoof_policy(topo: Topology, cli_check: bool = True) -> Dict[str, Any]:
 
 
 def test_forged_member_source_is_dropped_unless_the_check_is_off(topo: Topology,
-                                                                  sgctl: Sgctl) -> None:
+                                                                  checked: Sgctl) -> None:
     """A group reference is only as strong as the source address: cli forging
     app's address reaches web's udp/7777 only when cli's SourceDestCheck is off."""
     import socket
@@ -454,7 +465,7 @@ def test_forged_member_source_is_dropped_unless_the_check_is_off(topo: Topology,
     web, app, cli = (topo.instances[n] for n in ("web", "app", "cli"))
     rx = Receiver(web, socket.AF_INET, socket.SOCK_DGRAM, port=7777)
     try:
-        sgctl.apply(spoof_policy(topo))
+        checked.apply(spoof_policy(topo))
 
         def forged(marker: bytes) -> Any:
             return (Ether(src=cli.mac, dst=web.mac) / IP(src=app.ip4, dst=web.ip4) /
@@ -465,10 +476,10 @@ def test_forged_member_source_is_dropped_unless_the_check_is_off(topo: Topology,
         assert rx.got(b"from-app"), "the member itself gets through"
         send_frames(cli, forged(b"forged-1"))
         assert not rx.got(b"forged-1"), "a forged member address was delivered"
-        status = json.loads(sgctl.run("status", "-o", "json").stdout)
+        status = json.loads(checked.run("status", "-o", "json").stdout)
         row = next(r for r in status["interfaces"] if r["device"] == cli.host_dev)
         assert row["counters"]["egress/drop_src_spoof"]["packets"] >= 1, row["counters"]
-        sgctl.apply(spoof_policy(topo, cli_check=False))
+        checked.apply(spoof_policy(topo, cli_check=False))
         send_frames(cli, forged(b"forged-2"))
         assert rx.got(b"forged-2"), "with SourceDestCheck off the forged source is delivered"
     finally:
@@ -476,7 +487,7 @@ def test_forged_member_source_is_dropped_unless_the_check_is_off(topo: Topology,
 
 
 def test_forged_exempt_source_and_ipv4_protocol_58_are_judged_by_the_rules(
-        topo: Topology, sgctl: Sgctl) -> None:
+        topo: Topology, checked: Sgctl) -> None:
     """A packet *from* 169.254.169.254 is not exempt (cli's own check is off
     here, so only web's rules stand in the way); nor is an IPv4 packet of
     protocol 58 whose first byte says "neighbour solicitation"."""
@@ -490,7 +501,7 @@ def test_forged_exempt_source_and_ipv4_protocol_58_are_judged_by_the_rules(
     udp = Receiver(web, socket.AF_INET, socket.SOCK_DGRAM, port=7777)
     raw58 = Receiver(web, socket.AF_INET, socket.SOCK_RAW, 58)
     try:
-        sgctl.apply(spoof_policy(topo, cli_check=False))
+        checked.apply(spoof_policy(topo, cli_check=False))
         send_frames(cli, Ether(src=cli.mac, dst=web.mac) /
                     IP(src="169.254.169.254", dst=web.ip4) / UDP(sport=80, dport=7777) /
                     b"exempt-src")
@@ -498,7 +509,7 @@ def test_forged_exempt_source_and_ipv4_protocol_58_are_judged_by_the_rules(
         send_frames(cli, Ether(src=cli.mac, dst=web.mac) / IP(src=cli.ip4, dst=web.ip4, proto=58) /
                     Raw(bytes([135, 0, 0, 0]) + b"\0" * 4 + b"proto58-as-nd"))
         assert not raw58.got(b"proto58-as-nd"), "IPv4 protocol 58 passed as neighbour discovery"
-        sgctl.apply({"sgctl": 1, "groups": {}, "interfaces": {}})  # the control: no filter
+        checked.apply({"sgctl": 1, "groups": {}, "interfaces": {}})  # the control: no filter
         send_frames(cli, Ether(src=cli.mac, dst=web.mac) / IP(src=cli.ip4, dst=web.ip4, proto=58) /
                     Raw(bytes([135, 0, 0, 0]) + b"\0" * 4 + b"proto58-open"))
         assert raw58.got(b"proto58-open"), "the raw socket sees protocol 58 without sgctl"
@@ -507,7 +518,7 @@ def test_forged_exempt_source_and_ipv4_protocol_58_are_judged_by_the_rules(
         raw58.close()
 
 
-def test_rogue_dhcp_offer_is_dropped(topo: Topology, sgctl: Sgctl) -> None:
+def test_rogue_dhcp_offer_is_dropped(topo: Topology, checked: Sgctl) -> None:
     """A DHCP "server" on the bridge (cli) cannot reach web's client port
     unless web asked; web's own request opens the way for the answer."""
     import socket
@@ -518,7 +529,7 @@ def test_rogue_dhcp_offer_is_dropped(topo: Topology, sgctl: Sgctl) -> None:
     web, cli = topo.instances["web"], topo.instances["cli"]
     rx = Receiver(web, socket.AF_INET, socket.SOCK_DGRAM, port=68)
     try:
-        sgctl.apply(spoof_policy(topo))
+        checked.apply(spoof_policy(topo))
         offer = (Ether(src=cli.mac, dst="ff:ff:ff:ff:ff:ff") /
                  IP(src=cli.ip4, dst="255.255.255.255") / UDP(sport=67, dport=68))
         send_frames(cli, offer / b"rogue-offer")
@@ -532,7 +543,7 @@ def test_rogue_dhcp_offer_is_dropped(topo: Topology, sgctl: Sgctl) -> None:
         rx.close()
 
 
-def test_forged_arp_does_not_poison_a_neighbour(topo: Topology, sgctl: Sgctl) -> None:
+def test_forged_arp_does_not_poison_a_neighbour(topo: Topology, checked: Sgctl) -> None:
     """cli claims app's address in an ARP reply to web: web's neighbour entry
     for app keeps app's MAC (and takes cli's once cli's check is off)."""
     from scapy.layers.l2 import ARP, Ether
@@ -548,14 +559,14 @@ def test_forged_arp_does_not_poison_a_neighbour(topo: Topology, sgctl: Sgctl) ->
 
     claim = (Ether(src=cli.mac, dst=web.mac) /
              ARP(op=2, hwsrc=cli.mac, psrc=app.ip4, hwdst=web.mac, pdst=web.ip4))
-    sgctl.apply(spoof_policy(topo))
+    checked.apply(spoof_policy(topo))
     sh(*ex, "ip", "neigh", "replace", app.ip4, "lladdr", app.mac, "dev", "eth0", "nud", "stale")
     try:
         time.sleep(1.2)  # past the neighbour's locktime (1 s): a claim would now be taken
         send_frames(cli, claim, claim)
         time.sleep(0.2)
         assert web_thinks_app_is_at() == app.mac, "web's neighbour table was poisoned"
-        sgctl.apply(spoof_policy(topo, cli_check=False))
+        checked.apply(spoof_policy(topo, cli_check=False))
         for _ in range(15):
             send_frames(cli, claim)
             time.sleep(0.2)
@@ -566,7 +577,7 @@ def test_forged_arp_does_not_poison_a_neighbour(topo: Topology, sgctl: Sgctl) ->
         sh(*ex, "ip", "neigh", "del", app.ip4, "dev", "eth0", check=False)
 
 
-def test_traffic_to_an_address_the_interface_does_not_have(topo: Topology, sgctl: Sgctl) -> None:
+def test_traffic_to_an_address_the_interface_does_not_have(topo: Topology, checked: Sgctl) -> None:
     """web gives itself 198.18.0.99 (not declared): nothing reaches it there,
     while its declared address still answers."""
     from tests.netns import sh
@@ -577,10 +588,10 @@ def test_traffic_to_an_address_the_interface_does_not_have(topo: Topology, sgctl
     sh("ip", "netns", "exec", cli.ns, "ip", "neigh", "replace", undeclared, "lladdr", web.mac,
        "dev", "eth0")
     try:
-        sgctl.apply(spoof_policy(topo))
+        checked.apply(spoof_policy(topo))
         assert cli.can_tcp(web.ip4, 80)
         assert not cli.can_tcp(undeclared, 80), "delivered to an address web gave itself"
-        status = json.loads(sgctl.run("status", "-o", "json").stdout)
+        status = json.loads(checked.run("status", "-o", "json").stdout)
         row = next(r for r in status["interfaces"] if r["device"] == web.host_dev)
         assert row["counters"]["ingress/drop_dst_foreign"]["packets"] >= 1, row["counters"]
     finally:
