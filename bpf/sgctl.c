@@ -170,6 +170,9 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, struct sg_config *
 	int rc = parse_packet(data, end, bytes, p);
 	if (rc)
 		return rc;
+	rc = sg_mac_check(ep, dir, p);
+	if (rc)
+		return rc;
 	if (p->is_arp) {  /* never filtered by the rules; only its claim is checked */
 		rc = sg_addr_check(ep, dir, p);
 		return rc ? rc : SG_ALLOW_EXEMPT;

@@ -21,7 +21,7 @@ PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout
 COUNTER_SLOTS = 1024
-EP_PROBE, EP_SRC_CHECK = 0x1, 0x2  # SG_EP_*: sg_endpoint.flags
+EP_PROBE, EP_SRC_CHECK, EP_MAC = 0x1, 0x2, 0x4  # SG_EP_*: sg_endpoint.flags
 PROBE_EP_ID = COUNTER_SLOTS - 1  # reserved for `sgctl explain`: its own counter slot
 RULE_SLOTS = 65536  # rule numbers below get their own hit counters
 REASON_MAX = 32
@@ -33,7 +33,7 @@ Addr = ct.c_uint32 * 4  # __be32[4]
 class Endpoint(ct.Structure):
     _fields_ = [("ep_id", u32), ("policy_id", u32), ("mode", u8), ("flags", u8),
                 ("open_all", u16), ("world_class", u32 * 4), ("timeouts", u32 * 7),
-                ("addr_id", u32)]
+                ("addr_id", u32), ("mac", u8 * 6), ("pad", u16)]
 
 
 class LocalKey(ct.Structure):

@@ -435,7 +435,7 @@ class Dataplane:
                 d, fam = key.split(",")
                 world[(int(d), int(fam))] = cls
             values[idx] = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
-                                         eni.timeouts, eni.source_dest_check)
+                                         eni.timeouts, eni.source_dest_check, eni.mac_address)
             own = sorted(str(a) for a in eni.own_addresses())
             endpoints[eni.eni_id] = {"ifindex": idx, "ep_id": ep_id, "device": eni.device,
                                      "mode": eni.mode, "policy": name, "own": own,
@@ -606,12 +606,15 @@ class Dataplane:
 
 def endpoint_value(ep_id: int, policy_id: int, mode: str, open_all: int,
                    world: Dict[Tuple[int, int], int], timeouts: Timeouts,
-                   source_dest_check: bool = True) -> abi.Endpoint:
+                   source_dest_check: bool = True, mac: Optional[str] = None) -> abi.Endpoint:
     """The sg_endpoints value; ``world``: (dir index, family) -> world class."""
     val = abi.Endpoint(ep_id=ep_id, policy_id=policy_id,
                        mode=abi.MODE_HOST if mode == MODE_HOST else abi.MODE_WORKLOAD,
                        open_all=open_all, addr_id=ep_id,
-                       flags=abi.EP_SRC_CHECK if source_dest_check else 0)
+                       flags=(abi.EP_SRC_CHECK if source_dest_check else 0) |
+                       (abi.EP_MAC if mac else 0))
+    if mac:
+        val.mac[:] = bytes.fromhex(mac.replace(":", ""))
     for (d, fam), cls in world.items():
         val.world_class[d * 2 + FAMILY_INDEX[fam]] = cls
     for i, tname in enumerate(abi.TO_NAMES):

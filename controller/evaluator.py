@@ -66,6 +66,7 @@ ND_HOP_LIMIT = 255
 DHCP_PORTS = {4: (67, 68), 6: (547, 546)}  # (server, client)
 DHCP_GROUP = {4: ipaddress.ip_address("255.255.255.255"), 6: ipaddress.ip_address("ff02::1:2")}
 FRAG_TIMEOUT = 30
+SRC_MAC = "02:00:00:00:00:01"  # the Ethernet source of a Packet unless it says otherwise
 ARP = 0x806  # Packet.proto of an ARP frame (IPv4 over Ethernet): src/dst = sender/target
 LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
 MCAST_LINK6 = ipaddress.ip_network("ff02::/16")
@@ -102,6 +103,7 @@ class Packet:
     hop_limit: int = 64  # IPv6 hop limit (IPv4 TTL)
     nd_target: Optional[IPAddress] = None  # NS/NA target
     l2_multicast: bool = False  # Ethernet destination is broadcast/multicast
+    src_mac: str = SRC_MAC  # Ethernet source (and an ARP packet's sender hardware address)
 
     @property
     def family(self) -> int:
@@ -449,6 +451,9 @@ class Evaluator:
             return Verdict(Reason.DROP_TCP_FLAGS)
         if pkt.is_icmp_error and pkt.embedded is None and pkt.frag_offset == 0:
             return Verdict(Reason.DROP_ICMP_EMBEDDED)  # an error must carry the header it is about
+        if (direction == EGRESS and eni.source_dest_check and eni.mac_address is not None
+                and pkt.src_mac != eni.mac_address):  # every frame, connection or not
+            return Verdict(Reason.DROP_NEIGH_SPOOF if pkt.is_arp else Reason.DROP_SRC_SPOOF)
         if pkt.is_arp:  # never filtered by the rules; only its claim is checked
             return Verdict(self.address_check(eni, direction, pkt) or Reason.ALLOW_EXEMPT)
         frag_key = None

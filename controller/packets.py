@@ -19,9 +19,9 @@ from scapy.packet import Packet as ScapyPacket
 from scapy.packet import Raw
 
 from .evaluator import ND_NA, ND_NS, Packet
+from .evaluator import SRC_MAC as SRC_MAC  # frames' default source, for the tests
 from .model import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
-SRC_MAC = "02:00:00:00:00:01"
 DST_MAC = "02:00:00:00:00:02"
 BROADCAST_MAC = "ff:ff:ff:ff:ff:ff"
 _ICMP6 = {1: ICMPv6DestUnreach, 2: ICMPv6PacketTooBig, 3: ICMPv6TimeExceeded,
@@ -77,6 +77,6 @@ def l3(pkt: Packet) -> ScapyPacket:
 def frame(pkt: Packet) -> bytes:
     dst = BROADCAST_MAC if pkt.l2_multicast else DST_MAC
     if pkt.is_arp:  # an ARP reply: sender pkt.src, target pkt.dst
-        return bytes(Ether(src=SRC_MAC, dst=dst) / ARP(op=2, hwsrc=SRC_MAC, psrc=str(pkt.src),
-                                                      hwdst=DST_MAC, pdst=str(pkt.dst)))
-    return bytes(Ether(src=SRC_MAC, dst=dst) / l3(pkt))
+        return bytes(Ether(src=pkt.src_mac, dst=dst) / ARP(
+            op=2, hwsrc=pkt.src_mac, psrc=str(pkt.src), hwdst=DST_MAC, pdst=str(pkt.dst)))
+    return bytes(Ether(src=pkt.src_mac, dst=dst) / l3(pkt))

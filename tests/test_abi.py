@@ -43,7 +43,7 @@ def test_flag_constants_match_header() -> None:
               for m in re.finditer(r"#define SG_(\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", text)}
     for name in ("CFG_EXEMPT_DHCP", "CFG_FLOW_LOG", "CFG_DHCP_SERVERS", "EXEMPT_SERVICE",
                  "EXEMPT_DHCP_SERVER", "LOCAL_ADDR", "LOCAL_ONLINK64", "CT_F_EXEMPT",
-                 "CT_F_DHCP", "EP_PROBE", "EP_SRC_CHECK"):
+                 "CT_F_DHCP", "EP_PROBE", "EP_SRC_CHECK", "EP_MAC"):
         assert header[name] == getattr(abi, name), name
 
 

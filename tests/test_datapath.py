@@ -46,7 +46,8 @@ pytestmark = pytest.mark.kernel
 LOCAL, REMOTE, OTHER = addr("198.18.0.10"), addr("198.18.1.1"), addr("198.18.2.2")
 LOCAL6, REMOTE6 = addr("2001:db8::10"), addr("2001:db8:1::1")
 OTHER6 = addr("2001:db8::66")
-MAC = "02:00:00:00:00:01"  # the instance's: its link-local is LL
+MAC = "02:00:00:00:00:01"  # the instance's (SRC_MAC, every frame's default): its link-local is LL
+OTHER_MAC = "02:00:00:00:00:99"
 LL, LL_PEER = addr("fe80::ff:fe00:1"), addr("fe80::1")
 SOLICITED = addr("ff02::1:ff00:10")  # LOCAL6's solicited-node group
 ZERO4, ZERO6, BCAST4 = addr("0.0.0.0"), addr("::"), addr("255.255.255.255")
@@ -416,6 +417,21 @@ CASES: List[Case] = [
         E(icmp(OTHER, REMOTE, 3, 3, inner=tin(5000, 22, dst=OTHER)), R.ALLOW_RELATED),
     ], {"ingress": [{"proto": "tcp", "ports": 22, "from": "198.18.1.0/24"}],
         "eni": {"source_dest_check": False, "mac_address": MAC}}),
+    Case("a declared MAC: every frame from the instance carries it", [
+        E(replace(tout(5000, 80), src_mac=OTHER_MAC), R.DROP_SRC_SPOOF),
+        E(tout(5000, 80), R.ALLOW_NEW),
+        E(replace(tout(5000, 80, TCP_ACK), src_mac=OTHER_MAC), R.DROP_SRC_SPOOF),  # connection or not
+        E(tout(5000, 80, TCP_ACK), R.ALLOW_ESTABLISHED),
+        E(replace(arp(LOCAL, REMOTE), src_mac=OTHER_MAC), R.DROP_NEIGH_SPOOF),
+        E(raw_eth(bytes(ARP(op=2, hwsrc=OTHER_MAC, psrc=str(LOCAL), pdst=str(REMOTE))), 0x0806),
+          R.DROP_NEIGH_SPOOF),  # the right frame source, another sender in the ARP body
+        I(replace(tin(5001, 22), src_mac=OTHER_MAC), R.ALLOW_NEW),  # others' MACs: not ours
+    ], {"ingress": [{"proto": "tcp", "ports": 22, "from": "0.0.0.0/0"}],
+        "egress": [{"proto": "tcp", "ports": 80, "to": "0.0.0.0/0"}],
+        "eni": {"mac_address": MAC}}),
+    Case("no declared MAC, or the check off: any MAC", [
+        E(replace(tout(5000, 80), src_mac=OTHER_MAC), R.ALLOW_NEW),
+    ], {"ingress": [], "eni": {"mac_address": MAC, "source_dest_check": False}}),
     Case("ARP from the instance claims only its own address", [
         E(arp(LOCAL, REMOTE), R.ALLOW_EXEMPT),
         E(arp(OTHER, REMOTE), R.DROP_NEIGH_SPOOF),  # poisoning a neighbour's table

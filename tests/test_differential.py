@@ -5,6 +5,7 @@ for every packet. Fixed seed; SGCTL_DIFF_EXAMPLES raises the count."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Dict, List
 
 import pytest
@@ -169,6 +170,10 @@ def packets(draw: Any) -> List[tuple]:
         if draw(st.integers(0, 7)) == 0:
             direction = draw(st.sampled_from(["ingress", "egress"]))
             out.append((at, direction, draw(special(direction))))
+            continue
+        if out and draw(st.integers(0, 15)) == 0:  # an earlier packet from a forged MAC
+            at_, direction, prev = draw(st.sampled_from(out))
+            out.append((at, direction, replace(prev, src_mac="02:00:00:00:00:99")))
             continue
         if out and draw(st.integers(0, 2)) == 0:  # the reverse of an earlier packet
             _, direction, prev = draw(st.sampled_from(out))

@@ -462,6 +462,8 @@ def test_forged_member_source_is_dropped_unless_the_check_is_off(topo: Topology,
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
 
+    from tests.netns import sh
+
     web, app, cli = (topo.instances[n] for n in ("web", "app", "cli"))
     rx = Receiver(web, socket.AF_INET, socket.SOCK_DGRAM, port=7777)
     try:
@@ -479,6 +481,12 @@ def test_forged_member_source_is_dropped_unless_the_check_is_off(topo: Topology,
         status = json.loads(checked.run("status", "-o", "json").stdout)
         row = next(r for r in status["interfaces"] if r["device"] == cli.host_dev)
         assert row["counters"]["egress/drop_src_spoof"]["packets"] >= 1, row["counters"]
+        # app's MAC from cli's port: dropped before the bridge could learn it there
+        send_frames(cli, Ether(src=app.mac, dst=web.mac) / IP(src=cli.ip4, dst=web.ip4) /
+                    UDP(sport=4444, dport=7777) / b"forged-mac")
+        assert not rx.got(b"forged-mac")
+        fdb = sh("bridge", "fdb", "show", "dev", cli.host_dev).stdout
+        assert app.mac not in fdb, f"the bridge learned app's MAC on cli's port: {fdb}"
         checked.apply(spoof_policy(topo, cli_check=False))
         send_frames(cli, forged(b"forged-2"))
         assert rx.got(b"forged-2"), "with SourceDestCheck off the forged source is delivered"

@@ -73,6 +73,27 @@ static __always_inline int unspecified_ok(struct sg_pkt *p)
 	       (f->icmp_type == SG_ICMPV6_NS || f->icmp_type == SG_ICMPV6_MLD2_REPORT);
 }
 
+static __always_inline int mac_eq(__u8 *a, __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+/* Every frame the instance sends, connection or not, must carry its MAC
+ * when one is declared: a forged one would teach the bridge to deliver
+ * another instance's traffic here. ARP must name it as the sender too. */
+static __always_inline int sg_mac_check(struct sg_endpoint *ep, __u8 dir, struct sg_pkt *p)
+{
+	if (dir != SG_DIR_EGRESS || (ep->flags & (SG_EP_SRC_CHECK | SG_EP_MAC)) !=
+	    (SG_EP_SRC_CHECK | SG_EP_MAC))
+		return 0;
+	if (!mac_eq(p->l2_src, ep->mac))
+		return p->is_arp ? SG_DROP_NEIGH_SPOOF : SG_DROP_SRC_SPOOF;
+	if (p->is_arp && p->arp_ipv4 && !mac_eq(p->arp_sha, ep->mac))
+		return SG_DROP_NEIGH_SPOOF;
+	return 0;
+}
+
 /* SourceDestCheck: 0, or the drop reason. ARP and ND from the instance may
  * claim only its own addresses; it may not act as a router. */
 static __always_inline int sg_addr_check(struct sg_endpoint *ep, __u8 dir, struct sg_pkt *p)

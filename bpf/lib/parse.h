@@ -100,6 +100,8 @@ struct sg_pkt {
 	__u8 arp_ipv4;         /* ARP for IPv4 over Ethernet: addresses are valid */
 	__u8 hop_limit;        /* IPv6 hop limit (neighbour discovery needs 255) */
 	__u8 l2_mcast;         /* Ethernet destination is broadcast/multicast */
+	__u8 l2_src[6];        /* Ethernet source */
+	__u8 arp_sha[6];       /* ARP sender hardware address (arp_ipv4) */
 	__u8 has_target;
 };
 
@@ -137,6 +139,7 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *c, void *end, __u16 *
 		return SG_DROP_L2_MALFORMED;
 	c->pos = eth + 1;
 	p->l2_mcast = eth->h_dest[0] & 1;
+	__builtin_memcpy(p->l2_src, eth->h_source, 6);
 	__u16 type = bpf_ntohs(eth->h_proto);
 #pragma unroll
 	for (int i = 0; i < VLAN_MAX_DEPTH; i++) {
@@ -343,6 +346,7 @@ static __always_inline int parse_arp(struct hdr_cursor *c, void *end, struct sg_
 		return SG_DROP_L2_MALFORMED;
 	p->arp_ipv4 = 1;
 	p->f.family = 4;
+	__builtin_memcpy(p->arp_sha, a + 8, 6);
 	__builtin_memcpy(p->f.src, a + 14, 4);
 	__builtin_memcpy(p->f.dst, a + 24, 4);
 	return 0;

@@ -27,6 +27,7 @@
 			    * conntrack entry and count no rule hit */
 #define SG_EP_SRC_CHECK 0x2 /* SourceDestCheck (1.6): the instance may send only
 			     * from, and receive only at, its own addresses */
+#define SG_EP_MAC 0x4       /* ... and only from its own MAC (mac is valid) */
 
 /* sg_ct_entry.flags */
 #define SG_CT_F_EXEMPT 0x1 /* opened by exempt traffic (infrastructure, DHCP):
@@ -69,6 +70,8 @@ struct sg_endpoint {
 	__u32 timeouts[SG_TO_MAX]; /* seconds */
 	__u32 addr_id;        /* sg_local_addrs identity: ep_id (explain's probe keeps
 			       * the real interface's) */
+	__u8  mac[6];         /* the instance's MAC, when declared (SG_EP_MAC) */
+	__u16 pad;
 };
 
 /* sg_local_addrs key (1.6): an address of an endpoint's interface (primary
