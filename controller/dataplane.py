@@ -26,7 +26,7 @@ import orjson
 
 from . import abi, bpfsys
 from .compiler import FAMILY_INDEX, Compiled, compile_state, network_bytes
-from .model import MODE_HOST, State, Timeouts
+from .model import MODE_HOST, State, Timeouts, mac_bytes
 from .policymaps import PolicyMaps
 from .store import Store, write_atomic
 
@@ -416,7 +416,7 @@ class Dataplane:
         endpoints: Dict[str, dict] = {}
         values: Dict[int, abi.Endpoint] = {}
         lost: Dict[int, set] = {}  # ep_id -> own addresses, where some were lost
-        used = self.used_ep_ids(applied)
+        used: Optional[set] = None  # read only when an interface needs a new id
         for eni in state.bound_interfaces():
             if eni.eni_id not in ifindexes:
                 continue
@@ -426,6 +426,8 @@ class Dataplane:
             if old and old["ifindex"] == idx:
                 ep_id = old["ep_id"]
             else:
+                if used is None:
+                    used = self.used_ep_ids(applied)
                 ep_id = self.free_ep_id(used)
                 used.add(ep_id)
                 self.reset_counters(ep_id)
@@ -436,13 +438,14 @@ class Dataplane:
                 world[(int(d), int(fam))] = cls
             values[idx] = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
                                          eni.timeouts, eni.source_dest_check, eni.mac_address)
-            own = sorted(str(a) for a in eni.own_addresses())
+            addrs = eni.own_addresses()
+            own = sorted(str(a) for a in addrs)
             endpoints[eni.eni_id] = {"ifindex": idx, "ep_id": ep_id, "device": eni.device,
                                      "mode": eni.mode, "policy": name, "own": own,
                                      "check": eni.source_dest_check}
             if old and old["ep_id"] == ep_id and eni.source_dest_check and (
                     not old.get("check", True) or not set(old.get("own", [])) <= set(own)):
-                lost[ep_id] = {a.packed for a in eni.own_addresses()}
+                lost[ep_id] = {a.packed for a in addrs}
         local = self.local_keys(state, {e: ep["ep_id"] for e, ep in endpoints.items()})
         self.add_local(local)
         for idx, val in values.items():
@@ -614,7 +617,7 @@ def endpoint_value(ep_id: int, policy_id: int, mode: str, open_all: int,
                        flags=(abi.EP_SRC_CHECK if source_dest_check else 0) |
                        (abi.EP_MAC if mac else 0))
     if mac:
-        val.mac[:] = bytes.fromhex(mac.replace(":", ""))
+        val.mac[:] = mac_bytes(mac)
     for (d, fam), cls in world.items():
         val.world_class[d * 2 + FAMILY_INDEX[fam]] = cls
     for i, tname in enumerate(abi.TO_NAMES):

@@ -58,6 +58,11 @@ _DEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _MAC_RE = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 
 
+def mac_bytes(mac: str) -> bytes:
+    """A canonical MAC (``parse_mac``) as its 6 bytes."""
+    return bytes.fromhex(mac.replace(":", ""))
+
+
 def parse_mac(value: object, obj: str, fieldname: str = "MacAddress") -> str:
     """``02:AA:...`` -> ``02:aa:...``; a unicast Ethernet address."""
     text = value.strip().lower().replace("-", ":") if isinstance(value, str) else None
@@ -364,7 +369,7 @@ class NetworkInterface:
         """fe80::/64 + the modified EUI-64 of ``mac_address`` (RFC 4291)."""
         if self.mac_address is None:
             return None
-        mac = bytes.fromhex(self.mac_address.replace(":", ""))
+        mac = mac_bytes(self.mac_address)
         iid = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
         return ipaddress.IPv6Address(b"\xfe\x80" + b"\0" * 6 + iid)
 
