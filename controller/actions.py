@@ -71,6 +71,15 @@ def _list_param(p: Params, key: str) -> List[Any]:
     return val
 
 
+def _names(p: Params, key: str) -> List[str]:
+    """A list of ids or names: strings only."""
+    out = _list_param(p, key)
+    for i, v in enumerate(out):
+        if not isinstance(v, str):
+            raise ApiError("InvalidParameterValue", f"{key}[{i}] {v!r} is not a string")
+    return out
+
+
 def _str_param(p: Params, key: str, default: str = "") -> str:
     val = p.get(key, default)
     if val is None:
@@ -99,15 +108,27 @@ def _filters(p: Params) -> Dict[str, List[str]]:
     for f in _list_param(p, "Filters"):
         if not isinstance(f, dict) or not isinstance(f.get("Name"), str):
             raise ApiError("InvalidParameterValue", "Filters items must be {Name, Values}")
-        out[f["Name"]] = [str(v) for v in f.get("Values") or []]
+        values = f.get("Values") or []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ApiError("InvalidParameterValue", f"filter {f['Name']}: Values must be strings")
+        out[f["Name"]] = values
     return out
 
 
 # --------------------------------------------------------------------------- lookups
 
 
+def _key(value: Any, what: str) -> str:
+    """An id or name to look up: a string, never a list or a number."""
+    if not isinstance(value, str):
+        raise ApiError("InvalidParameterValue", f"{what} {value!r} is not a string")
+    return value
+
+
 def find_group(state: State, p: Params) -> SecurityGroup:
     gid, name = p.get("GroupId"), p.get("GroupName")
+    gid = None if gid is None else _key(gid, "GroupId")
+    name = None if name is None else _key(name, "GroupName")
     if gid is not None:
         if gid not in state.groups:
             raise ApiError("InvalidGroup.NotFound", f"The security group '{gid}' does not exist")
@@ -121,13 +142,13 @@ def find_group(state: State, p: Params) -> SecurityGroup:
 
 
 def find_prefix_list(state: State, plid: Any) -> PrefixList:
-    if plid not in state.prefix_lists:
+    if _key(plid, "PrefixListId") not in state.prefix_lists:
         raise ApiError("InvalidPrefixListID.NotFound", f"The prefix list ID '{plid}' does not exist")
     return state.prefix_lists[plid]
 
 
 def find_interface(state: State, eid: Any) -> NetworkInterface:
-    if eid not in state.interfaces:
+    if _key(eid, "NetworkInterfaceId") not in state.interfaces:
         raise ApiError("InvalidNetworkInterfaceID.NotFound",
                        f"The networkInterface ID '{eid}' does not exist")
     return state.interfaces[eid]
@@ -302,7 +323,7 @@ def _authorize(direction: str) -> Callable[[State, Params], Result]:
 def _revoke(direction: str) -> Callable[[State, Params], Result]:
     def action(state: State, p: Params) -> Result:
         g = find_group(state, p)
-        ids = _list_param(p, "SecurityGroupRuleIds")
+        ids = _names(p, "SecurityGroupRuleIds")
         if ids and p.get("IpPermissions"):
             raise ApiError("InvalidParameterCombination",
                            "give IpPermissions or SecurityGroupRuleIds, not both")
@@ -332,12 +353,12 @@ def _revoke(direction: str) -> Callable[[State, Params], Result]:
 
 def describe_security_groups(state: State, p: Params) -> Result:
     groups = list(state.groups.values())
-    for gid in _list_param(p, "GroupIds"):
+    for gid in _names(p, "GroupIds"):
         find_group(state, {"GroupId": gid})
-    for name in _list_param(p, "GroupNames"):
+    for name in _names(p, "GroupNames"):
         find_group(state, {"GroupName": name})
     if p.get("GroupIds") or p.get("GroupNames"):
-        ids, names = set(_list_param(p, "GroupIds")), set(_list_param(p, "GroupNames"))
+        ids, names = set(_names(p, "GroupIds")), set(_names(p, "GroupNames"))
         groups = [g for g in groups if g.group_id in ids or g.name in names]
     f = _filters(p)
     if "group-id" in f:
@@ -353,7 +374,7 @@ def _all_rules(state: State) -> List[Rule]:
 
 def describe_security_group_rules(state: State, p: Params) -> Result:
     rules = _all_rules(state)
-    ids = _list_param(p, "SecurityGroupRuleIds")
+    ids = _names(p, "SecurityGroupRuleIds")
     if ids:
         known = {r.rule_id for r in rules}
         for rid in ids:
@@ -423,17 +444,18 @@ def _entries(items: List[Any], family: int, where: str) -> List[PrefixListEntry]
     for i, e in enumerate(items):
         if not isinstance(e, dict):
             raise ApiError("InvalidParameterValue", f"{where}[{i}] must be {{Cidr, Description}}")
-        out.append(PrefixListEntry(parse_cidr(e.get("Cidr"), where, f"[{i}].Cidr", family),
-                                   str(e.get("Description") or "")))
+        out.append(PrefixListEntry(parse_cidr(e.get("Cidr"), where, f"[{i}].Cidr", family,
+                                              strict=True),
+                                   aws.text_field(e, "Description", f"{where}[{i}]")))
     return out
 
 
 def _family(p: Params) -> int:
-    fam = str(_required(p, "AddressFamily")).lower()
-    if fam not in ("ipv4", "ipv6"):
+    fam = _required(p, "AddressFamily")
+    if fam not in ("IPv4", "IPv6"):
         raise ApiError("InvalidParameterValue",
                        f"Invalid value '{p['AddressFamily']}' for AddressFamily (IPv4 or IPv6)")
-    return 4 if fam == "ipv4" else 6
+    return 4 if fam == "IPv4" else 6
 
 
 def _max_entries(p: Params) -> int:
@@ -499,7 +521,7 @@ def delete_managed_prefix_list(state: State, p: Params) -> Result:
 
 
 def describe_managed_prefix_lists(state: State, p: Params) -> Result:
-    ids = _list_param(p, "PrefixListIds")
+    ids = _names(p, "PrefixListIds")
     for plid in ids:
         find_prefix_list(state, plid)
     pls = [pl for pl in state.prefix_lists.values() if not ids or pl.prefix_list_id in ids]
@@ -517,7 +539,7 @@ def get_managed_prefix_list_entries(state: State, p: Params) -> Result:
 
 
 def _groups_param(state: State, p: Params) -> List[str]:
-    groups = _list_param(p, "Groups")
+    groups = _names(p, "Groups")
     for gid in groups:
         find_group(state, {"GroupId": gid})
     return [str(g) for g in groups]
@@ -550,7 +572,8 @@ def modify_network_interface_attribute(state: State, p: Params) -> Result:
                 setattr(cur, attr, getattr(t, attr))
     if p.get("Description") is not None:
         d = p["Description"]
-        eni.description = str(d.get("Value", "") if isinstance(d, dict) else d)
+        eni.description = aws.text_field(d if isinstance(d, dict) else {"Value": d}, "Value",
+                                         "Description")
     if p.get("SourceDestCheck") is not None:  # EC2: {"Value": false}
         v = p["SourceDestCheck"]
         eni.source_dest_check = parse_bool(v.get("Value") if isinstance(v, dict) else v,
@@ -565,7 +588,7 @@ def delete_network_interface(state: State, p: Params) -> Result:
 
 
 def describe_network_interfaces(state: State, p: Params) -> Result:
-    ids = _list_param(p, "NetworkInterfaceIds")
+    ids = _names(p, "NetworkInterfaceIds")
     for eid in ids:
         find_interface(state, eid)
     enis = [e for e in state.interfaces.values() if not ids or e.eni_id in ids]

@@ -16,26 +16,59 @@ import json
 import os
 import socket
 import socketserver
+import threading
 import uuid
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .actions import ApiError
 
 DEFAULT_SOCKET = "/run/sgctl/api.sock"
-MAX_BODY = 64 << 20
+MAX_BODY = 64 << 20  # bytes of one request body (a document travels inside one)
+MAX_CONNECTIONS = 64  # served at once; one more is answered 503 and closed
+IDLE_TIMEOUT = 30.0  # seconds a connection may sit between (or inside) requests
 
 Handler = Callable[[str, Dict[str, Any]], Dict[str, Any]]
 
 
+_BUSY_BODY = json.dumps({"Error": {"Code": "ServiceUnavailable",
+                                   "Message": "too many connections; retry"}}).encode()
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """One thread per connection, at most MAX_CONNECTIONS of them."""
+
     daemon_threads = True
     handle_action: Handler
     health: Callable[[], Dict[str, Any]]
+
+    def __init__(self, path: str, handler: Any) -> None:
+        super().__init__(path, handler)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class _RequestHandler(http.server.BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT  # StreamRequestHandler sets it on the socket
 
     def address_string(self) -> str:  # a UNIX peer has no host/port
         return "unix"
@@ -48,8 +81,30 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if status >= 400:  # whatever of the request is unread must not be taken as the next one
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
+
+    def _body(self) -> bytes:
+        """The request body, by an exact, bounded Content-Length (no chunked)."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ApiError("InvalidRequest", "Transfer-Encoding is not accepted; send "
+                           "Content-Length", 411)
+        values = self.headers.get_all("Content-Length") or []
+        if len(values) > 1:
+            raise ApiError("InvalidRequest", "Content-Length is given more than once")
+        text = values[0].strip() if values else "0"
+        if not text.isdigit() or not text.isascii() or len(text) > 12:
+            raise ApiError("InvalidRequest", f"Content-Length {text!r} is not a byte count")
+        length = int(text)
+        if length > MAX_BODY:
+            raise ApiError("RequestTooLarge", f"body of {length} bytes exceeds {MAX_BODY}", 413)
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) != length:
+            raise ApiError("InvalidRequest", f"body ended after {len(raw)} of {length} bytes")
+        return raw
 
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         if self.path == "/healthz":
@@ -60,19 +115,18 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         rid = str(uuid.uuid4())
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                raise ApiError("RequestTooLarge", f"body of {length} bytes exceeds {MAX_BODY}", 413)
-            raw = self.rfile.read(length) if length else b"{}"
+            raw = self._body()
             try:
                 params = json.loads(raw or b"{}")
+            except RecursionError:
+                raise ApiError("MalformedQueryString", "body is nested too deeply") from None
             except ValueError as exc:
                 raise ApiError("MalformedQueryString", f"body is not JSON: {exc}") from None
             if not isinstance(params, dict):
                 raise ApiError("MalformedQueryString", "body must be a JSON object")
             action = self.path.strip("/") or params.pop("Action", None)
             params.pop("Action", None)
-            if not action:
+            if not action or not isinstance(action, str):
                 raise ApiError("MissingAction", "give the action as the path or as Action")
             result = self.server.handle_action(action, params)
             self._reply(200, {**result, "RequestId": rid})

@@ -60,13 +60,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .formats import load_file
 
     if _daemon_running(args):
-        from .formats import cfn
+        from .formats import cfn, read_document
 
-        try:
-            text = open(args.file).read()
-        except OSError as exc:
-            raise ValidationError(args.file, "(file)", exc.strerror or str(exc)) from None
+        text = read_document(args.file)
         out = _call(args, "Apply", {"Document": text, "StackName": cfn.stack_name_for(args.file)})
+        for w in out.get("Warnings", []):
+            print(f"warning: {w}", file=sys.stderr)
         for rid in out["StaleRules"]:
             print(f"warning: rule {rid} references a group that does not exist (stale)",
                   file=sys.stderr)
@@ -74,21 +73,27 @@ def cmd_apply(args: argparse.Namespace) -> int:
               f"rules, {out['Interfaces']} interfaces (generation {out['Generation']})")
         return EXIT_OK
     state = load_file(args.file)  # raises ValidationError before anything changes
+    for w in state.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     for rule in state.stale_rules:
         print(f"warning: {rule.group_id} {rule.rule_id}: references group {rule.peer.value}, "
               "which does not exist (stale: matches nothing)", file=sys.stderr)
     dp = _dataplane(args)
     try:
-        applied = dp.apply(state)
         from .conntrack import revalidate
         from .store import Store
 
+        store = Store(args.state_dir)  # a daemon started later enforces this state
+        prev = store.load()
+        try:
+            applied = dp.apply(state)
+        except Exception:
+            if prev is not None:  # back to what was enforced (new devices were unbound)
+                dp.apply(prev.state, missing_ok=True)
+            raise
         cut = revalidate(dp, state)
         if cut:
             print(f"revalidate: cut {cut} connections the policy no longer allows")
-
-        store = Store(args.state_dir)  # a daemon started later enforces this state
-        prev = store.load()
         store.save(prev.generation + 1 if prev else 1, state)
     finally:
         dp.close()

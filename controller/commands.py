@@ -194,7 +194,7 @@ def _modify_rule_flags(p: argparse.ArgumentParser) -> None:
 
 def _create_pl_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-list-name", required=True)
-    p.add_argument("--address-family", default="IPv4")
+    p.add_argument("--address-family", default="IPv4", choices=("IPv4", "IPv6"))
     p.add_argument("--max-entries", type=int, required=True)
     p.add_argument("--entry", action="append", help="CIDR[,description] (repeatable)")
 

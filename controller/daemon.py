@@ -30,9 +30,8 @@ from pyroute2 import IPRoute
 
 from . import abi, actions, api, conntrack
 from .actions import ApiError
-from .dataplane import Dataplane, DataplaneError
+from .dataplane import Dataplane
 from .model import State, ValidationError, validate
-from .netlink import AttachError
 from .store import Store
 
 if TYPE_CHECKING:
@@ -143,7 +142,7 @@ class Daemon:
         start = time.monotonic()
         try:
             self.enforce(new)
-        except (DataplaneError, AttachError, OSError) as exc:
+        except Exception as exc:  # any failure (NetlinkError is not an OSError): roll back
             log.error("enforcing generation %d failed, restoring %d: %s",
                       self.generation + 1, self.generation, exc)
             try:
@@ -162,7 +161,11 @@ class Daemon:
     # ------------------------------------------------------------ API
 
     def handle(self, action: str, params: Dict[str, Any]) -> Dict[str, Any]:
-        own = {"Apply": self.act_apply, "DescribeStatus": self.act_status,
+        if action == "Apply":  # parsed and validated before the lock: a big or
+            new = self.parse_document(params)  # hostile document holds up nobody else
+            with self.lock:
+                return self.act_apply(new)
+        own = {"DescribeStatus": self.act_status,
                "DescribeConntrack": self.act_conntrack, "FlushConntrack": self.act_flush,
                "Explain": self.act_explain, "GetFlowLogRecords": self.act_flow_records,
                "FlushFlowLogs": self.act_flow_flush}
@@ -201,22 +204,33 @@ class Daemon:
             r["Hits"] = {"Packets": pk, "Bytes": by, "LastHit": None if not pk else time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_wall - max(0, now_dp - last)))}
 
-    def act_apply(self, params: Dict[str, Any]) -> Dict[str, Any]:
+    @staticmethod
+    def parse_document(params: Dict[str, Any]) -> State:
         from .formats import load_document, load_text
+        from .formats.text import check_object
 
         doc = params.get("Document")
         if doc is None:
             raise ApiError("MissingParameter", "The request must contain the parameter Document")
-        name = str(params.get("StackName") or "stack")
+        name = params.get("StackName") or "stack"
+        if not isinstance(name, str):
+            raise ApiError("InvalidParameterValue", f"StackName {name!r} is not a string")
         try:
-            new = load_text(doc, name) if isinstance(doc, str) else load_document(doc, name)
+            if isinstance(doc, str):
+                return load_text(doc, name)
+            check_object(doc)
+            return load_document(doc, name)
         except ValidationError as exc:
             raise ApiError(exc.code, str(exc)) from None
+
+    def act_apply(self, new: State) -> Dict[str, Any]:
         self.commit(new)
+        for w in new.warnings:
+            log.warning("apply: %s", w)
         return {"Return": True, "Generation": self.generation,
                 "Groups": len(new.groups), "Rules": sum(len(g.rules) for g in new.groups.values()),
                 "Interfaces": len(new.interfaces),
-                "StaleRules": [r.rule_id for r in new.stale_rules]}
+                "StaleRules": [r.rule_id for r in new.stale_rules], "Warnings": new.warnings}
 
     def act_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
         from .status import report
@@ -317,8 +331,29 @@ class Daemon:
             while not self.stopping.is_set():
                 ready, _, _ = select.select([ipr], [], [], 0.5)
                 if ready:
-                    ipr.get()
+                    for msg in ipr.get():
+                        if msg.get("event") == "RTM_NEWLINK":
+                            self.bind_new_device(msg.get_attr("IFLA_IFNAME"), msg["index"])
                     self.dirty.set()
+
+    def bind_new_device(self, name: Optional[str], idx: int) -> None:
+        """A device of a bound interface appeared (or came back under a new
+        ifindex): bind it now, from this thread, instead of after the
+        reconciler's debounce and full apply (which still follow)."""
+        if not name:
+            return
+        with self.lock:
+            eni = next((e for e in self.state.bound_interfaces() if e.device == name), None)
+            if eni is None:
+                return
+            start = time.monotonic()
+            try:
+                eff = self.effective(self.state, self.view or ())  # addresses as last enforced
+                if self.dp.bind_device(eff.interfaces[eni.eni_id], idx):
+                    log.info("%s: device %s (ifindex %d) bound in %.1f ms after it appeared",
+                             eni.eni_id, name, idx, (time.monotonic() - start) * 1000)
+            except Exception as exc:  # the reconciler's full apply retries
+                log.error("%s: binding %s at once failed: %s", eni.eni_id, name, exc)
 
     def reconcile_loop(self) -> None:
         while not self.stopping.is_set():

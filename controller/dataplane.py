@@ -26,7 +26,7 @@ import orjson
 
 from . import abi, bpfsys
 from .compiler import FAMILY_INDEX, Compiled, compile_state, network_bytes
-from .model import MODE_HOST, State, Timeouts, mac_bytes
+from .model import MODE_HOST, NetworkInterface, State, Timeouts, mac_bytes
 from .policymaps import PolicyMaps
 from .store import Store, write_atomic
 
@@ -276,13 +276,7 @@ class Dataplane:
         addresses and IPv6 /64s (1.6)."""
         out: Dict[bytes, abi.LocalKey] = {}
         for eni_id, ep_id in ep_ids.items():
-            eni = state.interfaces[eni_id]
-            keys = [abi.LocalKey(addr_id=ep_id, family=a.version, kind=abi.LOCAL_ADDR,
-                                 addr=abi.addr_words(a.packed)) for a in eni.own_addresses()]
-            keys += [abi.LocalKey(addr_id=ep_id, family=6, kind=abi.LOCAL_ONLINK64,
-                                  addr=abi.addr_words(n.network_address.packed[:8]))
-                     for n in eni.onlink64()]
-            out.update((bytes(k), k) for k in keys)
+            out.update(local_keys_of(state.interfaces[eni_id], ep_id))
         return out
 
     def _local_have(self) -> Dict[bytes, abi.LocalKey]:
@@ -334,6 +328,57 @@ class Dataplane:
         from .conntrack import flush  # conntrack builds on this module
 
         return flush(self, ep_ids)
+
+    def unbind(self, idx: int, ours: set) -> None:
+        """Detach our programs from a device and forget its endpoint."""
+        from . import netlink
+
+        netlink.detach(idx, ours)
+        self.map("sg_endpoints").delete(ct.c_uint32(idx))
+        self._attached.pop(idx, None)
+        self._ep_written.pop(idx, None)
+
+    def bind_device(self, eni: NetworkInterface, idx: int) -> bool:
+        """The fast path for a device that has just appeared: its endpoint
+        on the policy already in the kernel (a pending interface's policy is
+        compiled and written with the rest), its programs attached; no
+        compile, no other map touched. False when that is not possible (the
+        caller then applies in full, which it does afterwards in any case)."""
+        from . import netlink
+
+        applied = self.load_applied()
+        rec = applied.policies.get(",".join(eni.groups))
+        old = applied.endpoints.get(eni.eni_id)
+        if rec is None or "active" not in rec or (old is not None and old["ifindex"] == idx):
+            return False
+        if netlink.link_type(idx) != netlink.ARPHRD_ETHER:
+            return False
+        progs = self.programs()
+        ours = self.known_prog_ids(applied)
+        netlink.check_attachable(idx, ours)
+        ep_id = self.free_ep_id(self.used_ep_ids(applied))
+        self.reset_counters(ep_id)
+        world = {(int(k.split(",")[0]), int(k.split(",")[1])): c for k, c in rec["world"].items()}
+        val = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
+                             eni.timeouts, eni.source_dest_check, eni.mac_address)
+        self.add_local(local_keys_of(eni, ep_id))
+        self.map("sg_endpoints").update(ct.c_uint32(idx), val)
+        self._ep_written[idx] = bytes(val)
+        try:
+            mode = netlink.attach(idx, progs.xdp_fd, progs.tc_fd, ours)
+        except Exception:
+            self.unbind(idx, ours)
+            raise
+        self._attached[idx] = progs.tag
+        applied.endpoints[eni.eni_id] = {
+            "ifindex": idx, "ep_id": ep_id, "device": eni.device, "mode": eni.mode,
+            "policy": ",".join(eni.groups), "own": sorted(str(a) for a in eni.own_addresses()),
+            "check": eni.source_dest_check, "xdp_mode": mode}
+        if eni.eni_id in applied.summary:
+            applied.summary[eni.eni_id]["pending"] = False
+        self.save_applied(applied)
+        self._applied = applied
+        return True
 
     # ------------------------------------------------------------ apply
 
@@ -448,22 +493,33 @@ class Dataplane:
                 lost[ep_id] = {a.packed for a in addrs}
         local = self.local_keys(state, {e: ep["ep_id"] for e, ep in endpoints.items()})
         self.add_local(local)
-        for idx, val in values.items():
-            if bytes(val) != self._ep_written.get(idx):
-                eps.update(ct.c_uint32(idx), val)
-                switched = True
-                self._ep_written[idx] = bytes(val)
-        if lost:  # connections on an address the interface no longer has go now
-            from .conntrack import cut_foreign  # conntrack builds on this module
+        try:
+            for idx, val in values.items():
+                if bytes(val) != self._ep_written.get(idx):
+                    eps.update(ct.c_uint32(idx), val)
+                    switched = True
+                    self._ep_written[idx] = bytes(val)
+            if lost:  # connections on an address the interface no longer has go now
+                from .conntrack import cut_foreign  # conntrack builds on this module
 
-            log.info("cut %d connections on addresses their interfaces lost",
-                     cut_foreign(self, lost))
-        self.sync_exempt(state)
+                log.info("cut %d connections on addresses their interfaces lost",
+                         cut_foreign(self, lost))
+            self.sync_exempt(state)
+            if attach and progs is not None:
+                for ep in endpoints.values():
+                    if self._attached.get(ep["ifindex"]) != progs.tag:
+                        ep["xdp_mode"] = netlink.attach(ep["ifindex"], progs.xdp_fd, progs.tc_fd,
+                                                        ours)
+                        self._attached[ep["ifindex"]] = progs.tag
+        except Exception:
+            # devices this call bound are unbound again (programs detached,
+            # endpoint removed); the caller re-applies the previous state to
+            # the others
+            before = {ep["ifindex"] for ep in applied.endpoints.values()}
+            for idx in set(values) - before:
+                self.unbind(idx, ours)
+            raise
         if attach and progs is not None:
-            for ep in endpoints.values():
-                if self._attached.get(ep["ifindex"]) != progs.tag:
-                    ep["xdp_mode"] = netlink.attach(ep["ifindex"], progs.xdp_fd, progs.tc_fd, ours)
-                    self._attached[ep["ifindex"]] = progs.tag
             applied.prog_ids = sorted(ours)
         # 3. endpoints that went away: detach, forget, flush their connections
         gone = {e: ep for e, ep in applied.endpoints.items()
@@ -471,10 +527,7 @@ class Dataplane:
         live_idx = {ep["ifindex"] for ep in endpoints.values()}
         for ep in gone.values():
             if ep["ifindex"] not in live_idx:
-                netlink.detach(ep["ifindex"], ours)
-                eps.delete(ct.c_uint32(ep["ifindex"]))
-                self._attached.pop(ep["ifindex"], None)
-                self._ep_written.pop(ep["ifindex"], None)
+                self.unbind(ep["ifindex"], ours)
         if gone:
             self.flush_conntrack({ep["ep_id"] for ep in gone.values()})
         self.remove_local(local)
@@ -605,6 +658,16 @@ class Dataplane:
                 if exc.errno != errno.ENOENT:
                     raise
         return done
+
+
+def local_keys_of(eni: NetworkInterface, ep_id: int) -> Dict[bytes, abi.LocalKey]:
+    """An interface's sg_local_addrs keys: its own addresses and IPv6 /64s."""
+    keys = [abi.LocalKey(addr_id=ep_id, family=a.version, kind=abi.LOCAL_ADDR,
+                         addr=abi.addr_words(a.packed)) for a in eni.own_addresses()]
+    keys += [abi.LocalKey(addr_id=ep_id, family=6, kind=abi.LOCAL_ONLINK64,
+                          addr=abi.addr_words(n.network_address.packed[:8]))
+             for n in eni.onlink64()]
+    return {bytes(k): k for k in keys}
 
 
 def endpoint_value(ep_id: int, policy_id: int, mode: str, open_all: int,

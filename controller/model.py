@@ -48,13 +48,12 @@ DEFAULT_GROUP_ID = "sg-default"
 WORLD4 = ipaddress.ip_network("0.0.0.0/0")
 WORLD6 = ipaddress.ip_network("::/0")
 
-_ID_RE = {
-    "sg": re.compile(r"^sg-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
-    "sgr": re.compile(r"^sgr-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
-    "pl": re.compile(r"^pl-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
-    "eni": re.compile(r"^eni-[A-Za-z0-9][A-Za-z0-9-]{0,62}$"),
-}
-_DEV_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+# whole-string matches (\A...\Z): "$" would also accept a trailing newline
+_ID_RE = {kind: re.compile(rf"\A{kind}-[A-Za-z0-9][A-Za-z0-9-]{{0,62}}\Z")
+          for kind in ("sg", "sgr", "pl", "eni")}
+_DEV_RE = re.compile(r"\A[A-Za-z0-9_.:@-]{1,15}\Z")
+# what EC2 accepts in a group's or a rule's description (AWS formats and the API)
+_AWS_TEXT_RE = re.compile(r"\A[A-Za-z0-9 ._\-:/()#,@\[\]+=&;{}!$*]*\Z")
 _MAC_RE = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 
 
@@ -101,7 +100,7 @@ def parse_protocol(value: object, obj: str, fieldname: str = "IpProtocol") -> in
         key = value.strip().lower()
         if key in PROTOCOL_NAMES:
             return PROTOCOL_NAMES[key]
-        if not re.fullmatch(r"-?\d+", key):
+        if not re.fullmatch(r"-?\d{1,4}", key):
             raise ValidationError(obj, fieldname, f"unknown protocol name {value!r}")
         num = int(key)
     else:
@@ -115,10 +114,24 @@ def protocol_label(proto: int) -> str:
     return PROTOCOL_LABELS.get(proto, str(proto))
 
 
-def parse_cidr(value: object, obj: str, fieldname: str, family: Optional[int] = None) -> IPNetwork:
-    """Canonical network: ``10.1.2.3/16`` -> ``10.1.0.0/16``."""
+def check_aws_text(value: str, obj: str, fieldname: str) -> str:
+    """EC2's character set for descriptions (a-z A-Z 0-9 space ._-:/()#,@[]+=&;{}!$*)."""
+    if not _AWS_TEXT_RE.match(value):
+        bad = sorted({c for c in value if not _AWS_TEXT_RE.match(c)})
+        raise ValidationError(obj, fieldname, f"characters EC2 does not accept: {bad!r}")
+    return value
+
+
+def parse_cidr(value: object, obj: str, fieldname: str, family: Optional[int] = None,
+               strict: bool = False) -> IPNetwork:
+    """Canonical network: ``10.1.2.3/16`` -> ``10.1.0.0/16``. ``strict`` (the
+    AWS formats) requires the prefix length, as EC2 does."""
     if not isinstance(value, str):
         raise ValidationError(obj, fieldname, f"{value!r} is not a CIDR")
+    if "%" in value:
+        raise ValidationError(obj, fieldname, f"{value!r}: a zone index (%) is not an address")
+    if strict and "/" not in value:
+        raise ValidationError(obj, fieldname, f"{value!r} has no prefix length (/32, /128...)")
     try:
         net = ipaddress.ip_network(value.strip(), strict=False)
     except ValueError as exc:
@@ -131,6 +144,8 @@ def parse_cidr(value: object, obj: str, fieldname: str, family: Optional[int] = 
 def parse_address(value: object, obj: str, fieldname: str, family: Optional[int] = None) -> IPAddress:
     if not isinstance(value, str):
         raise ValidationError(obj, fieldname, f"{value!r} is not an IP address")
+    if "%" in value:
+        raise ValidationError(obj, fieldname, f"{value!r}: a zone index (%) is not an address")
     try:
         addr = ipaddress.ip_address(value.strip())
     except ValueError:
@@ -140,21 +155,22 @@ def parse_address(value: object, obj: str, fieldname: str, family: Optional[int]
     return addr
 
 
-def parse_bool(value: object, obj: str, fieldname: str) -> bool:
-    """true/false (or the strings "true"/"false"); nothing else is a boolean."""
+def parse_bool(value: object, obj: str, fieldname: str, strings: bool = False) -> bool:
+    """A boolean is true or false. ``strings``: also "true"/"false", where
+    AWS accepts them (CloudFormation properties)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
+    if strings and isinstance(value, str) and value in ("true", "false"):
+        return value == "true"
     raise ValidationError(obj, fieldname, f"{value!r} is not true or false")
 
 
-def _int_field(value: object, obj: str, fieldname: str) -> int:
+def parse_int(value: object, obj: str, fieldname: str) -> int:
     if isinstance(value, bool):
         raise ValidationError(obj, fieldname, f"{value!r} is not an integer")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,10}", value.strip()):
         return int(value)
     raise ValidationError(obj, fieldname, f"{value!r} is not an integer")
 
@@ -243,8 +259,10 @@ def rule_id_for(group_id: str, direction: str, protocol: int, from_port: int, to
 
 def make_rule(group_id: str, direction: str, protocol: object, from_port: object,
               to_port: object, peer: Peer, description: object = "", rule_id: object = None,
-              obj: str = "rule") -> Rule:
-    """Validate and canonicalise one rule.
+              obj: str = "rule", strict: bool = False) -> Rule:
+    """Validate and canonicalise one rule. ``strict``: EC2's own answers
+    (the AWS formats): tcp/udp ports -1 and icmp without a type/code pair
+    are errors, and the description must use EC2's characters.
 
     tcp/udp: ``from_port..to_port`` inclusive within 0-65535 (both required).
     icmp/icmpv6: ``from_port`` = type (-1 all), ``to_port`` = code (-1 all);
@@ -258,9 +276,9 @@ def make_rule(group_id: str, direction: str, protocol: object, from_port: object
         if from_port is None or to_port is None:
             raise ValidationError(obj, "FromPort" if from_port is None else "ToPort",
                                   f"required for protocol {protocol_label(proto)}")
-        lo = _int_field(from_port, obj, "FromPort")
-        hi = _int_field(to_port, obj, "ToPort")
-        if lo == -1 and hi == -1:  # AWS accepts -1/-1 as "all ports" for tcp/udp
+        lo = parse_int(from_port, obj, "FromPort")
+        hi = parse_int(to_port, obj, "ToPort")
+        if lo == -1 and hi == -1 and not strict:  # lenient: -1/-1 means all ports
             lo, hi = 0, 65535
         for name, val in (("FromPort", lo), ("ToPort", hi)):
             if not 0 <= val <= 65535:
@@ -268,8 +286,12 @@ def make_rule(group_id: str, direction: str, protocol: object, from_port: object
         if lo > hi:
             raise ValidationError(obj, "ToPort", f"port range {lo}-{hi} is reversed")
     elif proto in (PROTO_ICMP, PROTO_ICMPV6):
-        lo = -1 if from_port is None else _int_field(from_port, obj, "FromPort")
-        hi = -1 if to_port is None else _int_field(to_port, obj, "ToPort")
+        if strict and (from_port is None or to_port is None):
+            raise ValidationError(obj, "FromPort" if from_port is None else "ToPort",
+                                  f"required for protocol {protocol_label(proto)} "
+                                  "(the ICMP type and code; -1 for all)")
+        lo = -1 if from_port is None else parse_int(from_port, obj, "FromPort")
+        hi = -1 if to_port is None else parse_int(to_port, obj, "ToPort")
         if not -1 <= lo <= 255:
             raise ValidationError(obj, "FromPort", f"ICMP type {lo} is outside -1..255")
         if not -1 <= hi <= 255:
@@ -283,6 +305,8 @@ def make_rule(group_id: str, direction: str, protocol: object, from_port: object
         raise ValidationError(obj, "Description", "must be a string")
     if len(desc) > 255:
         raise ValidationError(obj, "Description", f"{len(desc)} characters, at most 255")
+    if strict:
+        check_aws_text(desc, obj, "Description")
     rid = rule_id or rule_id_for(group_id, direction, proto, lo, hi, peer)
     check_id("sgr", rid, obj, "SecurityGroupRuleId")
     return Rule(group_id, direction, proto, lo, hi, peer, desc, str(rid))
@@ -420,6 +444,7 @@ class State:
     interfaces: Dict[str, NetworkInterface] = field(default_factory=dict)
     settings: Settings = field(default_factory=Settings)
     stale_rules: List[Rule] = field(default_factory=list)  # filled by validate()
+    warnings: List[str] = field(default_factory=list)  # where a loader departed from AWS
 
     def copy(self) -> State:
         """A copy whose objects can be changed without touching this one
@@ -434,7 +459,7 @@ class State:
                         for k, e in self.interfaces.items()},
             settings=replace(self.settings, exempt=list(self.settings.exempt),
                              dhcp_servers=list(self.settings.dhcp_servers)),
-            stale_rules=list(self.stale_rules))
+            stale_rules=list(self.stale_rules), warnings=list(self.warnings))
 
     # -- lookups used by the evaluator and compiler
     def members_of(self, group_id: str) -> List[NetworkInterface]:
@@ -501,6 +526,11 @@ def validate(state: State) -> State:
                                       f"from their rules; entries must be /{EXEMPT_WIDEST[4]} or "
                                       f"longer (IPv4), /{EXEMPT_WIDEST[6]} or longer (IPv6), "
                                       "unless exempt_force is true")
+    dflt = state.groups.get(DEFAULT_GROUP_ID)
+    if dflt is not None and dflt.name != DEFAULT_GROUP_NAME:
+        raise ValidationError(DEFAULT_GROUP_ID, "GroupId",
+                              f"{DEFAULT_GROUP_ID} is the id of the {DEFAULT_GROUP_NAME!r} group; "
+                              f"a group named {dflt.name!r} needs another id")
     if not any(g.name == DEFAULT_GROUP_NAME for g in state.groups.values()):
         state.groups[DEFAULT_GROUP_ID] = default_group()
     default_id = next(g.group_id for g in state.groups.values() if g.name == DEFAULT_GROUP_NAME)
@@ -520,7 +550,8 @@ def validate(state: State) -> State:
                 raise ValidationError(f"{gid} {rule.direction}[{i}]", "IpPermissions",
                                       f"duplicate rule: same as {seen[ident]} "
                                       f"({protocol_label(rule.protocol)} "
-                                      f"{rule.describe_ports()} {rule.peer})")
+                                      f"{rule.describe_ports()} {rule.peer})",
+                                      "InvalidPermission.Duplicate")
             seen[ident] = rule.rule_id
             if rule.rule_id in ids:
                 raise ValidationError(f"{gid} {rule.direction}[{i}]", "SecurityGroupRuleId",

@@ -164,6 +164,65 @@ def test_source_dest_check_in_every_format() -> None:
      "eni-1", "mac_address", "not a MAC address"),
     ({"NetworkInterfaces": [{"NetworkInterfaceId": "eni-1", "SourceDestCheck": 1}]},
      "eni-1", "SourceDestCheck", "not true or false"),
+    # strict booleans: the string "false" is not false (it used to become true)
+    ({"sgctl": 1, "settings": {"exempt_dhcp": "false"}}, "settings", "exempt_dhcp", "true or false"),
+    ({"sgctl": 1, "interfaces": {"eni-1": {"revalidate": "false"}}},
+     "eni-1", "revalidate", "true or false"),
+    ({"sgctl": 1, "interfaces": {"eni-1": {"watch_addresses": "false"}}},
+     "eni-1", "watch_addresses", "true or false"),
+    ({"SecurityGroupRules": [{"GroupId": "sg-1", "IsEgress": "false", "IpProtocol": "-1",
+                              "CidrIpv4": "198.18.0.0/15"}]},
+     "SecurityGroupRules[0]", "IsEgress", "true or false"),
+    # whole-string names: a trailing newline is not a device name
+    ({"sgctl": 1, "interfaces": {"eni-1": {"device": "veth0\n"}}},
+     "eni-1", "host-interface", "not a device name"),
+    ({"sgctl": 1, "interfaces": {"eni-1\n": {}}}, "eni-1\n", "id", "not a valid eni- id"),
+    # the default group's id belongs to the default group
+    ({"sgctl": 1, "groups": {"sg-default": {"name": "web"}}},
+     "sg-default", "GroupId", "needs another id"),
+    # CloudFormation: logical ids that give one physical id
+    ({"Resources": {"WebSG": {"Type": "AWS::EC2::SecurityGroup",
+                              "Properties": {"GroupDescription": "a"}},
+                    "websg": {"Type": "AWS::EC2::SecurityGroup",
+                              "Properties": {"GroupDescription": "b"}}}},
+     "websg", "(logical id)", "sg-websg"),
+    # what used to escape as tracebacks
+    ({"PrefixLists": [{"PrefixListId": "pl-a", "AddressFamily": "IPv4", "Version": "x",
+                       "Entries": []}]}, "pl-a", "Version", "not an integer"),
+    ({"Resources": {"G": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
+        "GroupDescription": "d", "GroupName": {"Fn::Join": [","]}}}}},
+     "G", "Fn::Join", "delimiter"),
+    ({"Resources": {"G": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
+        "GroupDescription": "d", "GroupName": {"Fn::Select": [3, ["a"]]}}}}},
+     "G", "Fn::Select", "not in the list"),
+    ({"Resources": {"G": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
+        "GroupDescription": "d", "GroupName": {"Fn::GetAtt": "G.GroupName"}}}}},
+     "G", "Fn::GetAtt", "depends on itself"),
+    ({"Parameters": ["x"], "Resources": {}}, "template", "Parameters", "mapping"),
+    ({"Resources": {"G": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
+        "GroupDescription": "d", "GroupName": ["a"]}}}}, "G", "GroupName", "not a string"),
+    ({"SecurityGroups": [{"GroupId": "sg-1", "GroupName": ["a"]}]},
+     "sg-1", "GroupName", "not a string"),
+    # EC2's own answers in the AWS formats
+    ({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+        {"IpProtocol": "tcp", "FromPort": -1, "ToPort": -1, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}]},
+     "sg-1 IpPermissions[0]", "FromPort", "outside 0-65535"),
+    ({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+        {"IpProtocol": "icmp", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}]},
+     "sg-1 IpPermissions[0]", "FromPort", "ICMP type and code"),
+    ({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "198.18.0.1"}]}]}]},
+     "sg-1 IpPermissions[0]", "IpRanges[0].CidrIp", "no prefix length"),
+    ({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+        {"IpProtocol": "-1", "Ipv6Ranges": [{"CidrIpv6": "fe80::1%eth0/64"}]}]}]},
+     "sg-1 IpPermissions[0]", "Ipv6Ranges[0].CidrIpv6", "zone index"),
+    ({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+        {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0", "Description": "caf\u00e9 <b>"}]}]}]},
+     "sg-1 IpPermissions[0]", "Description", "characters EC2 does not accept"),
+    ({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+        {"IpProtocol": "tcp", "FromPort": 80, "ToPort": 80,
+         "IpRanges": [{"CidrIp": "0.0.0.0/0"}, {"CidrIp": "0.0.0.0/0"}]}]}]},
+     "sg-1 ingress[1]", "IpPermissions", "duplicate rule"),
 ])
 def test_errors_name_object_and_field(doc, where, field, words) -> None:
     with pytest.raises(ValidationError) as info:
@@ -174,7 +233,79 @@ def test_errors_name_object_and_field(doc, where, field, words) -> None:
 
 
 def test_syntax_errors_are_validation_errors() -> None:
-    with pytest.raises(ValidationError, match="neither JSON nor YAML"):
+    with pytest.raises(ValidationError, match="not valid YAML"):
         load_text("groups: [unclosed")
     with pytest.raises(ValidationError, match="not a CloudFormation template"):
         load_text(json.dumps({"foo": 1}))
+
+
+def test_duplicate_rule_is_ec2s_duplicate_error() -> None:
+    with pytest.raises(ValidationError) as info:
+        load_document({"SecurityGroups": [{"GroupId": "sg-1", "IpPermissions": [
+            {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+            {"IpProtocol": "all", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}]})
+    assert info.value.code == "InvalidPermission.Duplicate"
+
+
+def test_native_stays_lenient_where_documented() -> None:
+    s = load_document({"sgctl": 1, "groups": {"sg-a": {"ingress": [
+        {"proto": "tcp", "ports": -1, "from": "198.18.0.1", "description": "caf\u00e9"}]}}})
+    assert rules_of(s, "sg-a", INGRESS) == [(6, 0, 65535, "198.18.0.1/32")]
+
+
+def test_cloudformation_empty_egress_is_the_default_egress() -> None:
+    s = load_document({"Resources": {"G": {"Type": "AWS::EC2::SecurityGroup", "Properties": {
+        "GroupDescription": "d", "SecurityGroupEgress": []}}}})
+    assert rules_of(s, "sg-g", EGRESS) == [(-1, -1, -1, "0.0.0.0/0")]
+
+
+def test_article_seed_template_loads_with_warnings() -> None:
+    s = load_file(str(ROOT / "tests" / "data" / "seed-template.yaml"))
+    gid = "sg-ec2securitygroup"
+    assert s.groups[gid].name == "seed-template-sg"
+    assert sorted(rules_of(s, gid, INGRESS)) == [
+        (6, 80, 80, "0.0.0.0/0"), (6, 80, 80, "::/0"), (6, 443, 443, "0.0.0.0/0"),
+        (6, 443, 443, "::/0")]
+    assert s.interfaces["eni-webinterface"].device == "sgseed-web"
+    text = "\n".join(s.warnings)
+    for words in ("EC2SecurityGroup.SecurityGroupIngress[0]: a !Ref to the "
+                  "AWS::EC2::SecurityGroupIngress resource EC2SecurityGroupIngressHttp",
+                  "SecurityGroupIngress[1]", "EC2SecurityGroupIngressHttp: CidrIp and CidrIpv6",
+                  "EC2SecurityGroupIngressHttps: CidrIp and CidrIpv6",
+                  "EC2SecurityGroup: no GroupDescription"):
+        assert words in text, text
+    assert len(s.warnings) == 5
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "aliases"),
+    ("base: &b {proto: tcp}\ngroups:\n  sg-a:\n    ingress: [{<<: *b, ports: 1, from: 1.2.3.4/32}]\n",
+     "merge keys"),
+    ("sgctl: 1\ninterfaces:\n  eni-1: {device: a}\ninterfaces:\n  eni-2: {}\n",
+     "duplicate key 'interfaces'"),
+    ('{"sgctl": 1, "groups": {"sg-a": {}, "sg-a": {"name": "x"}}}', "duplicate key 'sg-a'"),
+    ("[" * 70 + "]" * 70, "nested deeper than 64"),
+    ("x: " + "[" * 70 + "]" * 70, "nested deeper than 64"),
+    ('{"sgctl": 1, "settings": {"max_groups_per_interface": ' + "9" * 5000 + "}}",
+     "cannot be read"),
+    ("sgctl: 1\nsettings: {max_groups_per_interface: " + "9" * 5000 + "}\n", "cannot be read"),
+])
+def test_hostile_text_is_refused_before_it_is_built(text, words) -> None:
+    with pytest.raises(ValidationError, match=words):
+        load_text(text)
+
+
+def test_document_size_is_bounded() -> None:
+    from controller.formats.text import MAX_DOCUMENT_BYTES
+
+    with pytest.raises(ValidationError, match="at most"):
+        load_text("#" * (MAX_DOCUMENT_BYTES + 1))
+
+
+def test_libyaml_loader_is_used() -> None:
+    import yaml
+
+    from controller.formats import text
+
+    assert text.WITH_LIBYAML == yaml.__with_libyaml__

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Optional
-
-import yaml
 
 from ..model import State, ValidationError, validate
 from . import aws, cfn, native
+from .text import MAX_DOCUMENT_BYTES
+from .text import parse as text_parse
 
 
 def load_document(doc: Any, stack_name: str = "stack") -> State:
@@ -29,21 +27,26 @@ def load_document(doc: Any, stack_name: str = "stack") -> State:
 
 
 def load_text(text: str, stack_name: str = "stack") -> State:
+    return load_document(text_parse(text), stack_name)
+
+
+def read_document(path: str) -> str:
+    """A document file's text, refused before reading when it is too big."""
     try:
-        doc = json.loads(text)
-    except ValueError:
-        try:
-            doc = cfn.parse_text(text)
-        except yaml.YAMLError as exc:
-            raise ValidationError("document", "(syntax)", f"neither JSON nor YAML: {exc}") from None
-    return load_document(doc, stack_name)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_DOCUMENT_BYTES + 1)
+    except OSError as exc:
+        raise ValidationError(path, "(file)", exc.strerror or str(exc)) from None
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise ValidationError(path, "(size)", f"more than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(path, "(encoding)", f"not UTF-8 text: {exc}") from None
 
 
 def load_file(path: str, stack_name: Optional[str] = None) -> State:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ValidationError(path, "(file)", exc.strerror or str(exc)) from None
+    text = read_document(path)
     try:
         return load_text(text, stack_name or cfn.stack_name_for(path))
     except ValidationError as exc:

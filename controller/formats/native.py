@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..model import (
     DIRECTIONS,
@@ -39,6 +39,7 @@ from ..model import (
     parse_address,
     parse_bool,
     parse_cidr,
+    parse_int,
     parse_mac,
 )
 
@@ -54,6 +55,23 @@ def _map(val: Any, obj: str, key: str) -> Dict[str, Any]:
         return {}
     if not isinstance(val, dict):
         raise ValidationError(obj, key, "must be a mapping")
+    return val
+
+
+def _seq(val: Any, obj: str, key: str) -> List[Any]:
+    if val is None:
+        return []
+    if not isinstance(val, list):
+        raise ValidationError(obj, key, "must be a list")
+    return val
+
+
+def _text(d: Dict[str, Any], key: str, obj: str, default: str = "") -> str:
+    val = d.get(key)
+    if val is None:
+        return default
+    if not isinstance(val, str):
+        raise ValidationError(obj, key, f"{val!r} is not a string")
     return val
 
 
@@ -105,7 +123,7 @@ def load(doc: Dict[str, Any]) -> State:
     settings = Settings()
     if "exempt" in sets:
         settings.exempt = [parse_cidr(c, "settings", f"exempt[{i}]")
-                           for i, c in enumerate(sets["exempt"] or [])]
+                           for i, c in enumerate(_seq(sets["exempt"], "settings", "exempt"))]
     if "exempt_dhcp" in sets:
         settings.exempt_dhcp = parse_bool(sets["exempt_dhcp"], "settings", "exempt_dhcp")
     if "dhcp_servers" in sets:
@@ -118,7 +136,7 @@ def load(doc: Dict[str, Any]) -> State:
         settings.exempt_force = parse_bool(sets["exempt_force"], "settings", "exempt_force")
     for k in ("max_groups_per_interface", "max_rules_per_interface"):
         if k in sets:
-            if not isinstance(sets[k], int) or sets[k] < 1:
+            if not isinstance(sets[k], int) or isinstance(sets[k], bool) or sets[k] < 1:
                 raise ValidationError("settings", k, f"{sets[k]!r} must be a positive integer")
             setattr(settings, k, sets[k])
     state.settings = settings
@@ -127,19 +145,22 @@ def load(doc: Dict[str, Any]) -> State:
         check_id("pl", plid, str(plid), "id")
         p = _map(p, plid, "prefix list")
         _check_keys(p, ("name", "family", "max_entries", "entries", "version"), plid)
-        fam = str(p.get("family", "ipv4")).lower().replace("ipv", "")
-        if fam not in ("4", "6"):
+        fam = {"ipv4": 4, "ipv6": 6, 4: 4, 6: 6}.get(p.get("family", "ipv4"), 0) \
+            if isinstance(p.get("family", "ipv4"), (str, int)) else 0
+        if not fam:
             raise ValidationError(plid, "family", f"{p.get('family')!r} is not ipv4 or ipv6")
         entries = []
-        for j, e in enumerate(p.get("entries") or []):
+        for j, e in enumerate(_seq(p.get("entries"), plid, "entries")):
             if isinstance(e, dict):
+                _check_keys(e, ("cidr", "description"), f"{plid} entries[{j}]")
                 entries.append(PrefixListEntry(parse_cidr(e.get("cidr"), plid, f"entries[{j}]"),
-                                               str(e.get("description") or "")))
+                                               _text(e, "description", plid)))
             else:
                 entries.append(PrefixListEntry(parse_cidr(e, plid, f"entries[{j}]")))
-        state.prefix_lists[plid] = PrefixList(plid, str(p.get("name") or plid), int(fam),
-                                              p.get("max_entries", max(len(entries), 1)),
-                                              entries, int(p.get("version", 1)))
+        state.prefix_lists[plid] = PrefixList(
+            plid, _text(p, "name", plid, plid), fam,
+            parse_int(p.get("max_entries", max(len(entries), 1)), plid, "max_entries"),
+            entries, parse_int(p.get("version", 1), plid, "version"))
 
     ifaces = _map(doc.get("interfaces"), "document", "interfaces")
     for eid, e in ifaces.items():
@@ -149,20 +170,18 @@ def load(doc: Dict[str, Any]) -> State:
                        "watch_addresses", "revalidate", "source_dest_check", "mac_address"), eid)
         t = _map(e.get("timeouts"), eid, "timeouts")
         _check_keys(t, tuple(Timeouts.__dataclass_fields__), f"{eid} timeouts")
-        groups = e.get("groups") or []
-        if not isinstance(groups, list):
-            raise ValidationError(eid, "groups", "must be a list of sg- ids")
+        groups = _seq(e.get("groups"), eid, "groups")
         state.interfaces[eid] = NetworkInterface(
             eni_id=eid,
             groups=[check_id("sg", g, eid, f"groups[{i}]") for i, g in enumerate(groups)],
             ipv4=[parse_address(a, eid, f"ipv4[{i}]", 4)  # type: ignore[misc]
-                  for i, a in enumerate(e.get("ipv4") or [])],
+                  for i, a in enumerate(_seq(e.get("ipv4"), eid, "ipv4"))],
             ipv6=[parse_address(a, eid, f"ipv6[{i}]", 6)  # type: ignore[misc]
-                  for i, a in enumerate(e.get("ipv6") or [])],
+                  for i, a in enumerate(_seq(e.get("ipv6"), eid, "ipv6"))],
             timeouts=Timeouts(**t),
-            device=None if e.get("device") is None else str(e["device"]),
-            mode=str(e.get("mode", MODE_WORKLOAD)),
-            description=str(e.get("description") or ""),
+            device=None if e.get("device") is None else _text(e, "device", eid),
+            mode=_text(e, "mode", eid, MODE_WORKLOAD),
+            description=_text(e, "description", eid),
             watch_addresses=parse_bool(e.get("watch_addresses", False), eid, "watch_addresses"),
             revalidate=parse_bool(e.get("revalidate", False), eid, "revalidate"),
             source_dest_check=parse_bool(e.get("source_dest_check", True), eid,
@@ -175,8 +194,11 @@ def load(doc: Dict[str, Any]) -> State:
         check_id("sg", gid, str(gid), "id")
         g = _map(g, gid, "group")
         _check_keys(g, ("name", "description", "tags", "ingress", "egress"), gid)
-        group = SecurityGroup(gid, str(g.get("name") or gid), str(g.get("description") or ""),
-                              {str(k): str(v) for k, v in _map(g.get("tags"), gid, "tags").items()})
+        tags = _map(g.get("tags"), gid, "tags")
+        if not all(isinstance(v, str) for v in tags.values()):
+            raise ValidationError(gid, "tags", "tag values must be strings")
+        group = SecurityGroup(gid, _text(g, "name", gid, gid), _text(g, "description", gid),
+                              {str(k): v for k, v in tags.items()})
         for direction in DIRECTIONS:
             specs = g.get(direction)
             if specs is None:
