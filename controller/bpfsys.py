@@ -201,6 +201,27 @@ class Map:
             ct.memmove(tok_in, tok_out, 64)
             first = False
 
+    def array_range(self, start: int, count: int) -> List[Any]:
+        """Values ``start .. start+count-1`` of an array map in one
+        BPF_MAP_LOOKUP_BATCH (an array's batch token is the next index);
+        per-CPU values come as one array of ``ncpu`` values each."""
+        vt = self.val_t * self.ncpu if self.percpu else self.val_t
+        count = max(0, min(count, self.max_entries - start))
+        if count == 0:
+            return []
+        fn = lib().bpf_map_lookup_batch
+        fn.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                       ct.POINTER(ct.c_uint32), ct.c_void_p]
+        keys = (ct.c_uint32 * count)()
+        vals = (vt * count)()
+        tok_in, tok_out = ct.c_uint32(start), ct.c_uint32(0)
+        n = ct.c_uint32(count)
+        rc = fn(self.fd, ct.byref(tok_in) if start else None, ct.byref(tok_out), keys, vals,
+                ct.byref(n), None)
+        if rc < 0 and ct.get_errno() != errno.ENOENT:
+            _check(rc, f"batch lookup {os.path.basename(self.path)}")
+        return list(vals[:n.value])
+
     def items(self) -> Iterator[Tuple[Any, Any]]:
         for k in self.keys():
             v = self.lookup(k)

@@ -21,6 +21,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -56,6 +57,20 @@ class DaemonConfig:
     debounce: float = 0.005  # seconds to gather a burst of netlink events
     metrics: Optional[Tuple[str, int]] = ("127.0.0.1", 9640)  # None: no metrics endpoint
     flow_log: Optional[FlowLogConfig] = None  # None: flow logs off
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) about the daemon: the datagram protocol of
+    sd_notify(3) on $NOTIFY_SOCKET. False when not run by systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(path)
+        s.sendall(message.encode())
+    return True
 
 
 HostView = Tuple[Tuple[str, Optional[int], Tuple[str, ...]], ...]
@@ -415,6 +430,9 @@ class Daemon:
         self._spawn("reconcile", self.reconcile_loop)
         self._spawn("gc", self.gc_loop)
         log.info("serving on %s", self.cfg.socket)
+        # ready only now: the stored policy is enforced on every device there is
+        sd_notify(f"READY=1\nSTATUS=generation {self.generation} enforced on "
+                  f"{len(self.dp.load_applied().endpoints)} devices")
         if self.cfg.flow_log is not None:
             from .flowlog import FlowLogger
 
@@ -435,6 +453,7 @@ class Daemon:
                 log.error("metrics endpoint %s:%d not started: %s", *self.cfg.metrics, exc)
 
     def stop(self) -> None:
+        sd_notify("STOPPING=1")
         self.stopping.set()
         self.metrics.stop()
         if self.server is not None:

@@ -705,6 +705,13 @@ def rule_hits(dp: Dataplane, number: int) -> Tuple[int, int, int]:
             max(v.last_seen for v in vals))  # type: ignore[attr-defined]
 
 
+def rule_hit_table(dp: Dataplane, upto: int) -> List[Tuple[int, int, int]]:
+    """(packets, bytes, last hit) of rule numbers 0..upto, in batch lookups."""
+    vals = dp.map("sg_rule_hits").array_range(0, min(upto + 1, abi.RULE_SLOTS))
+    return [(sum(v.packets for v in cpus), sum(v.bytes for v in cpus),
+             max(v.last_seen for v in cpus)) for cpus in vals]
+
+
 def reason_packets(dp: Dataplane, ep_id: int, direction: str) -> List[int]:
     """Packets per reason number (all REASON_MAX slots) of one endpoint and
     direction, summed over CPUs: a before/after pair tells which reason a
@@ -725,15 +732,16 @@ def endpoint_counters(dp: Dataplane, ep_id: int) -> Dict[Tuple[str, str], Tuple[
     from .reasons import Reason
 
     out = {}
-    m = dp.map("sg_verdicts")
     slot = ep_id if ep_id < abi.COUNTER_SLOTS else 0
+    # both directions' reasons are adjacent: one batch lookup
+    vals = dp.map("sg_verdicts").array_range(slot * 2 * abi.REASON_MAX, 2 * abi.REASON_MAX)
     for d, dname in ((abi.DIR_INGRESS, "ingress"), (abi.DIR_EGRESS, "egress")):
         for r in Reason:
-            vals = m.lookup(ct.c_uint32((slot * 2 + d) * abi.REASON_MAX + r.value))
-            if vals is None:
+            i = d * abi.REASON_MAX + r.value
+            if i >= len(vals):
                 continue
-            pk = sum(v.packets for v in vals)  # type: ignore[attr-defined]
-            by = sum(v.bytes for v in vals)  # type: ignore[attr-defined]
+            pk = sum(v.packets for v in vals[i])
+            by = sum(v.bytes for v in vals[i])
             if pk:
                 out[(dname, r.label)] = (pk, by)
     return out

@@ -29,6 +29,7 @@ import ctypes as ct
 import ipaddress
 import logging
 import logging.handlers
+import os
 import re
 import socket
 import struct
@@ -199,6 +200,20 @@ assert ACCT_OFFSET + ACCT.size == ct.sizeof(abi.CtEntry)
 Names = Tuple[Dict[int, Tuple[str, str]], Dict[int, Tuple[str, str]]]
 
 
+FLOW_LOG_MODE = 0o640  # records name hosts and ports: not for every local user
+
+
+class _PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+    """Each file (the first and every rotated one) created 0640, whatever
+    the umask; an existing file is tightened to it."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     FLOW_LOG_MODE)
+        os.fchmod(fd, os.fstat(fd).st_mode & FLOW_LOG_MODE)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 class FlowLogger:
     """Owns the ring reader, the aggregation of the open window and the sinks."""
 
@@ -236,8 +251,8 @@ class FlowLogger:
             if target == "-":
                 h = logging.StreamHandler(sys.stdout)
             else:
-                h = logging.handlers.RotatingFileHandler(
-                    target, maxBytes=self.cfg.max_bytes, backupCount=self.cfg.backups)
+                h = _PrivateRotatingFile(target, maxBytes=self.cfg.max_bytes,
+                                         backupCount=self.cfg.backups)
             h.setFormatter(logging.Formatter("%(message)s"))
             out.addHandler(h)
         return out

@@ -19,7 +19,9 @@ custom collector), so there is no second bookkeeping to drift:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -43,13 +45,31 @@ def parse_address(text: str) -> Optional[Tuple[str, int]]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+CACHE_SECONDS = 1.0  # scrapes within this share one reading of the maps
+
+
 class SgctlCollector(Collector):
+    """Reads the maps with batch lookups (one syscall per interface for its
+    counters, one per 64k rule numbers for hits), at most once a second:
+    any number of scrapers cost the daemon one reading per second."""
+
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        self.lock = threading.Lock()
+        self.cached: List[Metric] = []
+        self.at = -CACHE_SECONDS
 
     def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            now = time.monotonic()
+            if now - self.at >= CACHE_SECONDS:
+                self.cached = list(self.read())
+                self.at = time.monotonic()
+            return iter(self.cached)
+
+    def read(self) -> Iterator[Metric]:
         from .conntrack import allowance
-        from .dataplane import endpoint_counters, rule_hits
+        from .dataplane import endpoint_counters, rule_hit_table
 
         d = self.d
         with d.lock:
@@ -98,11 +118,12 @@ class SgctlCollector(Collector):
         with d.lock:
             rules = [(g.group_id, r.rule_id) for g in d.state.groups.values() for r in g.rules]
         numbers = applied.rule_index
+        table = rule_hit_table(d.dp, max(numbers.values(), default=0))
         for gid, rid in rules:
             num = numbers.get(rid)
-            if num is None:
+            if num is None or not 0 < num < len(table):
                 continue
-            pk, by, _ = rule_hits(d.dp, num)
+            pk, by, _ = table[num]
             hits.add_metric([gid, rid], pk)
             rbytes.add_metric([gid, rid], by)
         yield hits

@@ -388,3 +388,212 @@ def test_openapi_document_lists_every_action() -> None:
     own = {"Apply", "DescribeStatus", "DescribeConntrack", "FlushConntrack", "Explain",
            "GetFlowLogRecords", "FlushFlowLogs", "healthz"}
     assert paths == set(ACTIONS) | own
+
+
+# --------------------------------------------------------------------------- hostile transport
+
+
+def raw_exchange(path: str, data: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes on a new connection; everything the daemon answers
+    until it closes the connection (or ``wait`` seconds pass)."""
+    import socket as sk
+    import time
+
+    out = b""
+    with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
+        s.connect(path)
+        try:
+            s.sendall(data)
+        except BrokenPipeError:  # the daemon answered and closed before reading it all
+            pass
+        s.settimeout(wait)
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except (TimeoutError, OSError):
+            pass
+    return out
+
+
+def post(body: bytes, length: Optional[str] = None, extra: str = "") -> bytes:
+    head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) if length is None else length}" \
+           f"\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def test_content_length_must_be_an_exact_byte_count(api: Client, daemon: Daemon) -> None:
+    body = json.dumps({"Action": "DescribeSecurityGroups"}).encode()
+    for length in ("-1", "+5", "0x10", "1e3", " ", "99999999999999"):
+        out = raw_exchange(daemon.cfg.socket, post(body, length))
+        assert out.startswith(b"HTTP/1.1 4"), (length, out[:80])
+        assert out.count(b"HTTP/1.1") == 1 and b"Connection: close" in out
+    out = raw_exchange(daemon.cfg.socket, post(b"", extra="Transfer-Encoding: chunked\r\n")
+                       + b"5\r\nhello\r\n0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 411") and out.count(b"HTTP/1.1") == 1
+
+
+def test_an_oversized_body_is_not_read_as_the_next_request(api: Client, daemon: Daemon) -> None:
+    from controller.api import MAX_BODY
+
+    victim = group(api)
+    smuggled = json.dumps({"Action": "DeleteSecurityGroup", "GroupId": victim}).encode()
+    inner = post(smuggled)
+    out = raw_exchange(daemon.cfg.socket, post(inner, str(MAX_BODY + 1)))
+    assert out.startswith(b"HTTP/1.1 413") and out.count(b"HTTP/1.1") == 1, out[:200]
+    assert victim in [g["GroupId"] for g in api.call("DescribeSecurityGroups")["SecurityGroups"]]
+    # after any error the connection is closed: a body that fails to parse
+    # cannot carry a second request behind it either
+    out = raw_exchange(daemon.cfg.socket, post(b"{bad", "4") + inner)
+    assert out.count(b"HTTP/1.1") == 1 and out.startswith(b"HTTP/1.1 400")
+    assert victim in [g["GroupId"] for g in api.call("DescribeSecurityGroups")["SecurityGroups"]]
+
+
+def test_idle_connections_time_out_and_are_bounded(daemon: Daemon, monkeypatch) -> None:
+    import socket as sk
+    import threading
+    import time
+
+    from controller import api as api_mod
+
+    monkeypatch.setattr(api_mod._RequestHandler, "timeout", 0.5)
+    with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
+        s.connect(daemon.cfg.socket)
+        s.settimeout(10)
+        start = time.monotonic()
+        assert s.recv(100) == b""  # closed by the daemon, not by us
+        assert time.monotonic() - start < 5
+    assert daemon.server is not None
+    monkeypatch.setattr(daemon.server, "slots", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(api_mod._RequestHandler, "timeout", 30.0)
+    held = [sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) for _ in range(2)]
+    try:
+        for s in held:
+            s.connect(daemon.cfg.socket)
+        time.sleep(0.2)
+        out = raw_exchange(daemon.cfg.socket, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 503") and b"ServiceUnavailable" in out
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    out = raw_exchange(daemon.cfg.socket, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                       b"Connection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("action, params", [
+    ("DeleteSecurityGroup", {"GroupId": ["sg-x"]}),
+    ("DescribeSecurityGroups", {"GroupIds": [["sg-x"]]}),
+    ("DescribeSecurityGroupRules", {"SecurityGroupRuleIds": [{}]}),
+    ("AuthorizeSecurityGroupIngress", {"GroupName": "default", "IpPermissions": "tcp"}),
+    ("CreateManagedPrefixList", {"PrefixListName": "p", "AddressFamily": "IPv4",
+                                 "MaxEntries": "5"}),
+    ("CreateNetworkInterface", {"Description": ["x"]}),
+    ("Apply", {"Document": {"sgctl": 1}, "StackName": 5}),
+    ("Apply", {"Document": "a: &a [x, x]\nb: [*a, *a]\n"}),
+])
+def test_wrong_parameter_types_are_400(api: Client, action: str, params: Dict[str, Any]) -> None:
+    expect_error(api, "InvalidParameterValue", action, params)
+
+
+def test_apply_returns_the_loaders_warnings(api: Client) -> None:
+    text = (Path(__file__).resolve().parent / "data" / "seed-template.yaml").read_text()
+    out = api.call("Apply", {"Document": text, "StackName": "seed"})
+    assert len(out["Warnings"]) == 5
+    assert out["Rules"] == 4 + 1 + 3  # + default egress (IPv4 only) + the default group
+
+
+# --------------------------------------------------------------------------- failures mid-apply
+
+
+def _bind_doc(devs: List[str], port: int) -> Dict[str, Any]:
+    return {"sgctl": 1, "groups": {"sg-f": {"name": "f", "ingress": [
+        {"proto": "tcp", "ports": port, "from": "198.18.0.0/16"}]}},
+        "interfaces": {f"eni-f{i}": {"groups": ["sg-f"], "ipv4": [f"198.18.7.{i + 1}"],
+                                     "device": d} for i, d in enumerate(devs)}}
+
+
+def _endpoints(daemon: Daemon) -> Dict[int, bytes]:
+    return {int(k.value): bytes(v) for k, v in daemon.dp.map("sg_endpoints").items()}
+
+
+def _xdp(dev: str) -> int:
+    from controller import netlink
+
+    idx = netlink.ifindex(dev)
+    assert idx is not None
+    return int(netlink.attached(idx)["xdp_prog_id"])
+
+
+def test_commit_rolls_back_a_failed_tc_attach(api: Client, daemon: Daemon, test_devs: List[str],
+                                              monkeypatch) -> None:
+    """tc fails after XDP succeeded on a new device: the device is left as it
+    was (no XDP program, no endpoint), the others stay on the old policy."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from controller import netlink
+
+    one, two = test_devs
+    api.call("Apply", {"Document": _bind_doc([one], 22)})
+    before, state_before = _endpoints(daemon), snapshot(api)
+    assert _xdp(one) and not _xdp(two)
+
+    real = netlink.IPRoute
+
+    class FailingTc:
+        """pyroute2's IPRoute, except that adding a tc filter fails."""
+
+        def __init__(self) -> None:
+            self.ipr = real()
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.ipr.close()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.ipr, name)
+
+        def tc(self, command: str, *args: Any, **kw: Any) -> Any:
+            if command == "replace-filter":
+                raise NetlinkError(95, "injected: tc filter refused")
+            return self.ipr.tc(command, *args, **kw)
+
+    monkeypatch.setattr(netlink, "IPRoute", FailingTc)
+    with pytest.raises(ApiError) as err:
+        api.call("Apply", {"Document": _bind_doc([one, two], 80)})
+    assert err.value.code == "InternalError" and "injected" in err.value.message
+    assert not _xdp(two), "the XDP program attached before tc failed is detached again"
+    assert _endpoints(daemon) == before, "endpoints are back on the previous policy"
+    assert snapshot(api) == state_before
+    monkeypatch.undo()
+    api.call("Apply", {"Document": _bind_doc([one, two], 80)})
+    assert _xdp(two) and len(_endpoints(daemon)) == 2
+
+
+def test_commit_rolls_back_a_netlink_error_after_the_switch(api: Client, daemon: Daemon,
+                                                            test_devs: List[str],
+                                                            monkeypatch) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from controller.dataplane import Dataplane
+
+    one, _ = test_devs
+    api.call("Apply", {"Document": _bind_doc([one], 22)})
+    before, state_before = _endpoints(daemon), snapshot(api)
+
+    def fail(self: Dataplane, state: Any) -> None:
+        raise NetlinkError(16, "injected: busy")
+
+    monkeypatch.setattr(Dataplane, "sync_exempt", fail)
+    with pytest.raises(ApiError) as err:  # the endpoint was switched before this failed
+        api.call("Apply", {"Document": _bind_doc([one], 443)})
+    assert "injected" in err.value.message
+    monkeypatch.undo()
+    assert snapshot(api) == state_before
+    assert _endpoints(daemon) == before, "the interface is back on the accepted policy"
