@@ -77,6 +77,7 @@ class ValidationError(ValueError):
 
     def __init__(self, obj: str, fieldname: str, message: str,
                  code: str = "InvalidParameterValue") -> None:
+        obj = obj or repr(obj)  # an empty name is shown as ''
         self.obj = obj
         self.fieldname = fieldname
         self.message = message

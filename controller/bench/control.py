@@ -130,6 +130,38 @@ class Bench:
         return {"samples": samples, "median_ms": statistics.median(times) * 1000,
                 "max_ms": max(times) * 1000}
 
+    def device_appears(self, samples: int) -> Dict[str, Any]:
+        """A bound interface's device is created -> both programs attached
+        (the tc filter is the last step), polled over netlink; with the
+        current rules (binding compiles nothing, so their number does not
+        matter). The device is deleted between samples."""
+        from pyroute2 import IPRoute
+
+        from .. import netlink
+
+        dev = f"sgba{os.getpid() % 100000}"
+        rules_now = self.client.call("DescribeSecurityGroupRules")["SecurityGroupRules"]
+        self.client.call("CreateNetworkInterface", {"Groups": ["sg-bench"], "TagSpecifications": [
+            {"ResourceType": "network-interface",
+             "Tags": [{"Key": "host-interface", "Value": dev}]}]})
+        times = []
+        try:
+            with IPRoute() as ipr:
+                for _ in range(samples):
+                    start = time.monotonic()
+                    ipr.link("add", ifname=dev, kind="veth", peer=dev + "p")
+                    idx = ipr.link_lookup(ifname=dev)[0]
+                    while netlink.attached(idx)["tc_filters"] == 0:
+                        if time.monotonic() - start > 10:
+                            raise RuntimeError(f"{dev} was never bound")
+                    times.append(time.monotonic() - start)
+                    ipr.link("del", index=idx)
+                    time.sleep(0.3)  # the reconciler marks it pending again
+        finally:
+            subprocess.run(["ip", "link", "del", dev], capture_output=True)
+        return {"samples": samples, "rules": len(rules_now),
+                "median_ms": statistics.median(times) * 1000, "max_ms": max(times) * 1000}
+
     def close(self) -> None:
         self.client.close()
         self.proc.terminate()
@@ -232,6 +264,28 @@ def startup() -> Dict[str, float]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def yaml_load(sizes: List[int]) -> List[Dict[str, Any]]:
+    """A native YAML document of n rules: sgctl's loader (libyaml, bounded)
+    against PyYAML's pure-Python SafeLoader on the same text."""
+    import yaml
+
+    from ..formats import load_text
+
+    out = []
+    for n in sizes:
+        text = yaml.safe_dump({"sgctl": 1, "groups": {"sg-a": {"name": "a",
+                                                               "ingress": rules(n)}}})
+        start = time.monotonic()
+        state = load_text(text)
+        ours = time.monotonic() - start
+        assert sum(len(g.rules) for g in state.groups.values()) >= n
+        start = time.monotonic()
+        yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - the reference parse only
+        pure = time.monotonic() - start
+        out.append({"rules": n, "bytes": len(text), "sgctl_s": ours, "pure_python_parse_s": pure})
+    return out
+
+
 def run(sizes: List[int], samples: int) -> Dict[str, Any]:
     b = Bench()
     out: Dict[str, Any] = {"rule_change": [], "apply": []}
@@ -240,9 +294,11 @@ def run(sizes: List[int], samples: int) -> Dict[str, Any]:
             b.apply([], {})
             out["apply"].append({"rules": n, "seconds": b.apply(rules(n), {})})
             out["rule_change"].append(b.rule_change(n, samples))
+        out["device_appears"] = b.device_appears(max(5, samples // 2))
         out["membership"] = b.membership(max(5, samples // 2))
     finally:
         b.close()
+    out["yaml_load"] = yaml_load([10000, 100000] if max(sizes) >= 10000 else [1000])
     out["netfilter"] = netfilter_times(sizes, max(5, samples // 4))
     out["startup"] = startup()
     return out
