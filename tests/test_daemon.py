@@ -230,6 +230,7 @@ def test_device_appearing_later_is_bound_and_removed_is_cleaned(daemon: DaemonPr
         wait_for(lambda: netlink.ifindex(dev) is not None and xdp_prog(dev) != 0)
         wait_for(lambda: row()["pending"] is False)
         assert row()["attached"]["tc_filters"] == 1
+        assert "after it appeared" in daemon.logs(), "bound by the netlink handler at once"
     finally:
         sh("ip", "link", "del", dev, check=False)
     wait_for(lambda: row()["pending"] is True)
@@ -411,6 +412,10 @@ def test_metrics_match_traffic(topo: Topology, daemon: DaemonProc) -> None:
     before = scrape()
     k = 25
     udp_exchanges(cli, web.ip4, 53, k)
+    from controller.metrics import CACHE_SECONDS
+
+    time.sleep(CACHE_SECONDS)  # scrapes within a second share one reading of the maps
+    assert scrape() == scrape(), "the second scrape is the cached one"
     after = scrape()
     assert packets(after, "ingress", "allow_new") - packets(before, "ingress", "allow_new") == 1
     assert (packets(after, "ingress", "allow_established")
@@ -523,3 +528,47 @@ def test_cli_waits_for_a_starting_daemon(topo: Topology, daemon: DaemonProc) -> 
     wait_for(lambda: os.path.exists(os.path.join(daemon.state_dir, "daemon.pid")), 30)
     res = daemon.cli("apply", "-f", str(path))
     assert res.returncode == 0 and "through the daemon" in res.stdout, res.stdout + res.stderr
+
+
+def test_ready_is_signalled_only_once_the_stored_policy_is_enforced(daemon: DaemonProc,
+                                                                     tmp_path: Path) -> None:
+    """Type=notify: after a "reboot" (the device recreated, no programs on
+    it) READY=1 reaches systemd only when the device is filtered again."""
+    dev = unique("sgn")
+    sh("ip", "link", "add", dev, "type", "veth", "peer", "name", dev + "p")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        daemon.start()
+        with daemon.client() as c:
+            c.call("CreateNetworkInterface", {"TagSpecifications": [{
+                "ResourceType": "network-interface",
+                "Tags": [{"Key": "host-interface", "Value": dev}]}]})
+        wait_for(lambda: xdp_prog(dev) != 0)
+        daemon.kill(signal.SIGTERM)
+        sh("ip", "link", "del", dev)
+        sh("ip", "link", "add", dev, "type", "veth", "peer", "name", dev + "p")
+        assert xdp_prog(dev) == 0
+        path = str(tmp_path / "notify.sock")
+        notify.bind(path)
+        notify.settimeout(90)
+        daemon.start(env={"NOTIFY_SOCKET": path})
+        message = notify.recv(4096).decode()
+        assert message.startswith("READY=1") and "enforced on 1 devices" in message, message
+        assert xdp_prog(dev) != 0, "ready before the device was filtered"
+        daemon.kill(signal.SIGTERM)
+        assert notify.recv(4096) == b"STOPPING=1"
+    finally:
+        notify.close()
+        sh("ip", "link", "del", dev, check=False)
+
+
+def test_systemd_unit_starts_before_the_network() -> None:
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(ROOT / "packaging" / "sgctl.service")
+    assert unit["Unit"]["Before"] == "network-pre.target"
+    assert unit["Unit"]["Wants"] == "network-pre.target"
+    assert "After" not in unit["Unit"]
+    assert unit["Service"]["Type"] == "notify"
+    assert unit["Service"]["UMask"] == "0027"

@@ -196,6 +196,7 @@ def test_default_format_records_field_by_field(topo: Topology, daemon: DaemonPro
     log = tmp_path / "flows.log"
     daemon.start("--flow-log", str(log), "--flow-log-window", "600",
                  "--flow-log-account-id", "123456789012")
+    assert log.stat().st_mode & 0o777 == 0o640, "flow records are not for every local user"
     with daemon.client() as c:
         t = run_traffic(topo, c)
         eni = c.call("DescribeNetworkInterfaces", {})["NetworkInterfaces"][0]["NetworkInterfaceId"]
