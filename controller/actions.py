@@ -259,6 +259,9 @@ def create_security_group(state: State, p: Params) -> Result:
     name = _str_param(p, "GroupName")
     if not name:
         raise ApiError("MissingParameter", "The request must contain the parameter GroupName")
+    if name == DEFAULT_GROUP_NAME:
+        raise ApiError("InvalidParameterValue",
+                       f"Cannot use reserved security group name: {DEFAULT_GROUP_NAME}")
     if len(name) > 255 or name.startswith("sg-"):
         raise ApiError("InvalidParameterValue",
                        f"Invalid value '{name}' for GroupName: at most 255 characters, "

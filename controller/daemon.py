@@ -269,6 +269,8 @@ class Daemon:
         eni = params.get("NetworkInterfaceId")
         if eni is None:
             return None
+        if not isinstance(eni, str):
+            raise ApiError("InvalidParameterValue", f"NetworkInterfaceId {eni!r} is not a string")
         from .dataplane import find_endpoint
 
         ep = find_endpoint(self.dp.load_applied(), str(eni))
@@ -301,18 +303,22 @@ class Daemon:
         """Kept records after sequence ``Since``; Filters (EC2 style) on
         ``action`` (ACCEPT/REJECT) and ``interface-id`` (id or device)."""
         want: Dict[str, str] = {}
-        for f in params.get("Filters") or []:
+        filters = params.get("Filters") or []
+        if not isinstance(filters, list) or not all(isinstance(f, dict) for f in filters):
+            raise ApiError("InvalidParameterValue", "Filters is a list of {Name, Values}")
+        for f in filters:
             name, values = f.get("Name"), f.get("Values") or []
-            if name not in ("action", "interface-id") or len(values) != 1:
+            if name not in ("action", "interface-id") or not isinstance(values, list) \
+                    or len(values) != 1 or not isinstance(values[0], str):
                 raise ApiError("InvalidParameterValue", f"filter {name!r}: action or "
                                "interface-id, with one value")
             want[name] = str(values[0])
         if want.get("action", "ACCEPT").upper() not in ("ACCEPT", "REJECT"):
             raise ApiError("InvalidParameterValue", f"action {want['action']!r}: ACCEPT or REJECT")
-        try:
-            since, limit = int(params.get("Since", 0)), int(params.get("MaxResults", 1000))
-        except (TypeError, ValueError):
-            raise ApiError("InvalidParameterValue", "Since and MaxResults are integers") from None
+        since, limit = params.get("Since", 0), params.get("MaxResults", 1000)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in (since, limit)):
+            raise ApiError("InvalidParameterValue", "Since and MaxResults are integers >= 0")
         return self._flows_on().query(since, want.get("interface-id"), want.get("action"), limit)
 
     def act_flow_flush(self, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -351,6 +357,14 @@ class Daemon:
                             self.bind_new_device(msg.get_attr("IFLA_IFNAME"), msg["index"])
                     self.dirty.set()
 
+    def bind_new_devices(self, view: HostView) -> None:
+        """Devices present but not bound yet: the fast bind first (whichever
+        thread sees a new device first binds it this way)."""
+        bound = {e: ep["ifindex"] for e, ep in self.dp.load_applied().endpoints.items()}
+        for eni_id, idx, _ in view:
+            if idx is not None and bound.get(eni_id) != idx:
+                self.bind_new_device(self.state.interfaces[eni_id].device, idx)
+
     def bind_new_device(self, name: Optional[str], idx: int) -> None:
         """A device of a bound interface appeared (or came back under a new
         ifindex): bind it now, from this thread, instead of after the
@@ -380,6 +394,7 @@ class Daemon:
                 with self.lock:
                     view = self.host_view(self.state)
                     if view != self.view:
+                        self.bind_new_devices(view)
                         start = time.monotonic()
                         self.enforce(self.state)
                         self.metrics.apply_seconds.observe(time.monotonic() - start)

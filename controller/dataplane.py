@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import orjson
+from pyroute2 import IPRoute
 
 from . import abi, bpfsys
 from .compiler import FAMILY_INDEX, Compiled, compile_state, network_bytes
@@ -351,24 +352,26 @@ class Dataplane:
         old = applied.endpoints.get(eni.eni_id)
         if rec is None or "active" not in rec or (old is not None and old["ifindex"] == idx):
             return False
-        if netlink.link_type(idx) != netlink.ARPHRD_ETHER:
-            return False
-        progs = self.programs()
-        ours = self.known_prog_ids(applied)
-        netlink.check_attachable(idx, ours)
-        ep_id = self.free_ep_id(self.used_ep_ids(applied))
-        self.reset_counters(ep_id)
-        world = {(int(k.split(",")[0]), int(k.split(",")[1])): c for k, c in rec["world"].items()}
-        val = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
-                             eni.timeouts, eni.source_dest_check, eni.mac_address)
-        self.add_local(local_keys_of(eni, ep_id))
-        self.map("sg_endpoints").update(ct.c_uint32(idx), val)
-        self._ep_written[idx] = bytes(val)
-        try:
-            mode = netlink.attach(idx, progs.xdp_fd, progs.tc_fd, ours)
-        except Exception:
-            self.unbind(idx, ours)
-            raise
+        with IPRoute() as ipr:
+            if netlink.link_type(idx, ipr) != netlink.ARPHRD_ETHER:
+                return False
+            progs = self.programs()
+            ours = self.known_prog_ids(applied)
+            netlink.check_attachable(idx, ours, ipr)
+            ep_id = self.free_ep_id(self.used_ep_ids(applied))
+            self.reset_counters(ep_id)
+            world = {(int(k.split(",")[0]), int(k.split(",")[1])): c
+                     for k, c in rec["world"].items()}
+            val = endpoint_value(ep_id, rec["active"], eni.mode, rec["open_all"], world,
+                                 eni.timeouts, eni.source_dest_check, eni.mac_address)
+            self.add_local(local_keys_of(eni, ep_id))
+            self.map("sg_endpoints").update(ct.c_uint32(idx), val)
+            self._ep_written[idx] = bytes(val)
+            try:
+                mode = netlink.attach(idx, progs.xdp_fd, progs.tc_fd, ours, ipr)
+            except Exception:
+                self.unbind(idx, ours)
+                raise
         self._attached[idx] = progs.tag
         applied.endpoints[eni.eni_id] = {
             "ifindex": idx, "ep_id": ep_id, "device": eni.device, "mode": eni.mode,
@@ -376,8 +379,7 @@ class Dataplane:
             "check": eni.source_dest_check, "xdp_mode": mode}
         if eni.eni_id in applied.summary:
             applied.summary[eni.eni_id]["pending"] = False
-        self.save_applied(applied)
-        self._applied = applied
+        self._applied = applied  # saved by the full apply that follows (no fsync here)
         return True
 
     # ------------------------------------------------------------ apply

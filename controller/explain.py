@@ -27,6 +27,7 @@ from .model import (
     State,
     ValidationError,
     parse_address,
+    parse_int,
     parse_protocol,
     protocol_label,
 )
@@ -47,13 +48,24 @@ def _packet(p: Dict[str, Any], direction: str) -> Packet:
     if src.version != dst.version:
         raise ApiError("InvalidParameterValue", "Source and Destination are not the same family")
     flags = 0
+    if not isinstance(p.get("TcpFlags", "SYN"), str):
+        raise ApiError("InvalidParameterValue", "TcpFlags is a string such as \"SYN,ACK\"")
     for name in str(p.get("TcpFlags", "SYN")).upper().replace(",", " ").split():
         if name not in FLAG_NAMES:
             raise ApiError("InvalidParameterValue", f"unknown TCP flag {name!r}")
         flags |= FLAG_NAMES[name]
-    return Packet(src, dst, proto, sport=int(p.get("SourcePort", 40000)),
-                  dport=int(p.get("Port", 0)), icmp_type=int(p.get("IcmpType", 8)),
-                  icmp_code=int(p.get("IcmpCode", 0)), tcp_flags=flags)
+    def number(key: str, default: int, top: int) -> int:
+        try:
+            val = parse_int(p.get(key, default), "Explain", key)
+        except ValidationError as exc:
+            raise ApiError("InvalidParameterValue", str(exc)) from None
+        if not 0 <= val <= top:
+            raise ApiError("InvalidParameterValue", f"{key} {val} is outside 0-{top}")
+        return val
+
+    return Packet(src, dst, proto, sport=number("SourcePort", 40000, 65535),
+                  dport=number("Port", 0, 65535), icmp_type=number("IcmpType", 8, 255),
+                  icmp_code=number("IcmpCode", 0, 255), tcp_flags=flags)
 
 
 def kernel_verdict(dp: Dataplane, eni_id: str, mode: str, direction: str,

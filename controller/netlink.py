@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Set
+from typing import Iterator, Optional, Set
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -36,9 +37,20 @@ def arphrd_name(kind: int) -> str:
     return _ARPHRD_NAMES.get(kind, "not ethernet")
 
 
-def link_type(idx: int) -> int:
+@contextlib.contextmanager
+def _route(ipr: Optional[IPRoute]) -> Iterator[IPRoute]:
+    """The caller's netlink socket, or one of our own for this call (opening
+    one costs milliseconds: a device being bound shares one)."""
+    if ipr is not None:
+        yield ipr
+    else:
+        with IPRoute() as own:
+            yield own
+
+
+def link_type(idx: int, via: Optional[IPRoute] = None) -> int:
     """The device's ARPHRD_* link type (1 = Ethernet, which veth and tap are)."""
-    with IPRoute() as ipr:
+    with _route(via) as ipr:
         return int(ipr.get_links(idx)[0]["ifi_type"])
 
 
@@ -61,20 +73,21 @@ def _refuse_foreign(idx: int, prog: int, ours: Set[int]) -> None:
                           "did not attach; detach it first")
 
 
-def check_attachable(idx: int, ours: Set[int]) -> None:
+def check_attachable(idx: int, ours: Set[int], via: Optional[IPRoute] = None) -> None:
     """Fail before anything changes if a foreign XDP program holds the device."""
-    with IPRoute() as ipr:
+    with _route(via) as ipr:
         prog, _ = xdp_state(ipr, idx)
     _refuse_foreign(idx, prog, ours)
 
 
-def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int]) -> str:
+def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int],
+           via: Optional[IPRoute] = None) -> str:
     """Attach (or atomically replace) both programs on a device. Refuses to
     replace an XDP program that sgctl did not attach; an older sgctl program
     is replaced in one step, naming it as the expected one (XDP_FLAGS_REPLACE),
     so a concurrent change by someone else fails instead of being overwritten.
     The tc filter is replaced in place (same prio/handle). Returns the XDP mode."""
-    with IPRoute() as ipr:
+    with _route(via) as ipr:
         prog, mode = xdp_state(ipr, idx)
         mode = _mode_value(mode)
         _refuse_foreign(idx, prog, ours)

@@ -495,6 +495,10 @@ def test_idle_connections_time_out_and_are_bounded(daemon: Daemon, monkeypatch) 
     ("CreateNetworkInterface", {"Description": ["x"]}),
     ("Apply", {"Document": {"sgctl": 1}, "StackName": 5}),
     ("Apply", {"Document": "a: &a [x, x]\nb: [*a, *a]\n"}),
+    ("Apply", {"Document": {"sgctl": 1, "groups": {"sg-a": {"name": ["x"]}}}}),
+    ("DescribeConntrack", {"NetworkInterfaceId": ["eni-x"]}),
+    ("FlushConntrack", {"NetworkInterfaceId": {"a": 1}}),
+    ("CreateSecurityGroup", {"GroupName": "default", "Description": "mine"}),
 ])
 def test_wrong_parameter_types_are_400(api: Client, action: str, params: Dict[str, Any]) -> None:
     expect_error(api, "InvalidParameterValue", action, params)

@@ -151,7 +151,8 @@ class Bench:
                     start = time.monotonic()
                     ipr.link("add", ifname=dev, kind="veth", peer=dev + "p")
                     idx = ipr.link_lookup(ifname=dev)[0]
-                    while netlink.attached(idx)["tc_filters"] == 0:
+                    while not any(f.get_attr("TCA_KIND") == "bpf" and f["handle"] for f in
+                                  ipr.get_filters(idx, parent=netlink.TC_EGRESS_PARENT)):
                         if time.monotonic() - start > 10:
                             raise RuntimeError(f"{dev} was never bound")
                     times.append(time.monotonic() - start)
