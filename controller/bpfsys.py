@@ -203,7 +203,7 @@ class Map:
 
     def array_range(self, start: int, count: int) -> List[Any]:
         """Values ``start .. start+count-1`` of an array map in one
-        BPF_MAP_LOOKUP_BATCH (an array's batch token is the next index);
+        BPF_MAP_LOOKUP_BATCH;
         per-CPU values come as one array of ``ncpu`` values each."""
         vt = self.val_t * self.ncpu if self.percpu else self.val_t
         count = max(0, min(count, self.max_entries - start))
@@ -214,7 +214,9 @@ class Map:
                        ct.POINTER(ct.c_uint32), ct.c_void_p]
         keys = (ct.c_uint32 * count)()
         vals = (vt * count)()
-        tok_in, tok_out = ct.c_uint32(start), ct.c_uint32(0)
+        # the batch starts after the key in in_batch (the generic walk's
+        # "previous key"): none for index 0, start - 1 otherwise
+        tok_in, tok_out = ct.c_uint32(max(start - 1, 0)), ct.c_uint32(0)
         n = ct.c_uint32(count)
         rc = fn(self.fd, ct.byref(tok_in) if start else None, ct.byref(tok_out), keys, vals,
                 ct.byref(n), None)
