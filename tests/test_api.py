@@ -601,3 +601,37 @@ def test_commit_rolls_back_a_netlink_error_after_the_switch(api: Client, daemon:
     monkeypatch.undo()
     assert snapshot(api) == state_before
     assert _endpoints(daemon) == before, "the interface is back on the accepted policy"
+
+
+# --------------------------------------------------------------------------- the daemon's own actions
+
+OWN_ACTIONS = ["Apply", "DescribeStatus", "DescribeConntrack", "FlushConntrack", "Explain",
+               "GetFlowLogRecords", "FlushFlowLogs"]
+OWN_PARAMS = ["Document", "StackName", "Maps", "NetworkInterfaceId", "Direction", "Source",
+              "Destination", "Protocol", "Port", "SourcePort", "IcmpType", "IcmpCode",
+              "TcpFlags", "Filters", "Since", "MaxResults"]
+
+
+def test_daemon_actions_give_clean_errors(daemon: Daemon) -> None:
+    """The fuzz of tests/test_fuzz.py, on the actions only the daemon has
+    (they need its dataplane): only ApiError comes out, never a 500."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.test_fuzz import EXAMPLES, hostile
+
+    tried = []
+
+    @settings(max_examples=max(50, EXAMPLES // 3), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(OWN_ACTIONS),
+           st.dictionaries(st.sampled_from(OWN_PARAMS), hostile, max_size=5))
+    def run(action: str, params: Dict[str, Any]) -> None:
+        tried.append(action)
+        try:
+            daemon.handle(action, params)
+        except ApiError as exc:
+            assert exc.status < 500, f"{action} {params!r}: {exc}"
+
+    run()
+    assert set(tried) == set(OWN_ACTIONS)
