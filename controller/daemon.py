@@ -95,6 +95,7 @@ class Daemon:
 
         self.metrics = Metrics(self)
         self.flows: Optional[FlowLogger] = None
+        self._bind_ipr: Optional[IPRoute] = None  # netlink socket of the fast binds (under lock)
 
     # ------------------------------------------------------------ host view
 
@@ -354,7 +355,8 @@ class Daemon:
                 if ready:
                     for msg in ipr.get():
                         if msg.get("event") == "RTM_NEWLINK":
-                            self.bind_new_device(msg.get_attr("IFLA_IFNAME"), msg["index"])
+                            self.bind_new_device(msg.get_attr("IFLA_IFNAME"), msg["index"],
+                                                 msg.get("ifi_type"))
                     self.dirty.set()
 
     def bind_new_devices(self, view: HostView) -> None:
@@ -365,7 +367,8 @@ class Daemon:
             if idx is not None and bound.get(eni_id) != idx:
                 self.bind_new_device(self.state.interfaces[eni_id].device, idx)
 
-    def bind_new_device(self, name: Optional[str], idx: int) -> None:
+    def bind_new_device(self, name: Optional[str], idx: int,
+                        link_type: Optional[int] = None) -> None:
         """A device of a bound interface appeared (or came back under a new
         ifindex): bind it now, from this thread, instead of after the
         reconciler's debounce and full apply (which still follow)."""
@@ -378,16 +381,27 @@ class Daemon:
             start = time.monotonic()
             try:
                 eff = self.effective(self.state, self.view or ())  # addresses as last enforced
-                if self.dp.bind_device(eff.interfaces[eni.eni_id], idx):
+                if self._bind_ipr is None:  # one socket for every bind (opening one costs ms)
+                    self._bind_ipr = IPRoute()
+                if self.dp.bind_device(eff.interfaces[eni.eni_id], idx, self._bind_ipr,
+                                       link_type):
                     log.info("%s: device %s (ifindex %d) bound in %.1f ms after it appeared",
                              eni.eni_id, name, idx, (time.monotonic() - start) * 1000)
             except Exception as exc:  # the reconciler's full apply retries
                 log.error("%s: binding %s at once failed: %s", eni.eni_id, name, exc)
+                if self._bind_ipr is not None:  # a socket in an unknown state: a new one next
+                    self._bind_ipr.close()
+                    self._bind_ipr = None
 
     def reconcile_loop(self) -> None:
         while not self.stopping.is_set():
             if not self.dirty.wait(0.5):
                 continue
+            try:  # a device that appeared is bound first, the burst gathered after
+                with self.lock:
+                    self.bind_new_devices(self.host_view(self.state))
+            except Exception as exc:
+                log.error("binding new devices failed: %s", exc)
             time.sleep(self.cfg.debounce)
             self.dirty.clear()
             try:
@@ -482,6 +496,8 @@ class Daemon:
             t.join(timeout=2)
         if self.flows is not None:
             self.flows.stop()
+        if self._bind_ipr is not None:
+            self._bind_ipr.close()
         self.dp.close()
         try:
             os.unlink(self.pidfile)

@@ -339,12 +339,15 @@ class Dataplane:
         self._attached.pop(idx, None)
         self._ep_written.pop(idx, None)
 
-    def bind_device(self, eni: NetworkInterface, idx: int) -> bool:
+    def bind_device(self, eni: NetworkInterface, idx: int, via: Optional[IPRoute] = None,
+                    link_type: Optional[int] = None) -> bool:
         """The fast path for a device that has just appeared: its endpoint
         on the policy already in the kernel (a pending interface's policy is
         compiled and written with the rest), its programs attached; no
         compile, no other map touched. False when that is not possible (the
-        caller then applies in full, which it does afterwards in any case)."""
+        caller then applies in full, which it does afterwards in any case).
+        ``via``: a netlink socket to use; ``link_type``: the device's, when the
+        caller has it from the RTM_NEWLINK message."""
         from . import netlink
 
         applied = self.load_applied()
@@ -352,12 +355,12 @@ class Dataplane:
         old = applied.endpoints.get(eni.eni_id)
         if rec is None or "active" not in rec or (old is not None and old["ifindex"] == idx):
             return False
-        with IPRoute() as ipr:
-            if netlink.link_type(idx, ipr) != netlink.ARPHRD_ETHER:
+        with netlink.route(via) as ipr:
+            kind = link_type if link_type is not None else netlink.link_type(idx, ipr)
+            if kind != netlink.ARPHRD_ETHER:
                 return False
             progs = self.programs()
             ours = self.known_prog_ids(applied)
-            netlink.check_attachable(idx, ours, ipr)
             ep_id = self.free_ep_id(self.used_ep_ids(applied))
             self.reset_counters(ep_id)
             world = {(int(k.split(",")[0]), int(k.split(",")[1])): c
@@ -368,7 +371,7 @@ class Dataplane:
             self.map("sg_endpoints").update(ct.c_uint32(idx), val)
             self._ep_written[idx] = bytes(val)
             try:
-                mode = netlink.attach(idx, progs.xdp_fd, progs.tc_fd, ours, ipr)
+                mode = netlink.attach(idx, progs.xdp_fd, progs.tc_fd, ours, ipr, fresh=True)
             except Exception:
                 self.unbind(idx, ours)
                 raise

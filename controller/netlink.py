@@ -11,7 +11,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bpfsys
 
-XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE = 2, 4, 16
+XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE = 1, 2, 4, 16
 TC_EGRESS_PARENT = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
 TC_PRIO = 0xC000
 TC_HANDLE = 1
@@ -38,7 +38,7 @@ def arphrd_name(kind: int) -> str:
 
 
 @contextlib.contextmanager
-def _route(ipr: Optional[IPRoute]) -> Iterator[IPRoute]:
+def route(ipr: Optional[IPRoute]) -> Iterator[IPRoute]:
     """The caller's netlink socket, or one of our own for this call (opening
     one costs milliseconds: a device being bound shares one)."""
     if ipr is not None:
@@ -50,7 +50,7 @@ def _route(ipr: Optional[IPRoute]) -> Iterator[IPRoute]:
 
 def link_type(idx: int, via: Optional[IPRoute] = None) -> int:
     """The device's ARPHRD_* link type (1 = Ethernet, which veth and tap are)."""
-    with _route(via) as ipr:
+    with route(via) as ipr:
         return int(ipr.get_links(idx)[0]["ifi_type"])
 
 
@@ -75,20 +75,23 @@ def _refuse_foreign(idx: int, prog: int, ours: Set[int]) -> None:
 
 def check_attachable(idx: int, ours: Set[int], via: Optional[IPRoute] = None) -> None:
     """Fail before anything changes if a foreign XDP program holds the device."""
-    with _route(via) as ipr:
+    with route(via) as ipr:
         prog, _ = xdp_state(ipr, idx)
     _refuse_foreign(idx, prog, ours)
 
 
 def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int],
-           via: Optional[IPRoute] = None) -> str:
+           via: Optional[IPRoute] = None, fresh: bool = False) -> str:
     """Attach (or atomically replace) both programs on a device. Refuses to
     replace an XDP program that sgctl did not attach; an older sgctl program
     is replaced in one step, naming it as the expected one (XDP_FLAGS_REPLACE),
     so a concurrent change by someone else fails instead of being overwritten.
-    The tc filter is replaced in place (same prio/handle). Returns the XDP mode."""
-    with _route(via) as ipr:
-        prog, mode = xdp_state(ipr, idx)
+    The tc filter is replaced in place (same prio/handle). Returns the XDP mode.
+    ``fresh``: a device that has just appeared, so nothing to replace: the
+    state is not read, the kernel refuses if any program got there first
+    (XDP_FLAGS_UPDATE_IF_NOEXIST)."""
+    with route(via) as ipr:
+        prog, mode = (0, 0) if fresh else xdp_state(ipr, idx)
         mode = _mode_value(mode)
         _refuse_foreign(idx, prog, ours)
         tried = [XDP_FLAGS_SKB_MODE] if mode == 2 else [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE]
@@ -99,7 +102,8 @@ def attach(idx: int, xdp_fd: int, tc_fd: int, ours: Set[int],
         old_fd = bpfsys.prog_fd_by_id(prog) if prog and prog != bpfsys.prog_id(xdp_fd) else -1
         try:
             for flags in tried:
-                attrs = [("IFLA_XDP_FD", xdp_fd), ("IFLA_XDP_FLAGS", flags)]
+                attrs = [("IFLA_XDP_FD", xdp_fd),
+                         ("IFLA_XDP_FLAGS", flags | (XDP_FLAGS_UPDATE_IF_NOEXIST if fresh else 0))]
                 if old_fd >= 0:
                     attrs = [("IFLA_XDP_FD", xdp_fd), ("IFLA_XDP_EXPECTED_FD", old_fd),
                              ("IFLA_XDP_FLAGS", flags | XDP_FLAGS_REPLACE)]
