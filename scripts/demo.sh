@@ -3,4 +3,4 @@
 # applied with `sgctl apply`, traffic shown allowed and denied, all cleaned up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m controller.demo
+exec .venv/bin/python -m controller.tools.demo

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from controller import api
-from controller.api import Client
+from controller.service import api
+from controller.service.api import Client
 from tests.harness import unique
 from tests.netns import Instance, Topology
 

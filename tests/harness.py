@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-from controller import abi, bpfsys
-from controller.dataplane import Dataplane, reason_packets
-from controller.evaluator import Packet
-from controller.model import EGRESS, INGRESS, MODE_HOST, State
-from controller.packets import frame
-from controller.reasons import Reason
+from controller import abi
+from controller.abi.reasons import Reason
+from controller.kernel import bpfsys
+from controller.kernel.counters import reason_packets
+from controller.kernel.dataplane import Dataplane
+from controller.kernel.frames import frame
+from controller.policy.evaluator import Packet
+from controller.policy.model import EGRESS, INGRESS, MODE_HOST, State
+from controller.reconcile.applied import EndpointRecord
+from controller.reconcile.converge import Converged, Reconciler
 
 KERNEL_CT_MAX = 256  # small, so that the table-full case is cheap to reach
 
@@ -19,15 +23,17 @@ class KernelRunner:
     """A private dataplane (own pins) whose programs are test-run, never attached."""
 
     def __init__(self, pin_dir: str, state_dir: str, ct_max: int = 4096) -> None:
-        self.dp = Dataplane(pin_dir=pin_dir, state_dir=state_dir, ct_max=ct_max)
+        self.dp = Dataplane(pin_dir=pin_dir, ct_max=ct_max)
+        self.rc = Reconciler(self.dp, state_dir)
         self.progs = self.dp.programs()
         self.state: Optional[State] = None
-        self.endpoints: Dict[str, dict] = {}
+        self.endpoints: Dict[str, EndpointRecord] = {}
 
-    def apply(self, state: State) -> None:
-        applied = self.dp.apply(state, attach=False)
+    def apply(self, state: State) -> Converged:
+        done = self.rc.converge(state, attach=False)
         self.state = state
-        self.endpoints = applied.endpoints
+        self.endpoints = done.applied.endpoints
+        return done
 
     def flush(self) -> None:
         for name in ("sg_conntrack", "sg_frags"):
@@ -50,10 +56,10 @@ class KernelRunner:
     def run_frame(self, eni_id: str, direction: str, data: bytes) -> Reason:
         ep = self.endpoints[eni_id]
         xdp = self.hook_for(eni_id, direction)
-        before = self.counters(ep["ep_id"], direction)
+        before = self.counters(ep.ep_id, direction)
         fd = self.progs.xdp_fd if xdp else self.progs.tc_fd
-        retval, _ = bpfsys.test_run(fd, data, ep["ifindex"], xdp)
-        after = self.counters(ep["ep_id"], direction)
+        retval, _ = bpfsys.test_run(fd, data, ep.ifindex, xdp)
+        after = self.counters(ep.ep_id, direction)
         changed = [i for i in range(abi.REASON_MAX) if after[i] != before[i]]
         assert len(changed) == 1, f"expected one counter to move, got {changed}"
         reason = Reason(changed[0])
@@ -65,7 +71,7 @@ class KernelRunner:
         return self.run_frame(eni_id, direction, frame(pkt))
 
     def close(self) -> None:
-        self.dp.reset()
+        self.rc.reset()
 
 
 def unique(prefix: str) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from controller.formats import load_document
-from controller.model import State
+from controller.policy.formats import load_document
+from controller.policy.model import State
 
 
 def one_interface(ingress: Optional[List[dict]] = None, egress: Optional[List[dict]] = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from controller import abi
-from controller.reasons import REASON_MAX, Reason
+from controller.abi.reasons import REASON_MAX, Reason
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,12 +89,12 @@ def test_pinned_map_of_an_older_layout_is_replaced(tmp_path) -> None:
     """An upgrade that changes a struct: the old pin (here a conntrack map
     with 24-byte values) is dropped and the build creates the new layout,
     instead of failing to load or sharing a map of the wrong shape."""
-    from controller import bpfsys
-    from controller.dataplane import Dataplane
+    from controller.kernel import bpfsys
+    from controller.kernel.dataplane import Dataplane
     from tests.harness import unique
 
     pin_dir = f"/sys/fs/bpf/{unique('sgabi')}"
-    dp = Dataplane(pin_dir=pin_dir, state_dir=str(tmp_path), ct_max=1024)
+    dp = Dataplane(pin_dir=pin_dir, ct_max=1024)
     try:
         dp.ensure_bpffs()
         create = bpfsys.lib().bpf_map_create
@@ -107,8 +107,7 @@ def test_pinned_map_of_an_older_layout_is_replaced(tmp_path) -> None:
         dp.programs()
         assert dp.map("sg_conntrack").sizes == (ct.sizeof(abi.CtKey), ct.sizeof(abi.CtEntry))
     finally:
-        dp.close()
-        dp.reset()
+        dp.remove_pins()
 
 
 def test_array_range_reads_what_lookups_read(kernel) -> None:

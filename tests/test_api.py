@@ -14,11 +14,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from controller.actions import ApiError
-from controller.api import Client
-from controller.daemon import Daemon, DaemonConfig
-from controller.formats import native
-from controller.store import Store
+from controller.policy.actions import ApiError
+from controller.policy.formats import native
+from controller.service.api import Client
+from controller.service.daemon import Daemon, DaemonConfig
+from controller.service.store import Store
 from tests.harness import unique
 
 pytestmark = pytest.mark.kernel
@@ -36,7 +36,7 @@ def daemon() -> Iterator[Daemon]:
         yield d
     finally:
         d.stop()
-        d.dp.reset()
+        d.rc.reset()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -381,7 +381,7 @@ def test_transport_errors(api: Client) -> None:
 def test_openapi_document_lists_every_action() -> None:
     import yaml
 
-    from controller.actions import ACTIONS
+    from controller.policy.actions import ACTIONS
 
     doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "api.yaml").read_text())
     paths = {p.strip("/") for p in doc["paths"]}
@@ -437,7 +437,7 @@ def test_content_length_must_be_an_exact_byte_count(api: Client, daemon: Daemon)
 
 
 def test_an_oversized_body_is_not_read_as_the_next_request(api: Client, daemon: Daemon) -> None:
-    from controller.api import MAX_BODY
+    from controller.service.api import MAX_BODY
 
     victim = group(api)
     smuggled = json.dumps({"Action": "DeleteSecurityGroup", "GroupId": victim}).encode()
@@ -457,7 +457,7 @@ def test_idle_connections_time_out_and_are_bounded(daemon: Daemon, monkeypatch) 
     import threading
     import time
 
-    from controller import api as api_mod
+    from controller.service import api as api_mod
 
     monkeypatch.setattr(api_mod._RequestHandler, "timeout", 0.5)
     with sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) as s:
@@ -526,7 +526,7 @@ def _endpoints(daemon: Daemon) -> Dict[int, bytes]:
 
 
 def _xdp(dev: str) -> int:
-    from controller import netlink
+    from controller.kernel import netlink
 
     idx = netlink.ifindex(dev)
     assert idx is not None
@@ -539,7 +539,7 @@ def test_commit_rolls_back_a_failed_tc_attach(api: Client, daemon: Daemon, test_
     was (no XDP program, no endpoint), the others stay on the old policy."""
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from controller import netlink
+    from controller.kernel import netlink
 
     one, two = test_devs
     api.call("Apply", {"Document": _bind_doc([one], 22)})
@@ -585,16 +585,16 @@ def test_commit_rolls_back_a_netlink_error_after_the_switch(api: Client, daemon:
                                                             monkeypatch) -> None:
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from controller.dataplane import Dataplane
+    from controller.reconcile import converge
 
     one, _ = test_devs
     api.call("Apply", {"Document": _bind_doc([one], 22)})
     before, state_before = _endpoints(daemon), snapshot(api)
 
-    def fail(self: Dataplane, state: Any) -> None:
+    def fail(*args: Any) -> None:
         raise NetlinkError(16, "injected: busy")
 
-    monkeypatch.setattr(Dataplane, "sync_exempt", fail)
+    monkeypatch.setattr(converge, "sync_exempt", fail)
     with pytest.raises(ApiError) as err:  # the endpoint was switched before this failed
         api.call("Apply", {"Document": _bind_doc([one], 443)})
     assert "injected" in err.value.message

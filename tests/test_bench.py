@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_smoke_profile_produces_a_report(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "controller.bench", "--profile", "smoke",
+    res = subprocess.run([sys.executable, "-m", "controller.tools.bench", "--profile", "smoke",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from controller.compiler import (
+from controller.abi.reasons import Reason
+from controller.policy.compiler import (
     CHAIN_MAX,
     FLAG_WORLD,
     PROTO_ANY,
@@ -17,8 +18,7 @@ from controller.compiler import (
     open_all_bit,
     range_to_prefixes,
 )
-from controller.evaluator import TCP_ACK, TCP_SYN, Evaluator, Packet, addr
-from controller.reasons import Reason
+from controller.policy.evaluator import TCP_ACK, TCP_SYN, Evaluator, Packet, addr
 from tests.states import one_interface
 
 L, R = addr("198.18.0.10"), addr("198.18.1.1")
@@ -155,24 +155,24 @@ def test_evaluator_unknown_interface_passes() -> None:
 
 def test_rule_numbers_are_reused_only_when_the_counter_slots_run_out() -> None:
     from controller import abi
-    from controller.dataplane import Applied, Dataplane
+    from controller.reconcile.applied import Applied
+    from controller.reconcile.plan import number_rules
 
     state = one_interface(ingress=[{"proto": "tcp", "ports": p, "from": "10.0.0.0/8"}
                                    for p in range(1, 6)])
     applied = Applied(next_rule_index=abi.RULE_SLOTS - 2)
-    reused: list = []
-    numbers = Dataplane.number_rules(applied, state, reused)
+    numbers, _, reused = number_rules(applied, state)
     values = list(numbers.values())
     assert len(set(values)) == len(values), "every rule has its own number"
     assert {abi.RULE_SLOTS - 2, abi.RULE_SLOTS - 1} <= set(values)
     assert sorted(reused) == list(range(1, len(values) - 1)), "then the lowest free ones"
     applied.rule_index = numbers  # what apply() records
-    assert Dataplane.number_rules(applied, state) == numbers, "a rule keeps its number"
+    assert number_rules(applied, state)[0] == numbers, "a rule keeps its number"
 
 
 def test_evaluator_revalidate_cuts_only_what_the_new_policy_would_not_open() -> None:
-    from controller.evaluator import Evaluator, Packet, addr
-    from controller.formats import load_document
+    from controller.policy.evaluator import Evaluator, Packet, addr
+    from controller.policy.formats import load_document
 
     def state(ports: list, revalidate: bool):
         return load_document({"sgctl": 1, "groups": {"sg-a": {"name": "a", "ingress": [

@@ -16,8 +16,8 @@ from typing import Any, Dict, List
 
 import pytest
 
-from controller import netlink
-from controller.dataplane import Dataplane
+from controller.kernel import netlink
+from controller.kernel.dataplane import Dataplane
 from tests.daemonproc import (
     CT_MAX,
     DaemonProc,
@@ -234,7 +234,7 @@ def test_device_appearing_later_is_bound_and_removed_is_cleaned(daemon: DaemonPr
     finally:
         sh("ip", "link", "del", dev, check=False)
     wait_for(lambda: row()["pending"] is True)
-    dp = Dataplane(pin_dir=daemon.pin_dir, state_dir=daemon.state_dir, ct_max=CT_MAX)
+    dp = Dataplane(pin_dir=daemon.pin_dir, ct_max=CT_MAX)
     try:
         assert dp.map("sg_endpoints").keys() == [], "the gone device's endpoint is removed"
     finally:
@@ -342,9 +342,9 @@ def test_conntrack_list_flush_gc_and_allowance(topo: Topology, daemon: DaemonPro
     assert row["conntrack_allowance_available"] == CT_MAX - 1
     assert row["conntrack_allowance_exceeded"] == 0
     # GC: move the datapath clock past the UDP timeout; the daemon's GC removes it
-    dp = Dataplane(pin_dir=daemon.pin_dir, state_dir=daemon.state_dir, ct_max=CT_MAX)
+    dp = Dataplane(pin_dir=daemon.pin_dir, ct_max=CT_MAX)
     try:
-        from controller.conntrack import datapath_now
+        from controller.kernel.conntrack import datapath_now
 
         dp.set_clock(datapath_now(dp) + 3600)
         wait_for(lambda: flows() == [])
@@ -412,7 +412,7 @@ def test_metrics_match_traffic(topo: Topology, daemon: DaemonProc) -> None:
     before = scrape()
     k = 25
     udp_exchanges(cli, web.ip4, 53, k)
-    from controller.metrics import CACHE_SECONDS
+    from controller.service.metrics import CACHE_SECONDS
 
     time.sleep(CACHE_SECONDS)  # scrapes within a second share one reading of the maps
     assert scrape() == scrape(), "the second scrape is the cached one"
@@ -503,7 +503,7 @@ def test_explain_agrees_with_traffic_and_reports_a_disagreement(topo: Topology,
     flows = json.loads(daemon.cli("conntrack", "list", "-o", "json").stdout)
     assert all(f["ep_id"] != 1023 for f in flows)
     # inject a disagreement: the kernel loses the policy's prefixes
-    dp = Dataplane(pin_dir=daemon.pin_dir, state_dir=daemon.state_dir, ct_max=CT_MAX)
+    dp = Dataplane(pin_dir=daemon.pin_dir, ct_max=CT_MAX)
     try:
         m = dp.map("sg_peers")
         m.delete_many(m.keys())

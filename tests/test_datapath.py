@@ -23,22 +23,13 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
-from controller.evaluator import ARP as ARP_PROTO
-from controller.evaluator import (
-    TCP_ACK,
-    TCP_FIN,
-    TCP_PSH,
-    TCP_RST,
-    TCP_SYN,
-    TCP_URG,
-    Evaluator,
-    addr,
-)
-from controller.evaluator import Packet as P
-from controller.formats import load_document
-from controller.model import State
-from controller.packets import DST_MAC, SRC_MAC, frame, l3
-from controller.reasons import Reason as R
+from controller.abi.reasons import Reason as R
+from controller.kernel.frames import DST_MAC, SRC_MAC, frame, l3
+from controller.policy.evaluator import ARP as ARP_PROTO
+from controller.policy.evaluator import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TCP_URG, Evaluator, addr
+from controller.policy.evaluator import Packet as P
+from controller.policy.formats import load_document
+from controller.policy.model import State
 from tests.states import one_interface
 
 pytestmark = pytest.mark.kernel
@@ -629,7 +620,7 @@ def test_policy_change_keeps_tracked_cuts_untracked(kernel, test_devs) -> None:
 
 def test_unbound_device_passes(kernel, test_devs) -> None:
     kernel.apply(one_interface(device=test_devs[0], ingress=[]))
-    from controller import bpfsys
+    from controller.kernel import bpfsys
 
     idx = int(open(f"/sys/class/net/{test_devs[1]}/ifindex").read())
     before = kernel.counters(0, "egress")
@@ -644,7 +635,8 @@ def test_changes_rewrite_only_the_policies_they_touch(kernel, test_devs) -> None
     """A change to one group, or to the addresses of a referenced group's
     member, rewrites only the policies that contain them; a restarted
     controller (new Dataplane on the same pins) rewrites nothing."""
-    from controller.dataplane import Dataplane
+    from controller.kernel.dataplane import Dataplane
+    from controller.reconcile.converge import Reconciler
 
     def state(b_ports: str, member_ip: str) -> State:
         return load_document({"sgctl": 1, "groups": {
@@ -658,8 +650,8 @@ def test_changes_rewrite_only_the_policies_they_touch(kernel, test_devs) -> None
                 "eni-m": {"groups": ["sg-m"], "ipv4": [member_ip]}}})
 
     def ids() -> Dict[str, int]:
-        summary = kernel.dp.load_applied().summary
-        return {e: summary[e]["policy_id"] for e in ("eni-a", "eni-b")}
+        summary = kernel.rc.applied().summary
+        return {e: summary[e].policy_id for e in ("eni-a", "eni-b")}
 
     kernel.apply(state("80", "198.18.7.1"))
     first = ids()
@@ -671,12 +663,12 @@ def test_changes_rewrite_only_the_policies_they_touch(kernel, test_devs) -> None
     assert third["eni-a"] != second["eni-a"] and third["eni-b"] == second["eni-b"]
     assert kernel.run("eni-a", "ingress", tin(5000, 22, src=addr("198.18.7.2"))) == R.ALLOW_NEW
     assert kernel.run("eni-a", "ingress", tin(5000, 22, src=addr("198.18.7.1"))) == R.DROP_NO_RULE
-    again = Dataplane(kernel.dp.pin_dir, str(kernel.dp.state_dir), kernel.dp.ct_max)
+    again = Reconciler(Dataplane(kernel.dp.pin_dir, kernel.dp.ct_max), str(kernel.rc.state_dir))
     try:
-        applied = again.apply(state("80-81", "198.18.7.2"), attach=False)
-        assert {e: applied.summary[e]["policy_id"] for e in ("eni-a", "eni-b")} == third
+        applied = again.converge(state("80-81", "198.18.7.2"), attach=False).applied
+        assert {e: applied.summary[e].policy_id for e in ("eni-a", "eni-b")} == third
     finally:
-        again.close()
+        again.dp.close()
 
 
 def test_address_inside_more_nested_prefixes_than_the_datapath_checks(kernel, test_devs) -> None:
@@ -705,7 +697,7 @@ def test_incremental_writes_equal_a_fresh_write_and_leak_nothing(kernel, test_de
     import random
 
     from controller import abi
-    from controller.compiler import class_segments, compile_state
+    from controller.policy.compiler import class_segments, compile_state
 
     rnd = random.Random(20261127)
     nets = ["10.0.0.0/8", "10.1.0.0/16", "10.1.1.0/24", "10.1.1.0/28", "10.1.1.1/32",
@@ -723,14 +715,14 @@ def test_incremental_writes_equal_a_fresh_write_and_leak_nothing(kernel, test_de
         state = one_interface(device=test_devs[0], ingress=list(rules))
         kernel.apply(state)
     dp = kernel.dp
-    pm = dp._pm
-    applied = dp.load_applied()
+    pm = dp.written.policies
+    applied = kernel.rc.applied()
     rec = applied.policies["sg-a"]
     compiled = compile_state(state, rule_index=applied.rule_index).policies[("sg-a",)]
     content_of = {c: k for k, c in pm.classes.items()}
     got = {}
     for k, v in dp.map("sg_peers").items():
-        if k.policy_id == rec["active"]:
+        if k.policy_id == rec.active:
             raw = bytes(k.addr)[:4 if k.family == 4 else 16]
             got[(k.dir, k.family, k.plen, int.from_bytes(raw, "big"))] = content_of[v.value]
     assert got == compiled.peers
@@ -752,8 +744,9 @@ def test_an_image_is_overwritten_or_deleted_only_after_a_grace_period(kernel, te
     old endpoint value can still be running (an RCU grace period, started in
     the background at the switch, waited for when still running)."""
     dp = kernel.dp
+    pm = dp.written.policies
     events: List[str] = []
-    real_write, real_delete, real_barrier = dp._pm.write, dp._pm.delete_policy, dp._barrier
+    real_write, real_delete, real_barrier = pm.write, pm.delete_policy, dp._barrier
 
     def write(pid, new, old):  # type: ignore[no-untyped-def]
         if old is not None:  # overwriting an image some endpoint used before
@@ -768,7 +761,7 @@ def test_an_image_is_overwritten_or_deleted_only_after_a_grace_period(kernel, te
         real_barrier()
         events.append("grace")
 
-    dp._pm.write, dp._pm.delete_policy, dp._barrier = write, delete, barrier  # type: ignore
+    pm.write, pm.delete_policy, dp._barrier = write, delete, barrier  # type: ignore
     try:
         for ports in ("80", "81", "82", "83"):  # images: new, new, overwrite, overwrite
             kernel.apply(one_interface(device=test_devs[0], ingress=[
@@ -777,7 +770,7 @@ def test_an_image_is_overwritten_or_deleted_only_after_a_grace_period(kernel, te
         kernel.apply(one_interface(device=test_devs[0], eni_groups=["sg-a", "sg-b"],
                                    extra_groups={"sg-b": {"name": "b"}}))  # a new group set
     finally:
-        dp._pm.write, dp._pm.delete_policy, dp._barrier = real_write, real_delete, real_barrier
+        pm.write, pm.delete_policy, dp._barrier = real_write, real_delete, real_barrier
     assert not [e for e in events if e.startswith("UNSAFE")], events
     # (a deletion empties its image through write() too)
     assert events.count("overwrite") >= 2 and "delete" in events, events
@@ -789,16 +782,16 @@ def test_a_device_that_is_not_ethernet_is_refused(kernel) -> None:
     binding one is refused with the reason, and nothing changes."""
     import subprocess
 
-    from controller.dataplane import DataplaneError
+    from controller.reconcile.plan import PlanError
     from tests.harness import unique
 
     dev = unique("sgtun")
     subprocess.run(["ip", "tuntap", "add", "dev", dev, "mode", "tun"], check=True)
     try:
-        before = kernel.dp.load_applied().endpoints
-        with pytest.raises(DataplaneError, match=f"device '{dev}' is not an Ethernet device"):
+        before = kernel.rc.applied().endpoints
+        with pytest.raises(PlanError, match=f"device '{dev}' is not an Ethernet device"):
             kernel.apply(one_interface(device=dev, ingress=[]))
-        assert kernel.dp.load_applied().endpoints == before
+        assert kernel.rc.applied().endpoints == before
     finally:
         subprocess.run(["ip", "link", "del", dev], check=False)
 
@@ -808,7 +801,7 @@ def test_gc_keeps_the_entries_of_an_interface_bound_during_its_scan(kernel, test
     """The GC lists the endpoints, then scans for seconds (1M entries): an
     interface bound meanwhile is not an orphan. Simulated by handing the GC
     the endpoint list from before the bind, once."""
-    from controller import conntrack
+    from controller.kernel import conntrack
 
     def state(both: bool) -> State:
         others = {"eni-b": {"groups": ["sg-a"], "ipv4": ["198.18.0.20"],
@@ -832,7 +825,7 @@ def test_gc_keeps_the_entries_of_an_interface_bound_during_its_scan(kernel, test
     result = conntrack.gc(kernel.dp)
     assert len(calls) == 2, "the endpoints are read again before anything is deleted"
     assert result.removed == 0
-    ep_b = kernel.endpoints["eni-b"]["ep_id"]
+    ep_b = kernel.endpoints["eni-b"].ep_id
     assert result.live[ep_b] == 3
     assert kernel.run("eni-b", "ingress", uin(53, 4000, dst=addr("198.18.0.20"))) == \
         R.ALLOW_ESTABLISHED
@@ -848,7 +841,7 @@ def test_endpoint_ids_are_reused_and_counters_start_at_zero(kernel, test_devs) -
         eid = f"eni-x{i}"
         kernel.apply(one_interface(device=test_devs[0], ingress=[], others={
             eid: {"groups": ["sg-a"], "ipv4": ["198.18.0.20"], "device": test_devs[1]}}))
-        ep_id = kernel.endpoints[eid]["ep_id"]
+        ep_id = kernel.endpoints[eid].ep_id
         ids.add(ep_id)
         assert sum(kernel.counters(ep_id, "ingress")) == 0, f"bind {i}: counters carried over"
         assert kernel.run(eid, "ingress", tin(5000, 22, dst=addr("198.18.0.20"))) == \
@@ -862,7 +855,7 @@ def test_revalidate_judges_each_connection_by_what_opened_it(kernel, test_devs) 
     nothing: not an echo allowed by a code-specific rule, not a timestamp
     query, not the exchanges with infrastructure services or DHCP. A real
     change cuts exactly what it no longer allows."""
-    from controller import conntrack
+    from controller.kernel import conntrack
 
     def state(timestamp: bool) -> State:
         rules = [{"proto": "icmp", "type": 8, "code": 0, "from": "0.0.0.0/0"},
@@ -881,14 +874,12 @@ def test_revalidate_judges_each_connection_by_what_opened_it(kernel, test_devs) 
     for direction, pkt in opened:
         assert kernel.run("eni-a", direction, pkt) in (R.ALLOW_NEW, R.ALLOW_EXEMPT)
     assert len(conntrack.connections(kernel.dp)) == 5
-    kernel.apply(state(True))
-    assert conntrack.revalidate(kernel.dp, kernel.state) == 0
+    assert kernel.apply(state(True)).cut == 0
     assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 0, 0, ident=1)) == \
         R.ALLOW_ESTABLISHED
     assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 14, 0, ident=2)) == \
         R.ALLOW_ESTABLISHED
-    kernel.apply(state(False))
-    assert conntrack.revalidate(kernel.dp, kernel.state) == 1
+    assert kernel.apply(state(False)).cut == 1, "the reconciler revalidates"
     assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 14, 0, ident=2)) == R.DROP_NO_RULE
     assert kernel.run("eni-a", "egress", icmp(LOCAL, REMOTE, 0, 0, ident=1)) == \
         R.ALLOW_ESTABLISHED
@@ -899,7 +890,7 @@ def test_addresses_follow_the_interface_and_explain_names_the_check(kernel, test
     """An address assigned to the interface becomes a valid source at once,
     and stops being one when it is taken away; `explain` gives the source
     check's reason from the evaluator and from the kernel alike."""
-    from controller.explain import explain
+    from controller.kernel.explain import explain
 
     def state(*v4: str) -> State:
         return one_interface(device=test_devs[0], ingress=[], eni={"ipv4": list(v4)})
@@ -917,12 +908,14 @@ def test_addresses_follow_the_interface_and_explain_names_the_check(kernel, test
     assert kernel.run("eni-a", "ingress", tin(5003, 80, dst=OTHER)) == R.DROP_DST_FOREIGN
     got = explain(kernel.dp, kernel.state, {
         "NetworkInterfaceId": "eni-a", "Direction": "egress", "Protocol": "tcp",
-        "Source": str(OTHER), "Destination": str(REMOTE), "Port": 80})
+        "Source": str(OTHER), "Destination": str(REMOTE), "Port": 80},
+        {e: ep.ifindex for e, ep in kernel.endpoints.items()})
     assert (got["Reason"], got["KernelReason"], got["Agree"]) == (
         "drop_src_spoof", "drop_src_spoof", True)
     got = explain(kernel.dp, kernel.state, {
         "NetworkInterfaceId": "eni-a", "Direction": "egress", "Protocol": "tcp",
-        "Source": str(LOCAL), "Destination": str(REMOTE), "Port": 80})
+        "Source": str(LOCAL), "Destination": str(REMOTE), "Port": 80},
+        {e: ep.ifindex for e, ep in kernel.endpoints.items()})
     assert (got["Reason"], got["KernelReason"]) == ("allow_new", "allow_new")
 
 

@@ -12,17 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from controller.evaluator import (
-    ARP,
-    TCP_ACK,
-    TCP_FIN,
-    TCP_RST,
-    TCP_SYN,
-    Evaluator,
-    Packet,
-    addr,
-)
-from controller.formats import load_document
+from controller.policy.evaluator import ARP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Evaluator, Packet, addr
+from controller.policy.formats import load_document
 from tests.harness import KERNEL_CT_MAX
 
 pytestmark = pytest.mark.kernel

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.flowlog import FlowLogError, parse_format
+from controller.service.flowlog import FlowLogError, parse_format
 from tests.daemonproc import ROOT, DaemonProc, free_port, tcp_perm, udp_exchanges, udp_perm, web_setup
 from tests.harness import unique
 from tests.netns import Instance, Topology, echo_ok, sh

@@ -10,8 +10,8 @@ import socket
 from typing import Any, Iterator, List, Tuple
 
 from controller import abi
-from controller.flowlog import FlowLogConfig, FlowLogger
-from controller.reasons import Reason
+from controller.abi.reasons import Reason
+from controller.service.flowlog import FlowLogConfig, FlowLogger
 
 
 class FakeMap:

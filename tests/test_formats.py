@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.formats import load_document, load_file, load_text
-from controller.formats.native import dump
-from controller.model import EGRESS, INGRESS, Peer, ValidationError
+from controller.policy.formats import load_document, load_file, load_text
+from controller.policy.formats.native import dump
+from controller.policy.model import EGRESS, INGRESS, Peer, ValidationError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -297,7 +297,7 @@ def test_hostile_text_is_refused_before_it_is_built(text, words) -> None:
 
 
 def test_document_size_is_bounded() -> None:
-    from controller.formats.text import MAX_DOCUMENT_BYTES
+    from controller.policy.formats.text import MAX_DOCUMENT_BYTES
 
     with pytest.raises(ValidationError, match="at most"):
         load_text("#" * (MAX_DOCUMENT_BYTES + 1))
@@ -306,6 +306,6 @@ def test_document_size_is_bounded() -> None:
 def test_libyaml_loader_is_used() -> None:
     import yaml
 
-    from controller.formats import text
+    from controller.policy.formats import text
 
     assert text.WITH_LIBYAML == yaml.__with_libyaml__

@@ -24,11 +24,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller import actions
-from controller.actions import ApiError
-from controller.formats import load_document, load_text
-from controller.formats.native import dump
-from controller.model import ValidationError, validate
+from controller.policy import actions
+from controller.policy.actions import ApiError
+from controller.policy.formats import load_document, load_text
+from controller.policy.formats.native import dump
+from controller.policy.model import ValidationError, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("SGCTL_FUZZ_EXAMPLES", "600"))
@@ -41,7 +41,7 @@ SEED_TEMPLATE = (ROOT / "tests" / "data" / "seed-template.yaml").read_text()
 def _docs() -> List[Any]:
     docs = [json.loads((ROOT / "examples" / "aws.json").read_text()),
             yaml.safe_load((ROOT / "examples" / "native.yaml").read_text())]
-    from controller.formats.cfn import parse_text
+    from controller.policy.formats.cfn import parse_text
 
     docs.append(parse_text((ROOT / "examples" / "web-stack.yaml").read_text()))
     docs.append(parse_text(SEED_TEMPLATE))

@@ -9,10 +9,10 @@ from typing import Any, Callable
 
 import pytest
 
-from controller import store as store_mod
-from controller.formats import native
-from controller.model import State
-from controller.store import Store, StoreError
+from controller.kernel import files as files_mod
+from controller.policy.formats import native
+from controller.policy.model import State
+from controller.service.store import Store, StoreError
 from tests.states import one_interface
 
 
@@ -40,7 +40,7 @@ def _crash_after(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
         return inner
 
     for name in ("open", "write", "fsync", "close", "replace"):
-        monkeypatch.setattr(store_mod.os, name, wrap(getattr(os, name)))
+        monkeypatch.setattr(files_mod.os, name, wrap(getattr(os, name)))
 
 
 def test_store_round_trip(tmp_path: Path) -> None:

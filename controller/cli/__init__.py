@@ -1,0 +1,1 @@
+"""The command line: `sgctl` and its subcommands."""

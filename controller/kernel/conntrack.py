@@ -1,0 +1,232 @@
+"""Conntrack maintenance from user space: list, flush, garbage-collect, and
+the allowance figures (DESIGN 2.2, issue 3).
+
+The datapath never evicts a live entry and reuses an expired one only for
+its own key, so expired entries stay until ``gc`` removes them. The clock is
+the datapath's: CLOCK_MONOTONIC seconds (``bpf_ktime_get_coarse_ns``), or the
+frozen test clock in ``sg_config.now_override``.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from controller import abi
+from controller.abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM
+from controller.abi.reasons import Reason
+from controller.kernel.dataplane import Dataplane
+from controller.policy.evaluator import Evaluator
+from controller.policy.model import (
+    EGRESS,
+    INGRESS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    State,
+    Timeouts,
+    protocol_label,
+)
+
+CLOCK_MONOTONIC_COARSE = 6  # <linux/time.h>; the clock of bpf_ktime_get_coarse_ns()
+STATE_NAMES = {CT_NEW: "new", CT_ESTABLISHED: "established", CT_STREAM: "stream",
+               CT_CLOSING: "closing"}
+
+
+def datapath_now(dp: Dataplane) -> int:
+    cfg = dp.map("sg_config").lookup(ct.c_uint32(0))
+    if cfg is not None and cfg.now_override:
+        return int(cfg.now_override)
+    return int(time.clock_gettime(CLOCK_MONOTONIC_COARSE))
+
+
+def timeout_of(t: Timeouts, proto: int, state: int) -> int:
+    """Same choice as ct_timeout() in bpf/lib/conntrack.h."""
+    if proto == PROTO_TCP:
+        if state == CT_NEW:
+            return t.tcp_syn
+        return t.tcp_closing if state == CT_CLOSING else t.tcp_established
+    if proto == PROTO_UDP:
+        return t.udp_stream if state == CT_STREAM else t.udp_other
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
+        return t.icmp
+    return t.other
+
+
+def _timeouts(ep: abi.Endpoint) -> Timeouts:
+    return Timeouts(**{name: int(ep.timeouts[i]) for i, name in enumerate(abi.TO_NAMES)})
+
+
+def endpoint_timeouts(dp: Dataplane) -> Dict[int, Tuple[int, Timeouts]]:
+    """ep_id -> (ifindex, timeouts), from the endpoints map itself."""
+    return {int(ep.ep_id): (int(k.value), _timeouts(ep))  # type: ignore[attr-defined]
+            for k, ep in dp.map("sg_endpoints").items()}
+
+
+@dataclass
+class Connection:
+    ep_id: int
+    ifindex: int
+    proto: int
+    local: str
+    lport: int
+    remote: str
+    rport: int
+    state: str
+    origin: str  # which side opened it: "ingress" (remote) or "egress" (local)
+    idle: int  # seconds since the last packet
+    timeout: int
+    rule_index: int
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "protocol": protocol_label(self.proto)}
+
+
+def _addr(words: object, family: int) -> str:
+    return str(ipaddress.ip_address(abi.words_bytes(words, family)))  # type: ignore[arg-type]
+
+
+def connections(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> List[Connection]:
+    eps = endpoint_timeouts(dp)
+    want = None if ep_ids is None else set(ep_ids)
+    now = datapath_now(dp)
+    out = []
+    for k, e in dp.map("sg_conntrack").batch_items():
+        if want is not None and k.ep_id not in want:
+            continue
+        idx, t = eps.get(k.ep_id, (0, Timeouts()))
+        out.append(Connection(
+            ep_id=k.ep_id, ifindex=idx, proto=k.proto, local=_addr(k.local, k.family),
+            lport=socket.ntohs(k.lport), remote=_addr(k.remote, k.family),
+            rport=socket.ntohs(k.rport),
+            state=STATE_NAMES.get(e.state, str(e.state)),
+            origin="ingress" if e.origin == abi.DIR_INGRESS else "egress",
+            idle=max(0, now - e.last_seen), timeout=timeout_of(t, k.proto, e.state),
+            rule_index=e.rule_index))
+    return out
+
+
+def _delete(dp: Dataplane, doomed: List[Tuple[abi.CtKey, abi.CtEntry]]) -> int:
+    """Delete entries (one BPF_MAP_DELETE_BATCH); ``dp.retire`` (the flow
+    logger, when there is one) sees their last values first."""
+    if dp.retire is not None and doomed:
+        dp.retire(doomed)
+    return dp.map("sg_conntrack").delete_many([k for k, _ in doomed])
+
+
+def flush(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> int:
+    """Delete the entries of ``ep_ids`` (all when None)."""
+    want = None if ep_ids is None else set(ep_ids)
+    return _delete(dp, [(k, e) for k, e in dp.map("sg_conntrack").batch_items()
+                        if want is None or k.ep_id in want])
+
+
+def cut_foreign(dp: Dataplane, own: Dict[int, set]) -> int:
+    """Delete the connections of source-checked endpoints (ep_id -> their
+    own addresses, packed) whose local address is not one of them: an
+    address the interface lost, or connections opened while its check was
+    off. Their packets skip the check (it was made when they opened)."""
+    return _delete(dp, [(k, e) for k, e in dp.map("sg_conntrack").batch_items()
+                        if k.ep_id in own and not e.flags & abi.CT_F_DHCP
+                        and abi.words_bytes(k.local, k.family) not in own[k.ep_id]])
+
+
+@dataclass
+class GcResult:
+    scanned: int
+    removed: int
+    live: Dict[int, int]  # ep_id -> live entries
+    seconds: float
+
+
+def gc(dp: Dataplane) -> GcResult:
+    """Delete expired entries and entries of endpoints that no longer exist.
+
+    An entry is re-read just before it is deleted, and kept if the datapath
+    refreshed it in between; the window left is one map lookup long. The
+    endpoints are read again after the scan (which takes seconds at 1M
+    entries): an interface bound meanwhile owns its entries, they are not
+    orphans."""
+    start = time.monotonic()
+    m = dp.map("sg_conntrack")
+    eps = endpoint_timeouts(dp)
+    now = datapath_now(dp)
+    live: Dict[int, int] = {}
+    doomed = []
+    scanned = 0
+    for k, e in m.batch_items():
+        scanned += 1
+        ep = eps.get(k.ep_id)
+        if ep is not None and not _expired(ep[1], k, e, now):
+            live[k.ep_id] = live.get(k.ep_id, 0) + 1
+        else:
+            doomed.append(k)
+    if doomed:
+        eps = endpoint_timeouts(dp)  # after the scan: bound since it started count too
+    dead = []
+    for k in doomed:
+        e = m.lookup(k)
+        if e is None:
+            continue
+        ep = eps.get(k.ep_id)
+        if ep is not None and not _expired(ep[1], k, e, now):
+            live[k.ep_id] = live.get(k.ep_id, 0) + 1
+            continue
+        dead.append((k, e))
+    return GcResult(scanned, _delete(dp, dead), live, time.monotonic() - start)
+
+
+def revalidate(dp: Dataplane, state: State, bound: Dict[int, str]) -> int:
+    """DESIGN 1.4's option: on interfaces with ``revalidate``, delete the
+    tracked connections that ``state`` (just enforced) would not let open.
+    The reference evaluator judges each connection's first packet, rebuilt
+    from its key and, for ICMP, the type and code that opened it;
+    connections alike in all the rules look at (interface, direction,
+    protocol, remote address, rule port or type/code) share one answer.
+    Connections opened by exempt traffic (infrastructure services, DHCP)
+    are not the rules' to cut. ``bound``: endpoint id -> interface."""
+    eps = {ep_id: eni for ep_id, eni in bound.items()
+           if eni in state.interfaces and state.interfaces[eni].revalidate}
+    if not eps:
+        return 0
+    ev = Evaluator(state)
+    seen: Dict[tuple, bool] = {}
+    doomed = []
+    for k, e in dp.map("sg_conntrack").batch_items():
+        eni = eps.get(k.ep_id)
+        if eni is None or e.flags & abi.CT_F_EXEMPT:
+            continue
+        origin = INGRESS if e.origin == abi.DIR_INGRESS else EGRESS
+        key = (eni, int(k.family), int(k.proto), ipaddress.ip_address(abi.words_bytes(k.local, k.family)),
+               ipaddress.ip_address(abi.words_bytes(k.remote, k.family)), socket.ntohs(k.lport),
+               socket.ntohs(k.rport))
+        icmp = (int(e.icmp_type), int(e.icmp_code)) if k.proto in (PROTO_ICMP, PROTO_ICMPV6) \
+            else (0, 0)
+        rule_port = key[5] if origin == INGRESS else key[6]
+        memo = (eni, origin, key[2], key[4], rule_port, icmp)
+        if memo not in seen:
+            seen[memo] = ev.would_open(key, origin, *icmp)  # type: ignore[arg-type]
+        if not seen[memo]:
+            doomed.append((k, e))
+    return _delete(dp, doomed)
+
+
+def _expired(t: Timeouts, k: abi.CtKey, e: abi.CtEntry, now: int) -> bool:
+    return now > e.last_seen and now - e.last_seen > timeout_of(t, k.proto, e.state)
+
+
+def allowance(dp: Dataplane, live: Dict[int, int], ep_id: int,
+              counters: Dict[Tuple[str, str], Tuple[int, int]]) -> Dict[str, int]:
+    """AWS-named figures for one interface. The table is shared by all
+    interfaces of the host, so ``available`` is what is left of it;
+    ``exceeded`` counts this interface's packets dropped because it was full
+    (``counters``: its endpoint_counters, already read by the caller)."""
+    exceeded = sum(p for (_, r), (p, _) in counters.items() if r == Reason.DROP_CT_FULL.label)
+    return {"conntrack_entries": live.get(ep_id, 0),
+            "conntrack_allowance_available": max(0, dp.ct_max - sum(live.values())),
+            "conntrack_allowance_exceeded": exceeded}

@@ -1,0 +1,91 @@
+"""The per-CPU counter arrays: verdicts per (endpoint, direction, reason)
+(``sg_verdicts``), hits per rule number (``sg_rule_hits``) and flow-log skips
+per endpoint (``sg_flow_skips``). ``verdict_index`` is the one Python copy of
+bpf/lib/counters.h's index formula (drift-tested against the datapath)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+from typing import Dict, Iterable, List, Tuple
+
+from controller import abi
+from controller.abi.reasons import Reason
+from controller.kernel.dataplane import Dataplane
+
+
+def counter_slot(ep_id: int) -> int:
+    """Endpoint ids beyond the slots share slot 0 ("other")."""
+    return ep_id if ep_id < abi.COUNTER_SLOTS else 0
+
+
+def verdict_index(ep_id: int, direction: int, reason: int) -> int:
+    """sg_verdicts index of (endpoint, direction, reason), as counters.h."""
+    return (counter_slot(ep_id) * 2 + (direction & 1)) * abi.REASON_MAX + \
+        (reason & (abi.REASON_MAX - 1))
+
+
+def reset_counters(dp: Dataplane, ep_id: int) -> None:
+    """A reused endpoint id starts its counter slot at zero, so two
+    interfaces' counts never merge."""
+    if not 0 < ep_id < abi.COUNTER_SLOTS:
+        return
+    verdicts, skips = dp.map("sg_verdicts"), dp.map("sg_flow_skips")
+    for i in range(verdict_index(ep_id, 0, 0), verdict_index(ep_id, 1, abi.REASON_MAX - 1) + 1):
+        verdicts.update(ct.c_uint32(i), (abi.Counter * verdicts.ncpu)())
+    skips.update(ct.c_uint32(ep_id), (ct.c_uint64 * skips.ncpu)())
+
+
+def reset_rule_hits(dp: Dataplane, numbers: Iterable[int]) -> None:
+    """A reused rule number starts its new rule's counters at zero."""
+    hits = dp.map("sg_rule_hits")
+    for num in numbers:
+        hits.update(ct.c_uint32(num), (abi.RuleHit * hits.ncpu)())
+
+
+def rule_hits(dp: Dataplane, number: int) -> Tuple[int, int, int]:
+    """(packets, bytes, last hit in datapath seconds) of one rule number."""
+    if not 0 < number < abi.RULE_SLOTS:
+        return 0, 0, 0
+    vals = dp.map("sg_rule_hits").lookup(ct.c_uint32(number))
+    if vals is None:
+        return 0, 0, 0
+    return (sum(v.packets for v in vals), sum(v.bytes for v in vals),  # type: ignore[attr-defined]
+            max(v.last_seen for v in vals))  # type: ignore[attr-defined]
+
+
+def rule_hit_table(dp: Dataplane, upto: int) -> List[Tuple[int, int, int]]:
+    """(packets, bytes, last hit) of rule numbers 0..upto, in batch lookups."""
+    vals = dp.map("sg_rule_hits").array_range(0, min(upto + 1, abi.RULE_SLOTS))
+    return [(sum(v.packets for v in cpus), sum(v.bytes for v in cpus),
+             max(v.last_seen for v in cpus)) for cpus in vals]
+
+
+def reason_packets(dp: Dataplane, ep_id: int, direction: str) -> List[int]:
+    """Packets per reason number (all REASON_MAX slots) of one endpoint and
+    direction, summed over CPUs: a before/after pair tells which reason a
+    test-run packet got."""
+    m = dp.map("sg_verdicts")
+    d = abi.DIR_INGRESS if direction == "ingress" else abi.DIR_EGRESS
+    out = []
+    for r in range(abi.REASON_MAX):
+        vals = m.lookup(ct.c_uint32(verdict_index(ep_id, d, r)))
+        out.append(sum(v.packets for v in vals) if vals is not None else 0)  # type: ignore
+    return out
+
+
+def endpoint_counters(dp: Dataplane, ep_id: int) -> Dict[Tuple[str, str], Tuple[int, int]]:
+    """(direction, reason) -> (packets, bytes) summed over CPUs."""
+    out = {}
+    first = verdict_index(ep_id, 0, 0)
+    # both directions' reasons are adjacent: one batch lookup
+    vals = dp.map("sg_verdicts").array_range(first, 2 * abi.REASON_MAX)
+    for d, dname in ((abi.DIR_INGRESS, "ingress"), (abi.DIR_EGRESS, "egress")):
+        for r in Reason:
+            i = verdict_index(ep_id, d, r.value) - first
+            if i >= len(vals):
+                continue
+            pk = sum(v.packets for v in vals[i])
+            by = sum(v.bytes for v in vals[i])
+            if pk:
+                out[(dname, r.label)] = (pk, by)
+    return out

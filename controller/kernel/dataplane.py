@@ -1,0 +1,240 @@
+"""The kernel handle: build and load the programs with bcc, keep them and
+their maps pinned, open the maps, and the RCU grace periods that order
+policy writes (the reconciler decides what to write; see
+controller/reconcile)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from controller import abi
+from controller.kernel import bpfsys
+from controller.kernel.policymaps import PolicyMaps
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+DEFAULT_PIN_DIR = "/sys/fs/bpf/sgctl"
+DEFAULT_STATE_DIR = "/var/lib/sgctl"
+log = logging.getLogger("sgctl")
+
+
+class DataplaneError(RuntimeError):
+    pass
+
+
+def program_source() -> str:
+    """bpf/sgctl.c with its local includes inlined (bcc rewrites one file)."""
+    seen: set = set()
+
+    def expand(path: Path) -> str:
+        out = [f'#line 1 "{path.relative_to(BPF_DIR)}"']
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            m = re.match(r'#include "([^"]+)"', line.strip())
+            if m:
+                inc = (path.parent / m.group(1)).resolve()
+                if inc not in seen:
+                    seen.add(inc)
+                    out.append(expand(inc))
+                out.append(f'#line {n + 1} "{path.relative_to(BPF_DIR)}"')
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    return expand(BPF_DIR / "sgctl.c")
+
+
+@dataclass
+class Programs:
+    xdp_fd: int
+    tc_fd: int
+    tag: str
+
+
+@dataclass
+class Written:
+    """What this process wrote to the kernel, so that repeated converges
+    touch only what changed (a new process starts empty and reads back)."""
+
+    policies: PolicyMaps  # classification maps: classes and images
+    attached: Dict[int, str] = field(default_factory=dict)  # ifindex -> program tag there
+    endpoints: Dict[int, bytes] = field(default_factory=dict)  # ifindex -> endpoint value
+    local: Optional[Dict[bytes, abi.LocalKey]] = None  # sg_local_addrs keys (None: not read)
+
+
+class Dataplane:
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, ct_max: int = 1 << 20) -> None:
+        self.pin_dir = pin_dir
+        self.ct_max = ct_max
+        self._maps: Dict[str, bpfsys.Map] = {}
+        self._progs: Optional[Programs] = None
+        self.written = Written(PolicyMaps(self.map))  # what this process wrote
+        # sees conntrack entries before anything deletes them (the flow logger)
+        self.retire: Optional[Callable[[List[Tuple[Any, Any]]], None]] = None
+        # Grace periods (see quiesce): a barrier started after the last switch,
+        # and whether one has completed since it
+        self._rcu: Optional[bpfsys.RcuBarrier] = None
+        self._grace: Optional[threading.Thread] = None
+        self._quiet = False
+
+    # ------------------------------------------------------------ programs
+
+    def cflags(self) -> List[str]:
+        # SGCTL_EXTRA_CFLAGS: for developers and the upgrade test (a different
+        # build of the same code, replaced on the hooks while the maps stay)
+        return [f'-DSG_PIN_DIR="{self.pin_dir}"', f"-DSG_CT_MAX={self.ct_max}",
+                "-Wno-unused-function", *os.environ.get("SGCTL_EXTRA_CFLAGS", "").split()]
+
+    def source_tag(self) -> str:
+        h = hashlib.sha256(program_source().encode() + " ".join(self.cflags()).encode())
+        return h.hexdigest()[:12]
+
+    def ensure_bpffs(self) -> None:
+        if not os.path.ismount("/sys/fs/bpf"):
+            os.makedirs("/sys/fs/bpf", exist_ok=True)
+            if os.system("mount -t bpf bpf /sys/fs/bpf") != 0:
+                raise DataplaneError("/sys/fs/bpf is not a bpffs mount and mounting it failed")
+        os.makedirs(self.pin_dir, exist_ok=True)
+
+    def programs(self) -> Programs:
+        """Load (compile only when the code changed) and pin both programs."""
+        if self._progs is not None:
+            return self._progs
+        self.ensure_bpffs()
+        tag = self.source_tag()
+        xdp_pin = f"{self.pin_dir}/prog_xdp_{tag}"
+        tc_pin = f"{self.pin_dir}/prog_tc_{tag}"
+        if os.path.exists(xdp_pin) and os.path.exists(tc_pin):
+            self._progs = Programs(bpfsys.obj_get(xdp_pin), bpfsys.obj_get(tc_pin), tag)
+            return self._progs
+        from bcc import BPF  # imported late: only needed to compile
+
+        self.drop_changed_maps()
+        try:
+            b = BPF(text=program_source().encode(), cflags=self.cflags())
+            xdp = b.load_func(b"xdp_sg", BPF.XDP)
+            tc = b.load_func(b"tc_sg", BPF.SCHED_CLS)
+        except Exception as exc:  # bcc raises plain Exception on compile/verify errors
+            raise DataplaneError(f"loading the BPF programs failed: {exc}") from exc
+        for fd, pin in ((xdp.fd, xdp_pin), (tc.fd, tc_pin)):
+            if os.path.exists(pin):
+                os.unlink(pin)
+            bpfsys.obj_pin(fd, pin)
+        self._progs = Programs(os.dup(xdp.fd), os.dup(tc.fd), tag)
+        self._bcc = b  # keep alive while this object lives
+        return self._progs
+
+    def drop_changed_maps(self) -> None:
+        """Before a build: a pinned map whose key or value size differs from
+        this version's layout cannot be shared with it. Its pin goes (the
+        programs still attached keep using it until they are replaced) and
+        the build creates the new layout; its content is lost, said loudly."""
+        for name, (key_t, val_t) in abi.MAPS.items():
+            path = f"{self.pin_dir}/{name}"
+            if not os.path.exists(path):
+                continue
+            with bpfsys.Map(path, key_t, val_t) as m:
+                have = m.sizes
+            want = (ct.sizeof(key_t), ct.sizeof(val_t))
+            if have != want:
+                log.warning("map %s changed layout (key/value %s -> %s bytes): starting it "
+                            "empty", name, have, want)
+                os.unlink(path)
+
+    def map(self, name: str) -> bpfsys.Map:
+        if name not in self._maps:
+            path = f"{self.pin_dir}/{name}"
+            if not os.path.exists(path):
+                self.programs()  # creates the pinned maps
+            key_t, val_t = abi.MAPS[name]
+            self._maps[name] = bpfsys.Map(path, key_t, val_t, name in abi.PERCPU_MAPS)
+        return self._maps[name]
+
+    # ------------------------------------------------------------ grace periods
+
+    def _barrier(self) -> None:
+        if self._rcu is None:
+            self._rcu = bpfsys.RcuBarrier()
+        self._rcu.wait()
+        self._quiet = True
+
+    def switched(self) -> None:
+        """Endpoints now name other policies: start a grace period in the
+        background (call_rcu-like), so the next change rarely waits."""
+        if self._grace is not None:  # at most one running; it is done or nearly
+            self._grace.join()
+        self._quiet = False
+        self._grace = threading.Thread(target=self._barrier, name="sgctl-rcu", daemon=True)
+        self._grace.start()
+
+    def quiesce(self) -> None:
+        """Return once no program run that read an endpoint value before the
+        last switch can still be running: before a change overwrites the
+        image a switch left (the inactive one) or deletes a policy that was
+        active. A packet that read the old endpoint value could otherwise
+        still be in its lookups of that image."""
+        if self._grace is not None:
+            self._grace.join()
+            self._grace = None
+        if not self._quiet:  # a new process: the last switch was another's
+            self._barrier()
+
+    def close(self) -> None:
+        self.quiesce()
+        if self._rcu is not None:
+            self._rcu.close()
+            self._rcu = None
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        if self._progs is not None:
+            os.close(self._progs.xdp_fd)
+            os.close(self._progs.tc_fd)
+            self._progs = None
+
+    def prog_tag(self) -> Optional[str]:
+        return self._progs.tag if self._progs is not None else None
+
+    def unpin_old_programs(self, tag: str) -> None:
+        """After an upgrade every device runs the new programs: drop the old
+        programs' pins, and maps the new layout no longer has."""
+        for name in os.listdir(self.pin_dir):
+            old_prog = name.startswith("prog_") and not name.endswith("_" + tag)
+            old_map = name.startswith("sg_") and name not in abi.MAPS and name not in abi.RING_MAPS
+            if old_prog or old_map:
+                os.unlink(os.path.join(self.pin_dir, name))
+
+    def known_prog_ids(self, recorded: List[int]) -> Set[int]:
+        """Program ids that are ours to replace or detach: ``recorded`` (by an
+        earlier process) and this process's."""
+        ids = set(recorded)
+        if self._progs is not None:
+            ids |= {bpfsys.prog_id(self._progs.xdp_fd), bpfsys.prog_id(self._progs.tc_fd)}
+        return ids
+
+    def set_config(self, mask: int, flags: int, **fields: int) -> None:
+        """Change the ``mask`` bits of sg_config.flags to ``flags`` and set
+        ``fields``; everything else in the config stays as it is."""
+        m = self.map("sg_config")
+        cfg = m.lookup(ct.c_uint32(0)) or abi.Config()
+        cfg.flags = (cfg.flags & ~mask) | flags  # type: ignore[attr-defined]
+        for name, value in fields.items():
+            setattr(cfg, name, value)
+        m.update(ct.c_uint32(0), cfg)
+
+    def set_clock(self, now: int) -> None:
+        """Tests: freeze the datapath clock at ``now`` seconds (0 = real clock)."""
+        self.set_config(0, 0, now_override=now)
+
+    def remove_pins(self) -> None:
+        """Close everything and remove the pin directory (``sgctl reset``)."""
+        self.close()
+        shutil.rmtree(self.pin_dir, ignore_errors=True)
+        self.written = Written(PolicyMaps(self.map))

@@ -1,0 +1,75 @@
+"""Writers of the per-device maps: ``sg_endpoints`` (one value per bound
+device: its policy, mode, address id, timeouts), ``sg_local_addrs`` (the
+addresses each endpoint owns) and ``sg_exempt_lpm`` (infrastructure services
+and DHCP servers). Each writes only what differs from what this process
+wrote last (``Dataplane.written``)."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from typing import Dict, Set, Tuple
+
+from controller import abi
+from controller.kernel import netlink
+from controller.kernel.dataplane import Dataplane
+
+
+def write_endpoint(dp: Dataplane, idx: int, val: abi.Endpoint) -> bool:
+    """Point device ``idx`` at its endpoint value (one map update: the
+    policy switch). False when that value is already there."""
+    raw = bytes(val)
+    if dp.written.endpoints.get(idx) == raw:
+        return False
+    dp.map("sg_endpoints").update(ct.c_uint32(idx), val)
+    dp.written.endpoints[idx] = raw
+    return True
+
+
+def kernel_endpoints(dp: Dataplane) -> Dict[int, abi.Endpoint]:
+    """ifindex -> endpoint value, as the kernel holds them (none before the
+    first load)."""
+    if not os.path.exists(f"{dp.pin_dir}/sg_endpoints"):
+        return {}
+    return {int(k.value): v for k, v in dp.map("sg_endpoints").items()}  # type: ignore[attr-defined]
+
+
+def unbind(dp: Dataplane, idx: int, ours: Set[int]) -> None:
+    """Detach our programs from a device and forget its endpoint."""
+    netlink.detach(idx, ours)
+    dp.map("sg_endpoints").delete(ct.c_uint32(idx))
+    dp.written.attached.pop(idx, None)
+    dp.written.endpoints.pop(idx, None)
+
+
+def _local_have(dp: Dataplane) -> Dict[bytes, abi.LocalKey]:
+    if dp.written.local is None:
+        dp.written.local = {bytes(k): k for k in dp.map("sg_local_addrs").keys()}
+    return dp.written.local
+
+
+def add_local(dp: Dataplane, want: Dict[bytes, abi.LocalKey]) -> None:
+    """Before the endpoints switch: the addresses they will check."""
+    have, m = _local_have(dp), dp.map("sg_local_addrs")
+    for raw, key in want.items():
+        if raw not in have:
+            m.update(key, ct.c_uint8(1))
+            have[raw] = key
+
+
+def remove_local(dp: Dataplane, want: Dict[bytes, abi.LocalKey]) -> None:
+    """After the switch: addresses no interface has any more."""
+    have, m = _local_have(dp), dp.map("sg_local_addrs")
+    for raw in [r for r in have if r not in want]:
+        m.delete(have.pop(raw))
+
+
+def sync_exempt(dp: Dataplane, want: Dict[bytes, Tuple[abi.ExemptKey, int]], flags: int) -> None:
+    """Make sg_exempt_lpm hold exactly ``want`` and set the DHCP flags."""
+    m = dp.map("sg_exempt_lpm")
+    for old in m.keys():
+        if bytes(old) not in want:
+            m.delete(old)
+    for key, bits in want.values():
+        m.update(key, ct.c_uint8(bits))
+    dp.set_config(abi.CFG_EXEMPT_DHCP | abi.CFG_DHCP_SERVERS, flags)

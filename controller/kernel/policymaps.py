@@ -1,0 +1,201 @@
+"""The classification maps as the dataplane writes them (bpf/lib/types.h):
+``sg_plens``, ``sg_peers``, ``sg_ports`` and the ``sg_ports_lpm`` overflow.
+
+- *Classes* are content-addressed and shared by every policy: a class id
+  stands for one set of (rule, protocol, ports) forever, so identical rule
+  sets are written once and a change writes only the classes it creates.
+- *Images*: each group set has two policy ids. The endpoints use the active
+  one; a change writes only its difference from the inactive one (which
+  holds the version before last) into it, then the endpoints switch to it in
+  one update each (DESIGN 2.3) and the old active becomes the inactive.
+  A packet that read the endpoint before the switch may still be in its
+  lookups of the old image, so the next change writes into it (and a
+  change deletes a policy that was active) only after an RCU grace period
+  (``Dataplane.quiesce``; started in the background at each switch).
+- A new process does not know the images and classes it finds in the maps:
+  it keeps them until the policies using them are replaced, then removes
+  them by scanning.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import socket
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+from controller import abi
+from controller.kernel import bpfsys
+from controller.policy.compiler import (
+    SEGS_INLINE,
+    ClassKey,
+    PeerKey,
+    Policy,
+    class_segments,
+    range_to_prefixes,
+)
+
+PlensKeyT = Tuple[int, int]  # (dir index, family)
+
+
+@dataclass
+class Image:
+    """What one policy id holds in the maps."""
+
+    peers: Dict[PeerKey, int] = field(default_factory=dict)  # -> class id
+    plens: Dict[PlensKeyT, Tuple[int, ...]] = field(default_factory=dict)
+    top16: Dict[PlensKeyT, bytes] = field(default_factory=dict)  # 8 KiB bitmaps
+    world: Dict[PlensKeyT, int] = field(default_factory=dict)  # -> world class id
+
+    def classes(self) -> Set[int]:
+        return set(self.peers.values()) | set(self.world.values())
+
+
+def _mask_words(family: int, plen: int) -> ct.Array[ct.c_uint32]:
+    bits = 32 if family == 4 else 128
+    mask = ((1 << plen) - 1) << (bits - plen) if plen else 0
+    return abi.addr_words(mask.to_bytes(bits // 8, "big"))
+
+
+def set_top16(bits: bytearray, family: int, plen: int, net: int) -> None:
+    """Mark the values of the top 16 address bits that prefix ``net/plen`` covers
+    (bit b = byte b>>3, bit b&7: the little-endian __u64 words of the C side)."""
+    if plen == 0:
+        bits[:] = b"\xff" * len(bits)
+        return
+    top = net >> ((32 if family == 4 else 128) - 16)
+    for b in range(top, top + (1 << (16 - min(plen, 16)))):
+        bits[b >> 3] |= 1 << (b & 7)
+
+
+def top16_bitmaps(pol: Policy) -> Dict[PlensKeyT, bytes]:
+    """Per (dir, family): which values of an address's top 16 bits some
+    prefix (or exempt address) covers -- the datapath's first, cheapest test."""
+    maps = {k: bytearray(abi.TOP16_WORDS * 8) for k in pol.plens}
+    exempt = [(d, fam, plen, net) for d, fam in pol.plens for fam2, plen, net in pol.exempt
+              if fam2 == fam]
+    for (d, family, plen, net) in [*pol.peers, *exempt]:
+        bits = maps.get((d, family))
+        if bits is not None:
+            set_top16(bits, family, plen, net)
+    return {k: bytes(v) for k, v in maps.items()}
+
+
+def _peer_key(pid: int, k: PeerKey) -> abi.PeerKey:
+    d, family, plen, net = k
+    raw = net.to_bytes(4 if family == 4 else 16, "big")
+    return abi.PeerKey(policy_id=pid, dir=d, family=family, plen=plen, addr=abi.addr_words(raw))
+
+
+class PolicyMaps:
+    def __init__(self, map_of: Callable[[str], bpfsys.Map]) -> None:
+        self.map_of = map_of
+        self.classes: Dict[ClassKey, int] = {}
+        self.class_keys: Dict[int, Tuple[List[int], List[abi.PortKey]]] = {}
+        self.images: Dict[int, Image] = {}
+        self.foreign: Optional[Set[int]] = None  # class ids found at start
+        self.next_class = 1
+
+    def start(self, next_class: int) -> None:
+        """Once per process: learn which class ids the maps already use."""
+        if self.foreign is not None:
+            return
+        self.foreign = {k.cls for k in self.map_of("sg_ports").keys()}  # type: ignore[attr-defined]
+        self.next_class = max([next_class, *[c + 1 for c in self.foreign]])
+
+    # ------------------------------------------------------------ classes
+
+    def intern(self, content: ClassKey) -> int:
+        cls = self.classes.get(content)
+        if cls is not None:
+            return cls
+        cls = self.next_class
+        self.next_class += 1
+        protos, lpm_keys = [], []
+        keys, vals = [], []
+        lpm = self.map_of("sg_ports_lpm")
+        for proto, segs in class_segments(content).items():
+            val = abi.Ports()
+            if len(segs) <= SEGS_INLINE:
+                val.n = len(segs)
+                for i, (lo, hi, idx, flags) in enumerate(segs):
+                    val.seg[i] = abi.Seg(lo=lo, hi=hi, rule_index=idx, flags=flags)
+            else:
+                val.n = abi.SEGS_LPM
+                for lo, hi, idx, flags in segs:
+                    for port, plen in range_to_prefixes(lo, hi):
+                        k = abi.PortKey(prefixlen=48 + plen, cls=cls, proto=proto,
+                                        port=socket.htons(port))
+                        lpm.update(k, abi.PortVal(rule_index=idx, flags=flags))
+                        lpm_keys.append(k)
+            keys.append(abi.PortsKey(cls=cls, proto=proto))
+            vals.append(val)
+            protos.append(proto)
+        self.map_of("sg_ports").update_batch(keys, vals)
+        self.classes[content] = cls
+        self.class_keys[cls] = (protos, lpm_keys)
+        return cls
+
+    def image_of(self, pol: Policy) -> Image:
+        return Image(peers={k: self.intern(c) for k, c in pol.peers.items()},
+                     plens=dict(pol.plens), top16=top16_bitmaps(pol),
+                     world={k: self.intern(c) for k, c in pol.world.items()})
+
+    # ------------------------------------------------------------ images
+
+    def write(self, pid: int, new: Image, old: Optional[Image]) -> int:
+        """Make policy id ``pid`` hold ``new``; ``old`` is what it holds now
+        (None: nothing). Returns the number of map entries written or deleted."""
+        old = old or Image()
+        peers, plens = self.map_of("sg_peers"), self.map_of("sg_plens")
+        up = [(k, c) for k, c in new.peers.items() if old.peers.get(k) != c]
+        gone = [k for k in old.peers if k not in new.peers]
+        peers.update_batch([_peer_key(pid, k) for k, _ in up], [ct.c_uint32(c) for _, c in up])
+        peers.delete_many([_peer_key(pid, k) for k in gone])
+        for (d, family), lens in new.plens.items():
+            bitmap = new.top16[(d, family)]
+            if old.plens.get((d, family)) != lens or old.top16.get((d, family)) != bitmap:
+                val = abi.Plens(n=len(lens))
+                for i, plen in enumerate(lens):
+                    val.len[i] = abi.Plen(mask=_mask_words(family, plen), plen=plen)
+                ct.memmove(ct.addressof(val.top16), bitmap, len(bitmap))
+                plens.update(abi.PlensKey(policy_id=pid, dir=d, family=family), val)
+        for d, family in old.plens:
+            if (d, family) not in new.plens:
+                plens.delete(abi.PlensKey(policy_id=pid, dir=d, family=family))
+        self.images[pid] = new
+        return len(up) + len(gone)
+
+    def delete_policy(self, pid: int) -> None:
+        img = self.images.pop(pid, None)
+        if img is not None:
+            self.write(pid, Image(), img)
+            self.images.pop(pid, None)
+            return
+        for name in ("sg_peers", "sg_plens"):  # an id of an earlier process: scan
+            m = self.map_of(name)
+            m.delete_many([k for k in m.keys() if k.policy_id == pid])  # type: ignore[attr-defined]
+
+    def gc_classes(self, unknown_policies: bool) -> int:
+        """Delete classes no image uses. Classes found at start are kept while
+        a policy of an earlier process (whose classes we do not know) lives."""
+        live: Set[int] = set()
+        for img in self.images.values():
+            live |= img.classes()
+        dead = [c for c in self.class_keys if c not in live]
+        ports, lpm = self.map_of("sg_ports"), self.map_of("sg_ports_lpm")
+        for cls in dead:
+            protos, lpm_keys = self.class_keys.pop(cls)
+            ports.delete_many([abi.PortsKey(cls=cls, proto=p) for p in protos])
+            for k in lpm_keys:
+                lpm.delete(k)
+        self.classes = {k: c for k, c in self.classes.items() if c in self.class_keys}
+        if self.foreign and not unknown_policies:
+            old = self.foreign - live
+            ports.delete_many([k for k in ports.keys() if k.cls in old])  # type: ignore[attr-defined]
+            for k in lpm.keys():
+                if k.cls in old:  # type: ignore[attr-defined]
+                    lpm.delete(k)
+            self.foreign = set()
+            return len(dead) + len(old)
+        return len(dead)

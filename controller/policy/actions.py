@@ -1,0 +1,661 @@
+"""The EC2-shaped actions of the API, as pure functions on a State.
+
+Each mutating action changes a *copy* of the state (the daemon validates the
+copy and only then makes it current), so every call is all-or-nothing.
+Errors carry EC2's error codes (``InvalidPermission.Duplicate``,
+``InvalidGroup.NotFound``, ...). Request and response shapes follow the EC2
+API's JSON names (``GroupId``, ``IpPermissions``, ``SecurityGroupRules``...).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from controller.policy.formats import aws
+from controller.policy.model import (
+    DEFAULT_GROUP_NAME,
+    EGRESS,
+    INGRESS,
+    PROTO_ALL,
+    NetworkInterface,
+    Peer,
+    PrefixList,
+    PrefixListEntry,
+    Rule,
+    SecurityGroup,
+    State,
+    ValidationError,
+    check_id,
+    default_egress,
+    make_rule,
+    parse_address,
+    parse_bool,
+    parse_cidr,
+    protocol_label,
+)
+
+Params = Dict[str, Any]
+Result = Dict[str, Any]
+
+
+class ApiError(Exception):
+    """An EC2-style error: ``code`` is the EC2 error code."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(9)[:17]}"
+
+
+# --------------------------------------------------------------------------- params
+
+
+def _required(p: Params, key: str) -> Any:
+    if p.get(key) is None:
+        raise ApiError("MissingParameter", f"The request must contain the parameter {key}")
+    return p[key]
+
+
+def _list_param(p: Params, key: str) -> List[Any]:
+    val = p.get(key)
+    if val is None:
+        return []
+    if not isinstance(val, list):
+        raise ApiError("InvalidParameterValue", f"{key} must be a list")
+    return val
+
+
+def _names(p: Params, key: str) -> List[str]:
+    """A list of ids or names: strings only."""
+    out = _list_param(p, key)
+    for i, v in enumerate(out):
+        if not isinstance(v, str):
+            raise ApiError("InvalidParameterValue", f"{key}[{i}] {v!r} is not a string")
+    return out
+
+
+def _str_param(p: Params, key: str, default: str = "") -> str:
+    val = p.get(key, default)
+    if val is None:
+        return default
+    if not isinstance(val, str):
+        raise ApiError("InvalidParameterValue", f"{key} must be a string")
+    return val
+
+
+def _tags(p: Params, resource: str) -> Dict[str, str]:
+    """``TagSpecifications`` for one resource type (plus a plain ``Tags`` list)."""
+    tags: Dict[str, str] = {}
+    for spec in _list_param(p, "TagSpecifications"):
+        if not isinstance(spec, dict):
+            raise ApiError("InvalidParameterValue", "TagSpecifications items must be objects")
+        if spec.get("ResourceType", resource) != resource:
+            raise ApiError("InvalidParameterValue",
+                           f"TagSpecifications: ResourceType must be {resource}")
+        tags.update(aws.tags_of(spec.get("Tags"), resource, "TagSpecifications.Tags"))
+    tags.update(aws.tags_of(p.get("Tags"), resource))
+    return tags
+
+
+def _filters(p: Params) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    for f in _list_param(p, "Filters"):
+        if not isinstance(f, dict) or not isinstance(f.get("Name"), str):
+            raise ApiError("InvalidParameterValue", "Filters items must be {Name, Values}")
+        values = f.get("Values") or []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ApiError("InvalidParameterValue", f"filter {f['Name']}: Values must be strings")
+        out[f["Name"]] = values
+    return out
+
+
+# --------------------------------------------------------------------------- lookups
+
+
+def _key(value: Any, what: str) -> str:
+    """An id or name to look up: a string, never a list or a number."""
+    if not isinstance(value, str):
+        raise ApiError("InvalidParameterValue", f"{what} {value!r} is not a string")
+    return value
+
+
+def find_group(state: State, p: Params) -> SecurityGroup:
+    gid, name = p.get("GroupId"), p.get("GroupName")
+    gid = None if gid is None else _key(gid, "GroupId")
+    name = None if name is None else _key(name, "GroupName")
+    if gid is not None:
+        if gid not in state.groups:
+            raise ApiError("InvalidGroup.NotFound", f"The security group '{gid}' does not exist")
+        return state.groups[gid]
+    if name is not None:
+        for g in state.groups.values():
+            if g.name == name:
+                return g
+        raise ApiError("InvalidGroup.NotFound", f"The security group '{name}' does not exist")
+    raise ApiError("MissingParameter", "The request must contain the parameter GroupId or GroupName")
+
+
+def find_prefix_list(state: State, plid: Any) -> PrefixList:
+    if _key(plid, "PrefixListId") not in state.prefix_lists:
+        raise ApiError("InvalidPrefixListID.NotFound", f"The prefix list ID '{plid}' does not exist")
+    return state.prefix_lists[plid]
+
+
+def find_interface(state: State, eid: Any) -> NetworkInterface:
+    if _key(eid, "NetworkInterfaceId") not in state.interfaces:
+        raise ApiError("InvalidNetworkInterfaceID.NotFound",
+                       f"The networkInterface ID '{eid}' does not exist")
+    return state.interfaces[eid]
+
+
+def _check_references(state: State, rules: Iterable[Rule]) -> None:
+    for r in rules:
+        if r.peer.kind == "sg" and r.peer.value not in state.groups:
+            raise ApiError("InvalidGroup.NotFound",
+                           f"The security group '{r.peer.value}' does not exist")
+        if r.peer.kind == "pl" and r.peer.value not in state.prefix_lists:
+            raise ApiError("InvalidPrefixListID.NotFound",
+                           f"The prefix list ID '{r.peer.value}' does not exist")
+
+
+# --------------------------------------------------------------------------- describe shapes
+
+
+def rule_shape(r: Rule) -> Result:
+    """A rule as ``DescribeSecurityGroupRules`` prints it."""
+    out: Result = {"SecurityGroupRuleId": r.rule_id, "GroupId": r.group_id,
+                   "IsEgress": r.direction == EGRESS,
+                   "IpProtocol": "-1" if r.protocol == PROTO_ALL else protocol_label(r.protocol),
+                   "FromPort": r.from_port, "ToPort": r.to_port}
+    if r.peer.kind == "cidr":
+        out["CidrIpv4" if r.peer.network.version == 4 else "CidrIpv6"] = r.peer.value
+    elif r.peer.kind == "pl":
+        out["PrefixListId"] = r.peer.value
+    else:
+        out["ReferencedGroupInfo"] = {"GroupId": r.peer.value}
+    if r.description:
+        out["Description"] = r.description
+    return out
+
+
+def permissions_shape(rules: Iterable[Rule]) -> List[Result]:
+    """Rules -> ``IpPermissions`` (rules with the same protocol/ports share one)."""
+    perms: Dict[Tuple[int, int, int], Result] = {}
+    for r in rules:
+        key = (r.protocol, r.from_port, r.to_port)
+        if key not in perms:
+            perm: Result = {"IpProtocol": "-1" if r.protocol == PROTO_ALL
+                            else protocol_label(r.protocol),
+                            "IpRanges": [], "Ipv6Ranges": [], "PrefixListIds": [],
+                            "UserIdGroupPairs": []}
+            if r.protocol != PROTO_ALL:
+                perm["FromPort"], perm["ToPort"] = r.from_port, r.to_port
+            perms[key] = perm
+        perm = perms[key]
+        desc = {"Description": r.description} if r.description else {}
+        if r.peer.kind == "cidr" and r.peer.network.version == 4:
+            perm["IpRanges"].append({"CidrIp": r.peer.value, **desc})
+        elif r.peer.kind == "cidr":
+            perm["Ipv6Ranges"].append({"CidrIpv6": r.peer.value, **desc})
+        elif r.peer.kind == "pl":
+            perm["PrefixListIds"].append({"PrefixListId": r.peer.value, **desc})
+        else:
+            perm["UserIdGroupPairs"].append({"GroupId": r.peer.value, **desc})
+    return list(perms.values())
+
+
+def _tag_list(tags: Dict[str, str]) -> List[Result]:
+    return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+
+
+def group_shape(g: SecurityGroup) -> Result:
+    return {"GroupId": g.group_id, "GroupName": g.name, "Description": g.description,
+            "IpPermissions": permissions_shape(g.rules_in(INGRESS)),
+            "IpPermissionsEgress": permissions_shape(g.rules_in(EGRESS)),
+            "Tags": _tag_list(g.tags)}
+
+
+def prefix_list_shape(p: PrefixList) -> Result:
+    return {"PrefixListId": p.prefix_list_id, "PrefixListName": p.name,
+            "AddressFamily": f"IPv{p.family}", "MaxEntries": p.max_entries,
+            "Version": p.version, "State": "create-complete"}
+
+
+def interface_shape(e: NetworkInterface) -> Result:
+    tags = dict(e.tags)
+    if e.device:
+        tags["host-interface"] = e.device
+        tags["host-interface-mode"] = e.mode
+    if e.watch_addresses:
+        tags["host-interface-addresses"] = "watch"
+    if e.revalidate:
+        tags["host-interface-revalidate"] = "true"
+    t = e.timeouts
+    ll = e.link_local()
+    return {"NetworkInterfaceId": e.eni_id, "Description": e.description,
+            "Groups": [{"GroupId": g} for g in e.groups],
+            "PrivateIpAddress": str(e.ipv4[0]) if e.ipv4 else None,
+            "PrivateIpAddresses": [{"PrivateIpAddress": str(a), "Primary": i == 0}
+                                   for i, a in enumerate(e.ipv4)],
+            "Ipv6Addresses": [{"Ipv6Address": str(a)} for a in e.ipv6],
+            "SourceDestCheck": e.source_dest_check, "MacAddress": e.mac_address,
+            "Ipv6LinkLocalAddress": str(ll) if ll is not None else None,
+            "ConnectionTrackingConfiguration": {"TcpEstablishedTimeout": t.tcp_established,
+                                                "UdpStreamTimeout": t.udp_stream,
+                                                "UdpTimeout": t.udp_other},
+            "TagSet": _tag_list(tags)}
+
+
+# --------------------------------------------------------------------------- security groups
+
+
+def create_security_group(state: State, p: Params) -> Result:
+    name = _str_param(p, "GroupName")
+    if not name:
+        raise ApiError("MissingParameter", "The request must contain the parameter GroupName")
+    if name == DEFAULT_GROUP_NAME:
+        raise ApiError("InvalidParameterValue",
+                       f"Cannot use reserved security group name: {DEFAULT_GROUP_NAME}")
+    if len(name) > 255 or name.startswith("sg-"):
+        raise ApiError("InvalidParameterValue",
+                       f"Invalid value '{name}' for GroupName: at most 255 characters, "
+                       "not starting with sg-")
+    desc = _str_param(p, "Description")
+    if not desc:
+        raise ApiError("MissingParameter", "The request must contain the parameter Description")
+    if any(g.name == name for g in state.groups.values()):
+        raise ApiError("InvalidGroup.Duplicate", f"The security group '{name}' already exists")
+    gid = new_id("sg")
+    state.groups[gid] = SecurityGroup(gid, name, desc, _tags(p, "security-group"),
+                                      default_egress(gid, state.uses_ipv6()))
+    return {"GroupId": gid}
+
+
+def delete_security_group(state: State, p: Params) -> Result:
+    g = find_group(state, p)
+    if g.name == DEFAULT_GROUP_NAME:
+        raise ApiError("CannotDelete", f"the default group {g.group_id} cannot be deleted")
+    users = [e.eni_id for e in state.interfaces.values() if g.group_id in e.groups]
+    if users:
+        raise ApiError("DependencyViolation",
+                       f"resource {g.group_id} has a dependent object: {', '.join(users)}")
+    refs = sorted({r.group_id for other in state.groups.values() if other is not g
+                   for r in other.rules if r.peer == Peer("sg", g.group_id)})
+    if refs:
+        raise ApiError("DependencyViolation",
+                       f"resource {g.group_id} is referenced by {', '.join(refs)}")
+    del state.groups[g.group_id]
+    return {"Return": True, "GroupId": g.group_id}
+
+
+def _permissions(state: State, g: SecurityGroup, direction: str, p: Params) -> List[Rule]:
+    perms = _list_param(p, "IpPermissions")
+    if not perms:
+        raise ApiError("MissingParameter", "The request must contain the parameter IpPermissions")
+    by_name = {x.name: x.group_id for x in state.groups.values()}
+    rules: List[Rule] = []
+    for i, perm in enumerate(perms):
+        rules += aws.permission_rules(g.group_id, direction, perm, f"IpPermissions[{i}]", by_name)
+    return rules
+
+
+def _authorize(direction: str) -> Callable[[State, Params], Result]:
+    def action(state: State, p: Params) -> Result:
+        g = find_group(state, p)
+        new = _permissions(state, g, direction, p)
+        _check_references(state, new)
+        have = {r.identity(): r for r in g.rules}
+        for r in new:
+            if r.identity() in have:
+                raise ApiError("InvalidPermission.Duplicate",
+                               f"the specified rule \"peer: {r.peer}, {protocol_label(r.protocol)} "
+                               f"{r.describe_ports()}, {direction}\" already exists "
+                               f"({have[r.identity()].rule_id})")
+            have[r.identity()] = r
+        g.rules.extend(new)
+        return {"Return": True, "SecurityGroupRules": [rule_shape(r) for r in new]}
+    return action
+
+
+def _revoke(direction: str) -> Callable[[State, Params], Result]:
+    def action(state: State, p: Params) -> Result:
+        g = find_group(state, p)
+        ids = _names(p, "SecurityGroupRuleIds")
+        if ids and p.get("IpPermissions"):
+            raise ApiError("InvalidParameterCombination",
+                           "give IpPermissions or SecurityGroupRuleIds, not both")
+        gone: List[Rule] = []
+        if ids:
+            by_id = {r.rule_id: r for r in g.rules_in(direction)}
+            for rid in ids:
+                if rid not in by_id:
+                    raise ApiError("InvalidSecurityGroupRuleId.NotFound",
+                                   f"The security group rule ID '{rid}' does not exist in "
+                                   f"{g.group_id} {direction}")
+                gone.append(by_id.pop(rid))
+        else:
+            have = {r.identity(): r for r in g.rules}
+            for r in _permissions(state, g, direction, p):
+                if r.identity() not in have:
+                    raise ApiError("InvalidPermission.NotFound",
+                                   f"The specified rule does not exist in this security group: "
+                                   f"{protocol_label(r.protocol)} {r.describe_ports()} "
+                                   f"peer {r.peer} ({direction})")
+                gone.append(have.pop(r.identity()))
+        drop = {r.rule_id for r in gone}
+        g.rules = [r for r in g.rules if r.rule_id not in drop]
+        return {"Return": True, "RevokedSecurityGroupRules": [rule_shape(r) for r in gone]}
+    return action
+
+
+def describe_security_groups(state: State, p: Params) -> Result:
+    groups = list(state.groups.values())
+    for gid in _names(p, "GroupIds"):
+        find_group(state, {"GroupId": gid})
+    for name in _names(p, "GroupNames"):
+        find_group(state, {"GroupName": name})
+    if p.get("GroupIds") or p.get("GroupNames"):
+        ids, names = set(_names(p, "GroupIds")), set(_names(p, "GroupNames"))
+        groups = [g for g in groups if g.group_id in ids or g.name in names]
+    f = _filters(p)
+    if "group-id" in f:
+        groups = [g for g in groups if g.group_id in f["group-id"]]
+    if "group-name" in f:
+        groups = [g for g in groups if g.name in f["group-name"]]
+    return {"SecurityGroups": [group_shape(g) for g in groups]}
+
+
+def _all_rules(state: State) -> List[Rule]:
+    return [r for g in state.groups.values() for r in g.rules]
+
+
+def describe_security_group_rules(state: State, p: Params) -> Result:
+    rules = _all_rules(state)
+    ids = _names(p, "SecurityGroupRuleIds")
+    if ids:
+        known = {r.rule_id for r in rules}
+        for rid in ids:
+            if rid not in known:
+                raise ApiError("InvalidSecurityGroupRuleId.NotFound",
+                               f"The security group rule ID '{rid}' does not exist")
+        rules = [r for r in rules if r.rule_id in ids]
+    f = _filters(p)
+    if "group-id" in f:
+        for gid in f["group-id"]:
+            find_group(state, {"GroupId": gid})
+        rules = [r for r in rules if r.group_id in f["group-id"]]
+    if "security-group-rule-id" in f:
+        rules = [r for r in rules if r.rule_id in f["security-group-rule-id"]]
+    return {"SecurityGroupRules": [rule_shape(r) for r in rules]}
+
+
+def modify_security_group_rules(state: State, p: Params) -> Result:
+    g = find_group(state, {"GroupId": _required(p, "GroupId")})
+    updates = _list_param(p, "SecurityGroupRules")
+    if not updates:
+        raise ApiError("MissingParameter",
+                       "The request must contain the parameter SecurityGroupRules")
+    index = {r.rule_id: i for i, r in enumerate(g.rules)}
+    for n, u in enumerate(updates):
+        obj = f"SecurityGroupRules[{n}]"
+        if not isinstance(u, dict):
+            raise ApiError("InvalidParameterValue", f"{obj} must be an object")
+        rid = u.get("SecurityGroupRuleId")
+        if rid not in index:
+            raise ApiError("InvalidSecurityGroupRuleId.NotFound",
+                           f"The security group rule ID '{rid}' does not exist in {g.group_id}")
+        old = g.rules[index[rid]]
+        spec = u.get("SecurityGroupRule")
+        if not isinstance(spec, dict):
+            raise ApiError("MissingParameter", f"{obj}: SecurityGroupRule is required")
+        peers = [k for k in ("CidrIpv4", "CidrIpv6", "PrefixListId", "ReferencedGroupId")
+                 if spec.get(k) is not None]
+        if len(peers) != 1:
+            raise ApiError("InvalidParameterCombination",
+                           f"{obj}: exactly one of CidrIpv4, CidrIpv6, PrefixListId, "
+                           "ReferencedGroupId is required")
+        key = peers[0]
+        if key in ("CidrIpv4", "CidrIpv6"):
+            peer = Peer.cidr(parse_cidr(spec[key], obj, key, 4 if key == "CidrIpv4" else 6))
+        elif key == "PrefixListId":
+            peer = Peer("pl", check_id("pl", spec[key], obj, key))
+        else:
+            peer = Peer("sg", check_id("sg", spec[key], obj, key))
+        new = make_rule(g.group_id, old.direction, _required(spec, "IpProtocol"),
+                        spec.get("FromPort"), spec.get("ToPort"), peer,
+                        spec.get("Description"), rid, obj=obj)
+        _check_references(state, [new])
+        clash = [r for r in g.rules if r.identity() == new.identity() and r.rule_id != rid]
+        if clash:
+            raise ApiError("InvalidPermission.Duplicate",
+                           f"{obj}: the rule already exists as {clash[0].rule_id}")
+        g.rules[index[rid]] = new
+    return {"Return": True}
+
+
+# --------------------------------------------------------------------------- prefix lists
+
+
+def _entries(items: List[Any], family: int, where: str) -> List[PrefixListEntry]:
+    out = []
+    for i, e in enumerate(items):
+        if not isinstance(e, dict):
+            raise ApiError("InvalidParameterValue", f"{where}[{i}] must be {{Cidr, Description}}")
+        out.append(PrefixListEntry(parse_cidr(e.get("Cidr"), where, f"[{i}].Cidr", family,
+                                              strict=True),
+                                   aws.text_field(e, "Description", f"{where}[{i}]")))
+    return out
+
+
+def _family(p: Params) -> int:
+    fam = _required(p, "AddressFamily")
+    if fam not in ("IPv4", "IPv6"):
+        raise ApiError("InvalidParameterValue",
+                       f"Invalid value '{p['AddressFamily']}' for AddressFamily (IPv4 or IPv6)")
+    return 4 if fam == "IPv4" else 6
+
+
+def _max_entries(p: Params) -> int:
+    m = _required(p, "MaxEntries")
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise ApiError("InvalidParameterValue", f"Invalid value '{m}' for MaxEntries")
+    return m
+
+
+def create_managed_prefix_list(state: State, p: Params) -> Result:
+    name = _str_param(p, "PrefixListName")
+    if not name:
+        raise ApiError("MissingParameter", "The request must contain the parameter PrefixListName")
+    family, max_entries = _family(p), _max_entries(p)
+    entries = _entries(_list_param(p, "Entries"), family, "Entries")
+    plid = new_id("pl")
+    state.prefix_lists[plid] = PrefixList(plid, name, family, max_entries, entries, 1)
+    return {"PrefixList": prefix_list_shape(state.prefix_lists[plid])}
+
+
+def modify_managed_prefix_list(state: State, p: Params) -> Result:
+    pl = find_prefix_list(state, _required(p, "PrefixListId"))
+    cur = p.get("CurrentVersion")
+    if cur is not None and cur != pl.version:
+        raise ApiError("PrefixListVersionMismatch",
+                       f"The prefix list {pl.prefix_list_id} is at version {pl.version}, "
+                       f"not {cur}")
+    if p.get("PrefixListName") is not None:
+        pl.name = _str_param(p, "PrefixListName")
+    if p.get("MaxEntries") is not None:
+        pl.max_entries = _max_entries(p)
+    have = {e.cidr: e for e in pl.entries}
+    for i, e in enumerate(_list_param(p, "RemoveEntries")):
+        cidr = parse_cidr(e.get("Cidr") if isinstance(e, dict) else None, "RemoveEntries",
+                          f"[{i}].Cidr", pl.family)
+        if cidr not in have:
+            raise ApiError("InvalidParameterValue",
+                           f"RemoveEntries[{i}]: {cidr} is not in {pl.prefix_list_id}")
+        del have[cidr]
+    for i, e in enumerate(_entries(_list_param(p, "AddEntries"), pl.family, "AddEntries")):
+        if e.cidr in have:
+            raise ApiError("InvalidParameterValue",
+                           f"AddEntries[{i}]: {e.cidr} is already in {pl.prefix_list_id}")
+        have[e.cidr] = e
+    if len(have) > pl.max_entries:
+        raise ApiError("PrefixListMaxEntriesExceeded",
+                       f"{len(have)} entries exceed MaxEntries {pl.max_entries} of "
+                       f"{pl.prefix_list_id}")
+    pl.entries = list(have.values())
+    pl.version += 1
+    return {"PrefixList": prefix_list_shape(pl)}
+
+
+def delete_managed_prefix_list(state: State, p: Params) -> Result:
+    pl = find_prefix_list(state, _required(p, "PrefixListId"))
+    refs = sorted({r.group_id for r in _all_rules(state)
+                   if r.peer == Peer("pl", pl.prefix_list_id)})
+    if refs:
+        raise ApiError("DependencyViolation",
+                       f"prefix list {pl.prefix_list_id} is referenced by {', '.join(refs)}")
+    del state.prefix_lists[pl.prefix_list_id]
+    return {"PrefixList": {**prefix_list_shape(pl), "State": "delete-complete"}}
+
+
+def describe_managed_prefix_lists(state: State, p: Params) -> Result:
+    ids = _names(p, "PrefixListIds")
+    for plid in ids:
+        find_prefix_list(state, plid)
+    pls = [pl for pl in state.prefix_lists.values() if not ids or pl.prefix_list_id in ids]
+    return {"PrefixLists": [prefix_list_shape(pl) for pl in pls]}
+
+
+def get_managed_prefix_list_entries(state: State, p: Params) -> Result:
+    pl = find_prefix_list(state, _required(p, "PrefixListId"))
+    return {"Entries": [{"Cidr": str(e.cidr), **({"Description": e.description}
+                                                  if e.description else {})}
+                        for e in pl.entries]}
+
+
+# --------------------------------------------------------------------------- interfaces
+
+
+def _groups_param(state: State, p: Params) -> List[str]:
+    groups = _names(p, "Groups")
+    for gid in groups:
+        find_group(state, {"GroupId": gid})
+    return [str(g) for g in groups]
+
+
+def create_network_interface(state: State, p: Params) -> Result:
+    tags = _tags(p, "network-interface")
+    doc = {"NetworkInterfaceId": new_id("eni"), "Description": p.get("Description"),
+           "PrivateIpAddress": p.get("PrivateIpAddress"),
+           "PrivateIpAddresses": p.get("PrivateIpAddresses"),
+           "Ipv6Addresses": p.get("Ipv6Addresses"),
+           "SourceDestCheck": p.get("SourceDestCheck", True), "MacAddress": p.get("MacAddress"),
+           "ConnectionTrackingConfiguration": p.get("ConnectionTrackingSpecification")}
+    eni = aws.interface_from(doc, "CreateNetworkInterface", _groups_param(state, p), tags)
+    eni.tags = {k: v for k, v in tags.items() if not k.startswith("host-interface")}
+    state.interfaces[eni.eni_id] = eni
+    return {"NetworkInterface": interface_shape(eni)}
+
+
+def modify_network_interface_attribute(state: State, p: Params) -> Result:
+    eni = find_interface(state, _required(p, "NetworkInterfaceId"))
+    if p.get("Groups") is not None:
+        eni.groups = _groups_param(state, p)
+    if p.get("ConnectionTrackingSpecification") is not None:
+        cur = eni.timeouts
+        t = aws.tracking_timeouts(p["ConnectionTrackingSpecification"], eni.eni_id)
+        for spec_key, attr in (("TcpEstablishedTimeout", "tcp_established"),
+                               ("UdpStreamTimeout", "udp_stream"), ("UdpTimeout", "udp_other")):
+            if p["ConnectionTrackingSpecification"].get(spec_key) is not None:
+                setattr(cur, attr, getattr(t, attr))
+    if p.get("Description") is not None:
+        d = p["Description"]
+        eni.description = aws.text_field(d if isinstance(d, dict) else {"Value": d}, "Value",
+                                         "Description")
+    if p.get("SourceDestCheck") is not None:  # EC2: {"Value": false}
+        v = p["SourceDestCheck"]
+        eni.source_dest_check = parse_bool(v.get("Value") if isinstance(v, dict) else v,
+                                           eni.eni_id, "SourceDestCheck")
+    return {"Return": True}
+
+
+def delete_network_interface(state: State, p: Params) -> Result:
+    eni = find_interface(state, _required(p, "NetworkInterfaceId"))
+    del state.interfaces[eni.eni_id]
+    return {"Return": True}
+
+
+def describe_network_interfaces(state: State, p: Params) -> Result:
+    ids = _names(p, "NetworkInterfaceIds")
+    for eid in ids:
+        find_interface(state, eid)
+    enis = [e for e in state.interfaces.values() if not ids or e.eni_id in ids]
+    return {"NetworkInterfaces": [interface_shape(e) for e in enis]}
+
+
+def _assign(unassign: bool) -> Callable[[State, Params], Result]:
+    def action(state: State, p: Params) -> Result:
+        eni = find_interface(state, _required(p, "NetworkInterfaceId"))
+        v4 = [parse_address(a, eni.eni_id, "PrivateIpAddresses", 4)
+              for a in _list_param(p, "PrivateIpAddresses")]
+        v6 = [parse_address(a, eni.eni_id, "Ipv6Addresses", 6)
+              for a in _list_param(p, "Ipv6Addresses")]
+        for have, addrs in ((eni.ipv4, v4), (eni.ipv6, v6)):
+            for a in addrs:
+                if unassign and a not in have:
+                    raise ApiError("InvalidParameterValue", f"{a} is not assigned to {eni.eni_id}")
+                if not unassign and a in have:
+                    raise ApiError("InvalidParameterValue",
+                                   f"{a} is already assigned to {eni.eni_id}")
+                if unassign:
+                    have.remove(a)  # type: ignore[arg-type]
+                else:
+                    have.append(a)  # type: ignore[arg-type]
+        return {"Return": True, "NetworkInterfaceId": eni.eni_id}
+    return action
+
+
+# --------------------------------------------------------------------------- table
+
+# name -> (function, mutates)
+ACTIONS: Dict[str, Tuple[Callable[[State, Params], Result], bool]] = {
+    "CreateSecurityGroup": (create_security_group, True),
+    "DeleteSecurityGroup": (delete_security_group, True),
+    "AuthorizeSecurityGroupIngress": (_authorize(INGRESS), True),
+    "AuthorizeSecurityGroupEgress": (_authorize(EGRESS), True),
+    "RevokeSecurityGroupIngress": (_revoke(INGRESS), True),
+    "RevokeSecurityGroupEgress": (_revoke(EGRESS), True),
+    "ModifySecurityGroupRules": (modify_security_group_rules, True),
+    "DescribeSecurityGroups": (describe_security_groups, False),
+    "DescribeSecurityGroupRules": (describe_security_group_rules, False),
+    "CreateManagedPrefixList": (create_managed_prefix_list, True),
+    "ModifyManagedPrefixList": (modify_managed_prefix_list, True),
+    "DeleteManagedPrefixList": (delete_managed_prefix_list, True),
+    "DescribeManagedPrefixLists": (describe_managed_prefix_lists, False),
+    "GetManagedPrefixListEntries": (get_managed_prefix_list_entries, False),
+    "CreateNetworkInterface": (create_network_interface, True),
+    "ModifyNetworkInterfaceAttribute": (modify_network_interface_attribute, True),
+    "DeleteNetworkInterface": (delete_network_interface, True),
+    "DescribeNetworkInterfaces": (describe_network_interfaces, False),
+    "AssignPrivateIpAddresses": (_assign(False), True),
+    "UnassignPrivateIpAddresses": (_assign(True), True),
+}
+
+
+def run(state: State, action: str, params: Optional[Params]) -> Result:
+    """Run one action on ``state`` (a copy, for mutating actions).
+    ValidationError from the formats becomes ``InvalidParameterValue``."""
+    if action not in ACTIONS:
+        raise ApiError("InvalidAction", f"The action {action} is not valid for this web service")
+    if params is not None and not isinstance(params, dict):
+        raise ApiError("InvalidParameterValue", "the request body must be a JSON object")
+    fn, _ = ACTIONS[action]
+    try:
+        return fn(state, params or {})
+    except ValidationError as exc:
+        raise ApiError(exc.code, str(exc)) from None

@@ -1,0 +1,265 @@
+"""The native YAML format (documented in the README).
+
+    sgctl: 1
+    groups:
+      sg-web:
+        name: web
+        ingress:
+          - {proto: tcp, ports: 80-81, from: 0.0.0.0/0, description: http}
+          - {proto: icmp, type: 8, code: -1, from: pl-office}
+        egress: []            # absent = the AWS default (all to 0.0.0.0/0 [, ::/0])
+    prefix_lists:
+      pl-office: {family: ipv4, max_entries: 5, entries: [198.18.5.0/24]}
+    interfaces:
+      eni-web1: {groups: [sg-web], ipv4: [198.18.0.10], device: veth-web1, mode: workload}
+    settings: {exempt: [169.254.169.254/32], exempt_dhcp: true}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from controller.policy.model import (
+    DIRECTIONS,
+    EGRESS,
+    INGRESS,
+    MODE_WORKLOAD,
+    NetworkInterface,
+    Peer,
+    PrefixList,
+    PrefixListEntry,
+    SecurityGroup,
+    Settings,
+    State,
+    Timeouts,
+    ValidationError,
+    check_id,
+    default_egress,
+    make_rule,
+    parse_address,
+    parse_bool,
+    parse_cidr,
+    parse_int,
+    parse_mac,
+)
+
+NATIVE_KEYS = ("sgctl", "groups", "interfaces", "prefix_lists", "settings")
+
+
+def is_native(doc: Any) -> bool:
+    return isinstance(doc, dict) and any(k in doc for k in NATIVE_KEYS)
+
+
+def _map(val: Any, obj: str, key: str) -> Dict[str, Any]:
+    if val is None:
+        return {}
+    if not isinstance(val, dict):
+        raise ValidationError(obj, key, "must be a mapping")
+    return val
+
+
+def _seq(val: Any, obj: str, key: str) -> List[Any]:
+    if val is None:
+        return []
+    if not isinstance(val, list):
+        raise ValidationError(obj, key, "must be a list")
+    return val
+
+
+def _text(d: Dict[str, Any], key: str, obj: str, default: str = "") -> str:
+    val = d.get(key)
+    if val is None:
+        return default
+    if not isinstance(val, str):
+        raise ValidationError(obj, key, f"{val!r} is not a string")
+    return val
+
+
+def _check_keys(d: Dict[str, Any], allowed: Tuple[str, ...], obj: str) -> None:
+    for k in d:
+        if k not in allowed:
+            raise ValidationError(obj, str(k), f"unknown field (allowed: {', '.join(allowed)})")
+
+
+def parse_peer(val: Any, obj: str, key: str) -> Peer:
+    if not isinstance(val, str):
+        raise ValidationError(obj, key, f"{val!r} is not a CIDR, pl- or sg- id")
+    if val.startswith("pl-"):
+        return Peer("pl", check_id("pl", val, obj, key))
+    if val.startswith("sg-"):
+        return Peer("sg", check_id("sg", val, obj, key))
+    return Peer.cidr(parse_cidr(val, obj, key))
+
+
+def parse_ports(spec: Dict[str, Any], obj: str) -> Tuple[Optional[object], Optional[object]]:
+    """``ports: 80`` / ``"80-90"`` / ``all``; or ``type``/``code`` for ICMP."""
+    if "type" in spec or "code" in spec:
+        return spec.get("type", -1), spec.get("code", -1)
+    ports = spec.get("ports")
+    if ports is None:
+        return None, None
+    if isinstance(ports, int) and not isinstance(ports, bool):
+        return ports, ports
+    text = str(ports).strip()
+    if text in ("all", "-1"):
+        return 0, 65535
+    if "-" in text[1:]:
+        lo, hi = text.split("-", 1)
+        return lo.strip(), hi.strip()
+    return text, text
+
+
+_RULE_KEYS = ("proto", "protocol", "ports", "type", "code", "from", "to", "peer", "description", "id")
+
+
+def load(doc: Dict[str, Any]) -> State:
+    _check_keys(doc, NATIVE_KEYS, "document")
+    if doc.get("sgctl", 1) != 1:
+        raise ValidationError("document", "sgctl", f"unknown format version {doc['sgctl']!r}")
+    state = State()
+    sets = _map(doc.get("settings"), "settings", "settings")
+    _check_keys(sets, ("exempt", "exempt_dhcp", "dhcp_servers", "exempt_force",
+                       "max_groups_per_interface", "max_rules_per_interface"), "settings")
+    settings = Settings()
+    if "exempt" in sets:
+        settings.exempt = [parse_cidr(c, "settings", f"exempt[{i}]")
+                           for i, c in enumerate(_seq(sets["exempt"], "settings", "exempt"))]
+    if "exempt_dhcp" in sets:
+        settings.exempt_dhcp = parse_bool(sets["exempt_dhcp"], "settings", "exempt_dhcp")
+    if "dhcp_servers" in sets:
+        servers = sets["dhcp_servers"] or []
+        if not isinstance(servers, list):
+            raise ValidationError("settings", "dhcp_servers", "must be a list of addresses/CIDRs")
+        settings.dhcp_servers = [parse_cidr(c, "settings", f"dhcp_servers[{i}]")
+                                 for i, c in enumerate(servers)]
+    if "exempt_force" in sets:
+        settings.exempt_force = parse_bool(sets["exempt_force"], "settings", "exempt_force")
+    for k in ("max_groups_per_interface", "max_rules_per_interface"):
+        if k in sets:
+            if not isinstance(sets[k], int) or isinstance(sets[k], bool) or sets[k] < 1:
+                raise ValidationError("settings", k, f"{sets[k]!r} must be a positive integer")
+            setattr(settings, k, sets[k])
+    state.settings = settings
+
+    for plid, p in _map(doc.get("prefix_lists"), "document", "prefix_lists").items():
+        check_id("pl", plid, str(plid), "id")
+        p = _map(p, plid, "prefix list")
+        _check_keys(p, ("name", "family", "max_entries", "entries", "version"), plid)
+        fam = {"ipv4": 4, "ipv6": 6, 4: 4, 6: 6}.get(p.get("family", "ipv4"), 0) \
+            if isinstance(p.get("family", "ipv4"), (str, int)) else 0
+        if not fam:
+            raise ValidationError(plid, "family", f"{p.get('family')!r} is not ipv4 or ipv6")
+        entries = []
+        for j, e in enumerate(_seq(p.get("entries"), plid, "entries")):
+            if isinstance(e, dict):
+                _check_keys(e, ("cidr", "description"), f"{plid} entries[{j}]")
+                entries.append(PrefixListEntry(parse_cidr(e.get("cidr"), plid, f"entries[{j}]"),
+                                               _text(e, "description", plid)))
+            else:
+                entries.append(PrefixListEntry(parse_cidr(e, plid, f"entries[{j}]")))
+        state.prefix_lists[plid] = PrefixList(
+            plid, _text(p, "name", plid, plid), fam,
+            parse_int(p.get("max_entries", max(len(entries), 1)), plid, "max_entries"),
+            entries, parse_int(p.get("version", 1), plid, "version"))
+
+    ifaces = _map(doc.get("interfaces"), "document", "interfaces")
+    for eid, e in ifaces.items():
+        check_id("eni", eid, str(eid), "id")
+        e = _map(e, eid, "interface")
+        _check_keys(e, ("groups", "ipv4", "ipv6", "device", "mode", "timeouts", "description",
+                       "watch_addresses", "revalidate", "source_dest_check", "mac_address"), eid)
+        t = _map(e.get("timeouts"), eid, "timeouts")
+        _check_keys(t, tuple(Timeouts.__dataclass_fields__), f"{eid} timeouts")
+        groups = _seq(e.get("groups"), eid, "groups")
+        state.interfaces[eid] = NetworkInterface(
+            eni_id=eid,
+            groups=[check_id("sg", g, eid, f"groups[{i}]") for i, g in enumerate(groups)],
+            ipv4=[parse_address(a, eid, f"ipv4[{i}]", 4)  # type: ignore[misc]
+                  for i, a in enumerate(_seq(e.get("ipv4"), eid, "ipv4"))],
+            ipv6=[parse_address(a, eid, f"ipv6[{i}]", 6)  # type: ignore[misc]
+                  for i, a in enumerate(_seq(e.get("ipv6"), eid, "ipv6"))],
+            timeouts=Timeouts(**t),
+            device=None if e.get("device") is None else _text(e, "device", eid),
+            mode=_text(e, "mode", eid, MODE_WORKLOAD),
+            description=_text(e, "description", eid),
+            watch_addresses=parse_bool(e.get("watch_addresses", False), eid, "watch_addresses"),
+            revalidate=parse_bool(e.get("revalidate", False), eid, "revalidate"),
+            source_dest_check=parse_bool(e.get("source_dest_check", True), eid,
+                                         "source_dest_check"),
+            mac_address=None if e.get("mac_address") is None else parse_mac(
+                e["mac_address"], eid, "mac_address"))
+
+    ipv6 = state.uses_ipv6()
+    for gid, g in _map(doc.get("groups"), "document", "groups").items():
+        check_id("sg", gid, str(gid), "id")
+        g = _map(g, gid, "group")
+        _check_keys(g, ("name", "description", "tags", "ingress", "egress"), gid)
+        tags = _map(g.get("tags"), gid, "tags")
+        if not all(isinstance(v, str) for v in tags.values()):
+            raise ValidationError(gid, "tags", "tag values must be strings")
+        group = SecurityGroup(gid, _text(g, "name", gid, gid), _text(g, "description", gid),
+                              {str(k): v for k, v in tags.items()})
+        for direction in DIRECTIONS:
+            specs = g.get(direction)
+            if specs is None:
+                if direction == EGRESS:
+                    group.rules.extend(default_egress(gid, ipv6))
+                continue
+            if not isinstance(specs, list):
+                raise ValidationError(gid, direction, "must be a list of rules")
+            peer_key = "from" if direction == INGRESS else "to"
+            for i, spec in enumerate(specs):
+                where = f"{gid} {direction}[{i}]"
+                spec = _map(spec, where, "rule")
+                _check_keys(spec, _RULE_KEYS, where)
+                peer_val = spec.get(peer_key, spec.get("peer"))
+                if peer_val is None:
+                    raise ValidationError(where, peer_key, "required (a CIDR, pl- or sg- id)")
+                lo, hi = parse_ports(spec, where)
+                proto = spec.get("proto", spec.get("protocol"))
+                if proto is None:
+                    raise ValidationError(where, "proto", "required")
+                group.rules.append(make_rule(gid, direction, proto, lo, hi,
+                                             parse_peer(peer_val, where, peer_key),
+                                             spec.get("description"), spec.get("id"), obj=where))
+        state.groups[gid] = group
+    return state
+
+
+def dump(state: State) -> Dict[str, Any]:
+    """State -> native document (used by ``sgctl status -o yaml`` and tests)."""
+    out: Dict[str, Any] = {"sgctl": 1, "groups": {}, "prefix_lists": {}, "interfaces": {}}
+    for gid, g in state.groups.items():
+        d: Dict[str, Any] = {"name": g.name, "description": g.description,
+                             "ingress": [], "egress": []}
+        for r in g.rules:
+            spec: Dict[str, Any] = {"proto": r.protocol, "id": r.rule_id}
+            if r.has_ports:
+                spec["ports"] = f"{r.from_port}-{r.to_port}"
+            elif r.has_type_code:
+                spec["type"], spec["code"] = r.from_port, r.to_port
+            spec["from" if r.direction == INGRESS else "to"] = r.peer.value
+            if r.description:
+                spec["description"] = r.description
+            d[r.direction].append(spec)
+        out["groups"][gid] = d
+    for plid, p in state.prefix_lists.items():
+        out["prefix_lists"][plid] = {"name": p.name, "family": f"ipv{p.family}",
+                                     "max_entries": p.max_entries, "version": p.version,
+                                     "entries": [{"cidr": str(e.cidr), "description": e.description}
+                                                 for e in p.entries]}
+    for eid, e in state.interfaces.items():
+        out["interfaces"][eid] = {
+            "groups": list(e.groups), "ipv4": [str(a) for a in e.ipv4],
+            "ipv6": [str(a) for a in e.ipv6], "device": e.device, "mode": e.mode,
+            "timeouts": dict(vars(e.timeouts)), "description": e.description,
+            "watch_addresses": e.watch_addresses, "revalidate": e.revalidate,
+            "source_dest_check": e.source_dest_check, "mac_address": e.mac_address}
+    out["settings"] = {"exempt": [str(c) for c in state.settings.exempt],
+                       "exempt_dhcp": state.settings.exempt_dhcp,
+                       "dhcp_servers": [str(c) for c in state.settings.dhcp_servers],
+                       "exempt_force": state.settings.exempt_force,
+                       "max_groups_per_interface": state.settings.max_groups_per_interface,
+                       "max_rules_per_interface": state.settings.max_rules_per_interface}
+    return out
+

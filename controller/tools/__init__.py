@@ -1,0 +1,1 @@
+"""Tools apart from the product: the demo and the benchmark suite."""

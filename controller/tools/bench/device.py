@@ -1,0 +1,228 @@
+"""Packets per second through a device (DESIGN 4), and TCP under a flood.
+
+A generator XDP program returning XDP_TX is run with
+BPF_F_TEST_XDP_LIVE_FRAMES on veth end A (root namespace): every run sends
+one real frame out of A into its peer B, which sits in a namespace and is
+the device under test. B carries one of:
+
+- ``xdp_drop`` / ``xdp_pass``: a bare program (the physical limit here);
+- ``sgctl``: sgctl's XDP program, B bound in host mode with N ingress rules;
+- ``iptables``: an XDP_PASS stub (veth needs one to take XDP frames), then
+  the INPUT chain: conntrack ESTABLISHED accept, N rules, drop;
+- ``nftables``: the same stub, then an inet table with conntrack, the N
+  rules as one interval set of (address . port range), drop.
+
+The processed rate is what B's filter counted divided by the generator's
+wall time. Everything lives in its own namespace, veth pair and pins, and is
+removed at the end; no address outside 198.18.0.0/15 is used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket as so
+import tempfile
+import time
+from typing import Any, Dict, List
+
+from pyroute2 import NetNS
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from controller import abi
+from controller.kernel import bpfsys
+from controller.kernel.conntrack import datapath_now
+from controller.kernel.counters import endpoint_counters
+from controller.kernel.dataplane import Dataplane
+from controller.policy.formats import load_document
+from controller.reconcile.converge import Reconciler
+from controller.reconcile.plan import Device
+from controller.tools.bench.rulesets import iptables_rules, nft_elements, nft_rules, rules, sh
+
+RX_IP, TX_IP = "198.18.5.2", "198.18.5.1"
+FLOOD_SRC = "198.19.200.1"  # no rule mentions it
+XDP_DRV = 4
+
+BARE = """
+BPF_PERCPU_ARRAY(cnt, u64, 1);
+int xdp_drop(struct xdp_md *ctx) { int k = 0; u64 *v = cnt.lookup(&k); if (v) (*v)++;
+                                   return XDP_DROP; }
+int xdp_pass(struct xdp_md *ctx) { int k = 0; u64 *v = cnt.lookup(&k); if (v) (*v)++;
+                                   return XDP_PASS; }
+int xdp_tx(struct xdp_md *ctx) { return XDP_TX; }
+"""
+
+
+class DeviceBench:
+    def __init__(self) -> None:
+        from bcc import BPF
+
+        tag = f"{os.getpid() % 100000}"
+        self.ns, self.a, self.b = f"sgdv{tag}", f"sgdva{tag}", f"sgdvb{tag}"
+        self.tmp = tempfile.mkdtemp(prefix="sgctl-dev-")
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "link", "add", self.a, "type", "veth", "peer", "name", self.b)
+        self.b_idx = int(open(f"/sys/class/net/{self.b}/ifindex").read())
+        sh("ip", "link", "set", self.b, "netns", self.ns)
+        ex = ("ip", "netns", "exec", self.ns)
+        sh(*ex, "ip", "link", "set", "lo", "up")
+        sh(*ex, "ip", "addr", "add", f"{RX_IP}/24", "dev", self.b)
+        sh(*ex, "ip", "link", "set", self.b, "up")
+        sh("ip", "addr", "add", f"{TX_IP}/24", "dev", self.a)
+        sh("ip", "link", "set", self.a, "up")
+        with NetNS(self.ns) as n:
+            found = n.link_lookup(ifname=self.b)
+            assert found and found[0] == self.b_idx, "ifindex changed with the namespace"
+            self.b_mac = n.get_links(self.b_idx)[0].get_attr("IFLA_ADDRESS")
+        self.a_idx = int(open(f"/sys/class/net/{self.a}/ifindex").read())
+        self.bare = BPF(text=BARE)
+        self.fns = {n: self.bare.load_func(n.encode(), BPF.XDP)
+                    for n in ("xdp_drop", "xdp_pass", "xdp_tx")}
+        self.dp = Dataplane(pin_dir=f"/sys/fs/bpf/sgdv{tag}", ct_max=1 << 16)
+        self.rc = Reconciler(self.dp, self.tmp)
+        self.rules: List[Dict[str, Any]] = []
+
+    # ------------------------------------------------------------ B's filter
+
+    def set_xdp(self, fd: int) -> None:
+        with NetNS(self.ns) as n:
+            n.link("set", index=self.b_idx, xdp={"attrs": [("IFLA_XDP_FD", fd),
+                                                           ("IFLA_XDP_FLAGS", XDP_DRV)]})
+
+    def clear_filters(self) -> None:
+        self.set_xdp(-1)
+        sh("ip", "netns", "exec", self.ns, "iptables", "-F", "INPUT", check=False)
+        sh("ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", "sgbench",
+           check=False)
+        sh("ip", "netns", "exec", self.ns, "conntrack", "-F", check=False)
+
+    def use(self, kind: str, n_rules: int = 10) -> float:
+        """Install filter ``kind`` on B; returns seconds it took to load the rules."""
+        self.clear_filters()
+        self.rules = rules(n_rules)
+        start = time.monotonic()
+        if kind in ("xdp_drop", "xdp_pass"):
+            self._zero_bare()
+            self.set_xdp(self.fns[kind].fd)
+        elif kind == "sgctl":
+            self._bind_sgctl(n_rules)
+            self.set_xdp(self.dp.programs().xdp_fd)
+        elif kind == "iptables":
+            sh("ip", "netns", "exec", self.ns, "iptables-restore", "--noflush",
+               inp=iptables_rules(self.rules, self.b))
+            self.set_xdp(self.fns["xdp_pass"].fd)
+        elif kind == "nftables":
+            ex = ("ip", "netns", "exec", self.ns, "nft", "-f", "-")
+            sh(*ex, inp=nft_rules(self.b))
+            for cmd in nft_elements(self.rules, self.b):
+                sh(*ex, inp=cmd)
+            self.set_xdp(self.fns["xdp_pass"].fd)
+        else:
+            raise ValueError(kind)
+        return time.monotonic() - start
+
+    def _bind_sgctl(self, n_rules: int) -> None:
+        """The device is in another namespace, where the reconciler cannot
+        look it up: it is handed the device instead (the bench attaches)."""
+        state = load_document({"sgctl": 1, "groups": {"sg-b": {"name": "b",
+                                                               "ingress": self.rules}},
+                               "interfaces": {"eni-b": {"groups": ["sg-b"], "ipv4": [RX_IP],
+                                                        "device": self.b, "mode": "host"}}})
+        self.rc.converge(state, attach=False,
+                         host={self.b: Device(self.b_idx, abi.ARPHRD_ETHER)})
+        ep = self.rc.applied().endpoints["eni-b"]
+        assert ep.ep_id == 1, ep  # counted() reads endpoint 1's counters
+
+    def _zero_bare(self) -> None:
+        t = self.bare["cnt"]
+        t[t.Key(0)] = t.Leaf(*([0] * len(t[t.Key(0)])))  # type: ignore[misc]
+
+    def counted(self, kind: str, what: str) -> int:
+        """Packets B's filter handled (``what``: denied or allowed)."""
+        if kind in ("xdp_drop", "xdp_pass"):
+            t = self.bare["cnt"]
+            return int(sum(t[t.Key(0)]))  # type: ignore[arg-type]
+        if kind == "sgctl":
+
+            c = endpoint_counters(self.dp, 1)
+            key = "drop_no_rule" if what == "denied" else "allow_established"
+            return c.get(("ingress", key), (0, 0))[0]
+        if kind == "iptables":
+            out = sh("ip", "netns", "exec", self.ns, "iptables", "-L", "INPUT", "-v", "-x", "-n").stdout
+            rows = [ln.split() for ln in out.splitlines()[2:] if ln.strip()]
+            row = rows[-1] if what == "denied" else rows[0]
+            return int(row[0])
+        out = sh("ip", "netns", "exec", self.ns, "nft", "list", "chain", "inet", "sgbench",
+                 "input").stdout
+        counts = [int(ln.split("packets")[1].split()[0]) for ln in out.splitlines()
+                  if "counter packets" in ln]
+        return counts[-1] if what == "denied" else counts[0]
+
+    # ------------------------------------------------------------ traffic
+
+    def frame(self, what: str) -> bytes:
+        if what == "denied":
+            pkt = IP(src=FLOOD_SRC, dst=RX_IP) / TCP(sport=40000, dport=5, flags="S")
+        else:  # a UDP reply of a flow B opened (tracked by whichever filter is on)
+            pkt = IP(src=TX_IP, dst=RX_IP) / UDP(sport=7, dport=33333)
+        return bytes(Ether(dst=self.b_mac) / pkt / (b"\0" * 18))
+
+    def open_flow(self, kind: str) -> None:
+        """B sends one datagram to A's port 7 so the flood is its replies.
+        (sgctl's tc program is not attached in B's namespace, and test runs
+        resolve ifindexes in ours: the flow's entry is written as the tc
+        program would have written it.)"""
+        if kind == "sgctl":
+
+            k = abi.CtKey(ep_id=1, family=4, proto=17, lport=so.htons(33333), rport=so.htons(7))
+            k.local = abi.addr_words(so.inet_aton(RX_IP))
+            k.remote = abi.addr_words(so.inet_aton(TX_IP))
+            self.dp.map("sg_conntrack").update(k, abi.CtEntry(
+                last_seen=datapath_now(self.dp), state=abi.CT_STREAM, origin=abi.DIR_EGRESS))
+            return
+        sh("ip", "netns", "exec", self.ns, "python3", "-c",
+           "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+           f"s.bind(('{RX_IP}', 33333)); s.sendto(b'x', ('{TX_IP}', 7))")
+        time.sleep(0.05)
+
+    def rate(self, kind: str, what: str, packets: int) -> float:
+        """Packets/s B's filter processed while the generator sent ``packets``."""
+        if what == "allowed":
+            self.open_flow(kind)
+        before = self.counted(kind, what)
+        start = time.monotonic()
+        bpfsys.test_run(self.fns["xdp_tx"].fd, self.frame(what), self.a_idx, True,
+                        repeat=packets, live=True)
+        elapsed = time.monotonic() - start
+        time.sleep(0.05)
+        return (self.counted(kind, what) - before) / elapsed
+
+    def close(self) -> None:
+        try:
+            self.clear_filters()
+        finally:
+            self.rc.reset()
+            sh("ip", "link", "del", self.a, check=False)
+            sh("ip", "netns", "del", self.ns, check=False)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def run(packets: int, sizes: List[int]) -> Dict[str, Any]:
+    b = DeviceBench()
+    out: Dict[str, Any] = {"packets": packets, "rates": []}
+    try:
+        for kind in ("xdp_drop", "xdp_pass"):
+            b.use(kind)
+            what = "denied" if kind == "xdp_drop" else "allowed"
+            out["rates"].append({"filter": kind, "rules": 0, "traffic": what,
+                                 "pps": b.rate(kind, what, packets)})
+        for n in sizes:
+            for kind in ("sgctl", "iptables", "nftables"):
+                b.use(kind, n)
+                for what in ("denied", "allowed"):
+                    out["rates"].append({"filter": kind, "rules": n, "traffic": what,
+                                         "pps": b.rate(kind, what, packets)})
+    finally:
+        b.close()
+    return out
