@@ -1,8 +1,8 @@
 /* sgctl datapath: AWS security groups at XDP (receive) and tc egress.
  *
- * One code path for both hooks (DESIGN 2.1): the hook and the endpoint's
+ * One code path for both hooks: the hook and the endpoint's
  * mode give the direction, sg_verdict() decides. The verdict follows
- * DESIGN 1.3 step by step; controller/evaluator.py is the same logic in
+ * The verdict step by step; controller/policy/evaluator.py is the same logic in
  * Python and the two are tested against each other. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -74,7 +74,7 @@ static __always_inline int sg_exempt_open(struct sg_endpoint *ep, struct sg_ct_k
 	return SG_ALLOW_EXEMPT;
 }
 
-/* DESIGN 1.3 for one parsed IP packet (fragments handled by the caller). */
+/* The verdict of one parsed IP packet (fragments handled by the caller). */
 static __always_inline int sg_decide(struct sg_endpoint *ep, struct sg_config *cfg, __u8 dir,
 				     struct sg_scratch *s)
 {

@@ -12,7 +12,7 @@ from controller.kernel.counters import reason_packets
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.frames import frame
 from controller.policy.evaluator import Packet
-from controller.policy.model import EGRESS, INGRESS, MODE_HOST, State
+from controller.policy.model import INGRESS, MODE_HOST, State
 from controller.reconcile.applied import EndpointRecord
 from controller.reconcile.converge import Converged, Reconciler
 
@@ -48,7 +48,8 @@ class KernelRunner:
         """True = XDP. workload: XDP sees egress; host: XDP sees ingress."""
         assert self.state is not None
         host = self.state.interfaces[eni_id].mode == MODE_HOST
-        return (direction == INGRESS) if host else (direction == EGRESS)
+        return abi.hook_is_xdp(abi.MODE_HOST if host else abi.MODE_WORKLOAD,
+                               abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS)
 
     def counters(self, ep_id: int, direction: str) -> list:
         return reason_packets(self.dp, ep_id, direction)

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from controller.policy.actions import ApiError
+from controller.policy.errors import ApiError
 from controller.policy.formats import native
 from controller.service.api import Client
 from controller.service.daemon import Daemon, DaemonConfig

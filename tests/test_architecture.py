@@ -39,3 +39,15 @@ def test_no_function_local_imports() -> None:
                 if any(n.split(".")[0] not in LAZY_OK for n in names):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert not found, "\n".join(found)
+
+
+def test_the_cli_loads_the_kernel_only_for_work_on_this_host() -> None:
+    """Every ``sgctl`` command that talks to the daemon starts without the
+    kernel and service layers (cli/local.py brings them, by name, for the
+    one-shot commands and ``sgctl daemon``)."""
+    code = ("import sys, controller.cli.main; print(sorted(m for m in sys.modules if "
+            "m.startswith(('controller.kernel', 'controller.reconcile', 'controller.service.daemon',"
+            " 'scapy', 'bcc', 'pyroute2'))))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout

@@ -1,5 +1,5 @@
 """End-to-end with the daemon: a real `sgctl daemon` process, changes through
-its API and CLI, traffic between namespaces (DESIGN 3, issue 3)."""
+its API and CLI, traffic between namespaces."""
 
 from __future__ import annotations
 

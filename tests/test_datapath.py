@@ -107,7 +107,6 @@ def E(pkt: Frame, want: R, at: int = 0) -> Step:
 
 OPEN80 = {"ingress": [{"proto": "tcp", "ports": 80, "from": "198.18.1.0/24"}], "egress": []}
 WORLD80 = {"ingress": [{"proto": "tcp", "ports": 80, "from": "0.0.0.0/0"}]}  # default egress
-EGRESS_ALL_REMOTE = {"egress": [{"proto": "all", "to": "198.18.1.0/24"}]}
 
 
 def raw_eth(payload: bytes, ethertype: int = 0x0800) -> bytes:

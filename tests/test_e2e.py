@@ -1,5 +1,5 @@
 """End-to-end: the real `sgctl` CLI enforcing policy on namespaces behind a
-bridge, checked with real TCP, UDP and ping traffic (DESIGN 3)."""
+bridge, checked with real TCP, UDP and ping traffic."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def sgctl() -> Iterator[Sgctl]:
         s.close()
 
 
-def enis(topo: Topology, groups: Dict[str, list], unbound: bool = False) -> Dict[str, Any]:
+def enis(topo: Topology, groups: Dict[str, list]) -> Dict[str, Any]:
     out = {}
     for name, gs in groups.items():
         inst = topo.instances[name]
@@ -243,7 +243,7 @@ def test_rule_removal_tracked_vs_untracked(topo: Topology, sgctl: Sgctl) -> None
 
 def test_revalidate_cuts_connections_the_new_policy_would_not_open(topo: Topology,
                                                                    sgctl: Sgctl) -> None:
-    """DESIGN 1.4's option, per interface: on a policy change, tracked
+    """The revalidate option, per interface: on a policy change, tracked
     connections the new rules would not let open are cut; the others live
     on. Without the option (test above) they all survive."""
     web, cli = topo.instances["web"], topo.instances["cli"]

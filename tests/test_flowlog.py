@@ -1,4 +1,4 @@
-"""Flow logs (issue 5): AWS VPC Flow Logs records from a real daemon, field
+"""Flow logs: AWS VPC Flow Logs records from a real daemon, field
 by field, for accepted and rejected TCP, UDP and ICMP flows, in the default
 and a custom format, and SKIPDATA when an event flood meets the datapath's
 rate limit.
@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.service.flowlog import FlowLogError, parse_format
+from controller.service.flowformat import FlowLogError, parse_format
 from tests.daemonproc import ROOT, DaemonProc, free_port, tcp_perm, udp_exchanges, udp_perm, web_setup
 from tests.harness import unique
 from tests.netns import Instance, Topology, echo_ok, sh
@@ -36,7 +36,7 @@ CUSTOM = ["version", "interface-id", "srcaddr", "dstaddr", "srcport", "dstport",
           "packets", "bytes", "action", "log-status", "tcp-flags", "type", "pkt-srcaddr",
           "pkt-dstaddr", "flow-direction", "reject-reason", "rule-id", "group-id", "interface",
           "vpc-id"]
-ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
+ETH_P_ALL = 0x0003
 
 Tuple5 = Tuple[str, str, int, int, int]  # src, dst, sport, dport, proto
 

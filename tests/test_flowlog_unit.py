@@ -21,6 +21,9 @@ class FakeMap:
     def lookup(self, key: Any) -> Any:
         return None
 
+    def array_range(self, start: int, count: int) -> List[Any]:
+        return [[0] for _ in range(count)]
+
 
 class FakeDataplane:
     pin_dir = "/nonexistent"

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from controller.policy.errors import ValidationError
 from controller.policy.formats import load_document, load_file, load_text
 from controller.policy.formats.native import dump
-from controller.policy.model import EGRESS, INGRESS, Peer, ValidationError
+from controller.policy.model import EGRESS, INGRESS, Peer
 
 ROOT = Path(__file__).resolve().parent.parent
 

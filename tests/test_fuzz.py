@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.policy import actions
-from controller.policy.actions import ApiError
+from controller.policy.errors import ApiError, ValidationError
 from controller.policy.formats import load_document, load_text
 from controller.policy.formats.native import dump
-from controller.policy.model import ValidationError, validate
+from controller.policy.model import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("SGCTL_FUZZ_EXAMPLES", "600"))

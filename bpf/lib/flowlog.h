@@ -1,4 +1,4 @@
-/* Flow logs (issue 5), the datapath's half: packets of tracked connections
+/* Flow logs, the datapath's half: packets of tracked connections
  * are counted in their conntrack entry (flow_account); every other logged
  * packet becomes one event in the sg_flow_events ring, at most
  * 1e9 / flow_cost_ns a second per CPU, so a flood cannot bury the

@@ -1,6 +1,6 @@
 /* Rule classification with a bounded number of hash lookups whatever the
- * rule count (DESIGN 2.2; the layout is explained on the structs in
- * types.h, the compiler side is controller/compiler.py). */
+ * rule count (the layout is explained on the structs in
+ * types.h, the compiler side is controller/policy/compiler.py). */
 #ifndef SG_POLICY_H
 #define SG_POLICY_H
 

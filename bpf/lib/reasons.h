@@ -1,5 +1,5 @@
 /* Verdict reasons: every packet is counted under exactly one.
- * Mirrored by controller/reasons.py (checked by tests/test_abi.py). */
+ * Mirrored by controller/abi/reasons.py (checked by tests/test_abi.py). */
 #ifndef SG_REASONS_H
 #define SG_REASONS_H
 

@@ -1,5 +1,5 @@
 /* Every struct that crosses the kernel/user boundary, and nothing else.
- * Mirrored field by field in controller/abi.py; tests/test_abi.py compares
+ * Mirrored field by field in controller/abi/__init__.py; tests/test_abi.py compares
  * the mirror with the layout bcc derives from this header. */
 #ifndef SG_TYPES_H
 #define SG_TYPES_H
@@ -58,7 +58,7 @@ enum sg_timeout {
 };
 
 /* sg_endpoints value. Written by the controller in one map update, which is
- * what makes a policy switch atomic (DESIGN 2.3): policy_id, open_all and
+ * what makes a policy switch atomic: policy_id, open_all and
  * world_class always belong to the same compiled policy. */
 struct sg_endpoint {
 	__u32 ep_id;          /* conntrack and counter identity; never reused while bound */
@@ -89,7 +89,7 @@ struct sg_local_key {
 	__be32 addr[4];       /* IPv4 in addr[0]; ONLINK64: the /64, rest zero */
 };
 
-/* Classification (DESIGN 2.2, as measured better here): the remote address
+/* Classification (as measured better here): the remote address
  * is looked up in one hash per prefix length present in the policy, longest
  * first; each hit is the class of *that prefix's own* rules. The first
  * SG_CHAIN_MAX hits are checked against their classes' port segments. The

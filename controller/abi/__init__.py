@@ -26,6 +26,15 @@ PROBE_EP_ID = COUNTER_SLOTS - 1  # reserved for `sgctl explain`: its own counter
 RULE_SLOTS = 65536  # rule numbers below get their own hit counters
 REASON_MAX = 32
 
+
+
+def hook_is_xdp(mode: int, direction: int) -> bool:
+    """Which program sees a direction (sgctl.c's entry points): XDP is the
+    device's receive side -- a host interface's ingress, an instance's
+    egress (the host end of its veth/tap); tc egress sees the other."""
+    return direction == (DIR_INGRESS if mode == MODE_HOST else DIR_EGRESS)
+
+
 u8, u16, u32, u64 = ct.c_uint8, ct.c_uint16, ct.c_uint32, ct.c_uint64
 Addr = ct.c_uint32 * 4  # __be32[4]
 

@@ -10,6 +10,8 @@ import argparse
 import json
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from controller.policy.vocabulary import TAG_ADDRESSES, TAG_DEVICE, TAG_MODE, TAG_REVALIDATE
+
 Params = Dict[str, Any]
 
 
@@ -112,12 +114,12 @@ def _timeout_flags(p: argparse.ArgumentParser) -> None:
 def _create_eni(args: argparse.Namespace) -> Params:
     tags = _kv_tags(args.tag)
     if args.device:
-        tags += [{"Key": "host-interface", "Value": args.device},
-                 {"Key": "host-interface-mode", "Value": args.mode}]
+        tags += [{"Key": TAG_DEVICE, "Value": args.device},
+                 {"Key": TAG_MODE, "Value": args.mode}]
     if args.watch_addresses:
-        tags.append({"Key": "host-interface-addresses", "Value": "watch"})
+        tags.append({"Key": TAG_ADDRESSES, "Value": "watch"})
     if args.revalidate:
-        tags.append({"Key": "host-interface-revalidate", "Value": "true"})
+        tags.append({"Key": TAG_REVALIDATE, "Value": "true"})
     p: Params = {"Groups": args.groups or [], "Description": args.description,
                  "SourceDestCheck": args.source_dest_check, "MacAddress": args.mac_address,
                  "PrivateIpAddresses": [{"PrivateIpAddress": a} for a in args.private_ip or []],

@@ -1,33 +1,24 @@
-"""The ``sgctl`` command line. ``apply``/``status``/``conntrack`` go through
-the daemon when one answers on the socket and work one-shot otherwise; the
-EC2-shaped subcommands (commands.py) need the daemon."""
+"""The ``sgctl`` command line. Every command that acts on the security groups
+goes through the daemon when one answers on the socket, and is answered in
+this process by the same code otherwise (cli/local.py); the EC2-shaped
+subcommands are in commands.py."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import logging
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from controller.cli.commands import add_commands, params_of, print_table
-from controller.kernel import conntrack
-from controller.kernel.dataplane import Dataplane, DataplaneError
-from controller.kernel.netlink import AttachError
-from controller.policy.actions import ApiError
+from controller.cli.tables import print_connections, print_status
+from controller.policy.errors import ApiError, EnforcementError, ValidationError
 from controller.policy.formats import cfn, load_file, read_document
-from controller.policy.model import ValidationError
-from controller.reconcile.converge import Reconciler
-from controller.reconcile.plan import PlanError
 from controller.service import api
-from controller.service.daemon import Daemon, DaemonConfig
-from controller.service.flowlog import DEFAULT_FORMAT, FlowLogConfig, text_line
-from controller.service.metrics import parse_address
-from controller.service.status import map_fill, report
-from controller.service.status import print_table as print_status
-from controller.service.store import Store
+from controller.service.flowformat import text_line
 
 EXIT_OK, EXIT_FAIL, EXIT_INVALID, EXIT_DISAGREE = 0, 1, 2, 3
 
@@ -36,7 +27,6 @@ def _daemon_running(args: argparse.Namespace, wait: float = 90.0) -> bool:
     """True when a daemon answers on the socket. A daemon that is still
     starting (its pid file names a live process) is waited for, so that a
     command never falls back to one-shot mode under it."""
-
     if api.ping(args.socket):
         return True
     try:
@@ -56,87 +46,74 @@ def _daemon_running(args: argparse.Namespace, wait: float = 90.0) -> bool:
     raise OSError(f"daemon pid {pid} does not answer on {args.socket}")
 
 
-def _call(args: argparse.Namespace, action: str, params: dict) -> dict:
+def _backend(args: argparse.Namespace) -> Any:
+    """Where every command's actions go: the running daemon's API, or -- when
+    none runs -- the same actions answered in this process by the daemon's
+    own code (cli/local.py). Both answer ``call(action, params)``."""
+    if _daemon_running(args):
+        return api.Client(args.socket)
+    return _local().LocalBackend(args)
 
-    with api.Client(args.socket) as c:
-        return c.call(action, params)
+
+def _via(backend: Any) -> str:
+    return " through the daemon" if isinstance(backend, api.Client) else ""
 
 
-def _reconciler(args: argparse.Namespace) -> Reconciler:
-    return Reconciler(Dataplane(pin_dir=args.pin_dir, ct_max=args.conntrack_max), args.state_dir)
+def _nothing_applied(args: argparse.Namespace) -> bool:
+    """No daemon and nothing pinned: said, instead of loading the programs
+    only to report that nothing is there."""
+    if os.path.exists(f"{args.pin_dir}/sg_endpoints") or _daemon_running(args):
+        return False
+    print(f"nothing applied (no pinned maps under {args.pin_dir})")
+    return True
+
+
+def _local() -> Any:
+    """controller/cli/local.py, loaded only by the commands that work on this
+    host itself (by name: it brings the kernel and service layers, which the
+    daemon's clients -- every other command -- never need)."""
+    return importlib.import_module("controller.cli.local")
+
+
+def _show(args: argparse.Namespace, out: Dict[str, Any],
+          table: Callable[[Dict[str, Any]], None]) -> int:
+    """An answer as JSON (``-o json``) or as a table."""
+    if args.output == "json":
+        print(json.dumps(out, indent=2))
+    else:
+        table(out)
+    return EXIT_OK
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-
-    if _daemon_running(args):
-
-        text = read_document(args.file)
-        out = _call(args, "Apply", {"Document": text, "StackName": cfn.stack_name_for(args.file)})
-        for w in out.get("Warnings", []):
-            print(f"warning: {w}", file=sys.stderr)
-        for rid in out["StaleRules"]:
-            print(f"warning: rule {rid} references a group that does not exist (stale)",
-                  file=sys.stderr)
-        print(f"applied {args.file} through the daemon: {out['Groups']} groups, {out['Rules']} "
-              f"rules, {out['Interfaces']} interfaces (generation {out['Generation']})")
-        return EXIT_OK
-    state = load_file(args.file)  # raises ValidationError before anything changes
-    for w in state.warnings:
+    text = read_document(args.file)
+    with _backend(args) as b:
+        out = b.call("Apply", {"Document": text, "StackName": cfn.stack_name_for(args.file)})
+    for w in out.get("Warnings", []):
         print(f"warning: {w}", file=sys.stderr)
-    for rule in state.stale_rules:
-        print(f"warning: {rule.group_id} {rule.rule_id}: references group {rule.peer.value}, "
-              "which does not exist (stale: matches nothing)", file=sys.stderr)
-    rc = _reconciler(args)
-    try:
-        store = Store(args.state_dir)  # a daemon started later enforces this state
-        prev = store.load()
-        done = rc.converge(state, previous=prev.state if prev else None)
-        if done.cut:
-            print(f"revalidate: cut {done.cut} connections the policy no longer allows")
-        store.save(prev.generation + 1 if prev else 1, state)
-    finally:
-        rc.dp.close()
-    bound = len(done.applied.endpoints)
-    rules = sum(len(g.rules) for g in state.groups.values())
-    print(f"applied {args.file}: {len(state.groups)} groups, {rules} rules, "
-          f"{len(state.interfaces)} interfaces ({bound} bound here)")
+    for rid in out["StaleRules"]:
+        print(f"warning: rule {rid} references a group that does not exist (stale)",
+              file=sys.stderr)
+    print(f"applied {args.file}{_via(b)}: {out['Groups']} groups, {out['Rules']} rules, "
+          f"{out['Interfaces']} interfaces (generation {out['Generation']})")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-
-    if _daemon_running(args):
-        out = _call(args, "DescribeStatus", {"Maps": args.maps})
-    else:
-        rc = _reconciler(args)
-        try:
-            if not os.path.exists(f"{args.pin_dir}/sg_endpoints"):
-                print(f"nothing applied (no pinned maps under {args.pin_dir})")
-                return EXIT_OK
-            out = report(rc.dp, rc.applied())
-            if args.maps:
-                out["maps"] = map_fill(rc.dp)
-        finally:
-            rc.dp.close()
-    if args.output == "json":
-        print(json.dumps(out, indent=2))
-    else:
-        print_status(out)
-    return EXIT_OK
+    if _nothing_applied(args):
+        return EXIT_OK
+    with _backend(args) as b:
+        return _show(args, b.call("DescribeStatus", {"Maps": args.maps}), print_status)
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
     if _daemon_running(args):
         print(f"sgctl: a daemon is serving {args.socket}; stop it before reset", file=sys.stderr)
         return EXIT_FAIL
-    done = _reconciler(args).reset()
-    Store(args.state_dir).remove()  # the desired state goes too: nothing is left to enforce
-    print(f"detached from {len(done)} device(s); removed {args.pin_dir}")
-    return EXIT_OK
+    return int(_local().reset(args))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-
     state = load_file(args.file)
     rules = sum(len(g.rules) for g in state.groups.values())
     print(f"{args.file}: valid: {len(state.groups)} groups, {rules} rules, "
@@ -145,96 +122,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-
-    flow_log = None
-    try:
-        metrics = parse_address(args.metrics_address)
-        if args.flow_log:
-            flow_log = FlowLogConfig(
-                outputs=args.flow_log, format=args.flow_log_format or DEFAULT_FORMAT,
-                window=args.flow_log_window,
-                encoding=args.flow_log_encoding, rate=args.flow_log_rate,
-                burst=args.flow_log_burst or args.flow_log_rate,
-                max_bytes=args.flow_log_max_bytes, backups=args.flow_log_backups,
-                account_id=args.flow_log_account_id)
-            flow_log.check()
-    except ValueError as exc:
-        print(f"sgctl: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    logging.basicConfig(level=logging.INFO, format="sgctl[%(process)d] %(levelname)s %(message)s")
-    cfg = DaemonConfig(state_dir=args.state_dir, pin_dir=args.pin_dir, socket=args.socket,
-                       socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
-                       ct_max=args.conntrack_max, watch_addresses=args.watch_addresses,
-                       gc_interval=args.gc_interval,
-                       metrics=metrics, flow_log=flow_log)
-    Daemon(cfg).run()
-    return EXIT_OK
+    return int(_local().daemon(args))
 
 
 def cmd_action(args: argparse.Namespace) -> int:
-
-    if not _daemon_running(args):
-        print(f"sgctl: no daemon answers on {args.socket} (start `sgctl daemon`)", file=sys.stderr)
-        return EXIT_FAIL
-    out = _call(args, args.action, params_of(args))
-    if args.output == "json":
-        print(json.dumps(out, indent=2))
-    else:
-        print_table(out)
-    return EXIT_OK
+    with _backend(args) as b:
+        return _show(args, b.call(args.action, params_of(args)), print_table)
 
 
 def cmd_conntrack(args: argparse.Namespace) -> int:
-
+    if _nothing_applied(args):
+        return EXIT_OK
     params = {"NetworkInterfaceId": args.interface} if args.interface else {}
-    if _daemon_running(args):
+    with _backend(args) as b:
         if args.op == "flush":
-            print(f"flushed {_call(args, 'FlushConntrack', params)['Flushed']} entries")
+            print(f"flushed {b.call('FlushConntrack', params)['Flushed']} entries")
             return EXIT_OK
-        rows = _call(args, "DescribeConntrack", params)["Connections"]
-    else:
-        rc = _reconciler(args)
-        try:
-            if not os.path.exists(f"{args.pin_dir}/sg_conntrack"):
-                print(f"nothing applied (no pinned maps under {args.pin_dir})")
-                return EXIT_OK
-            applied = rc.applied()
-            ep_ids = None
-            if args.interface:
-                ep = applied.find_endpoint(args.interface)
-                if ep is None:
-                    print(f"sgctl: {args.interface} is not bound here", file=sys.stderr)
-                    return EXIT_FAIL
-                ep_ids = [ep.ep_id]
-            if args.op == "flush":
-                print(f"flushed {conntrack.flush(rc.dp, ep_ids)} entries")
-                return EXIT_OK
-            names = {ep.ep_id: e for e, ep in applied.endpoints.items()}
-            rows = [{**c.as_dict(), "interface": names.get(c.ep_id)}
-                    for c in conntrack.connections(rc.dp, ep_ids)]
-        finally:
-            rc.dp.close()
+        rows = b.call("DescribeConntrack", params)["Connections"]
     if args.output == "json":
         print(json.dumps(rows, indent=2))
-        return EXIT_OK
-    print(f"{'INTERFACE':<18} {'PROTO':<6} {'LOCAL':<28} {'REMOTE':<28} {'STATE':<12} "
-          f"{'ORIGIN':<8} {'IDLE':>6} {'TIMEOUT':>8}")
-    for r in rows:
-        print(f"{r['interface'] or '-':<18} {r['protocol']:<6} {r['local'] + ':' + str(r['lport']):<28}"
-              f" {r['remote'] + ':' + str(r['rport']):<28} {r['state']:<12} {r['origin']:<8} "
-              f"{r['idle']:>6} {r['timeout']:>8}")
+    else:
+        print_connections(rows)
     return EXIT_OK
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    if not _daemon_running(args):
-        print(f"sgctl: no daemon answers on {args.socket} (explain needs it)", file=sys.stderr)
-        return EXIT_FAIL
     params = {"NetworkInterfaceId": args.interface, "Direction": args.direction,
               "Protocol": args.protocol, "Source": args.source, "Destination": args.destination,
               "Port": args.port, "SourcePort": args.source_port, "TcpFlags": args.tcp_flags,
               "IcmpType": args.icmp_type, "IcmpCode": args.icmp_code}
-    out = _call(args, "Explain", params)
+    with _backend(args) as b:
+        out = b.call("Explain", params)
     if args.output == "json":
         print(json.dumps(out, indent=2))
     else:
@@ -256,32 +174,29 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
-
-    if not _daemon_running(args):
-        print(f"sgctl: no daemon answers on {args.socket} (flow logs live in it)",
-              file=sys.stderr)
-        return EXIT_FAIL
-    if args.op == "flush":
-        print(f"window closed: {_call(args, 'FlushFlowLogs', {})['Records']} records")
-        return EXIT_OK
-    params: dict = {"MaxResults": args.lines, "Filters": [
-        {"Name": name, "Values": [value]}
-        for name, value in (("interface-id", args.interface), ("action", args.action)) if value]}
-    while True:  # --follow: until interrupted
-        out = _call(args, "GetFlowLogRecords", params)
-        for r in out["Records"]:
-            print(json.dumps({f: r[f] for f in out["Format"]}) if args.output == "json"
-                  else text_line(r, out["Format"]))
-        sys.stdout.flush()
-        if not args.follow:
+    with _backend(args) as b:
+        if args.op == "flush":
+            print(f"window closed: {b.call('FlushFlowLogs', {})['Records']} records")
             return EXIT_OK
-        params.update(Since=out["Next"], MaxResults=0)
-        time.sleep(1.0)
+        params: dict = {"MaxResults": args.lines, "Filters": [
+            {"Name": name, "Values": [value]}
+            for name, value in (("interface-id", args.interface), ("action", args.action))
+            if value]}
+        while True:  # --follow: until interrupted
+            out = b.call("GetFlowLogRecords", params)
+            for r in out["Records"]:
+                print(json.dumps({f: r[f] for f in out["Format"]}) if args.output == "json"
+                      else text_line(r, out["Format"]))
+            sys.stdout.flush()
+            if not args.follow:
+                return EXIT_OK
+            params.update(Since=out["Next"], MaxResults=0)
+            time.sleep(1.0)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    out = _call(args, args.action_name, json.loads(args.json))
-    print(json.dumps(out, indent=2))
+    with _backend(args) as b:
+        print(json.dumps(b.call(args.action_name, json.loads(args.json)), indent=2))
     return EXIT_OK
 
 
@@ -383,12 +298,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ApiError as exc:
         print(f"sgctl: {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_INVALID if exc.status < 500 else EXIT_FAIL
-    except Exception as exc:  # dataplane/netlink errors: say what failed, no traceback
-
-        if isinstance(exc, (DataplaneError, PlanError, AttachError, OSError)):
-            print(f"sgctl: {exc}", file=sys.stderr)
-            return EXIT_FAIL
-        raise
+    except (EnforcementError, OSError) as exc:  # say what failed, no traceback
+        print(f"sgctl: {exc}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def num_cpus() -> int:
     return int(lib().libbpf_num_possible_cpus())
 
 
-BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+BPF_ANY = 0  # map update flags: create or replace
 ENOTSUPP = 524  # the kernel's "operation not supported" (not in errno)
 
 

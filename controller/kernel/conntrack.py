@@ -1,5 +1,5 @@
 """Conntrack maintenance from user space: list, flush, garbage-collect, and
-the allowance figures (DESIGN 2.2, issue 3).
+the allowance figures.
 
 The datapath never evicts a live entry and reuses an expired one only for
 its own key, so expired entries stay until ``gc`` removes them. The clock is
@@ -26,8 +26,6 @@ from controller.policy.model import (
     INGRESS,
     PROTO_ICMP,
     PROTO_ICMPV6,
-    PROTO_TCP,
-    PROTO_UDP,
     State,
     Timeouts,
     protocol_label,
@@ -43,19 +41,6 @@ def datapath_now(dp: Dataplane) -> int:
     if cfg is not None and cfg.now_override:
         return int(cfg.now_override)
     return int(time.clock_gettime(CLOCK_MONOTONIC_COARSE))
-
-
-def timeout_of(t: Timeouts, proto: int, state: int) -> int:
-    """Same choice as ct_timeout() in bpf/lib/conntrack.h."""
-    if proto == PROTO_TCP:
-        if state == CT_NEW:
-            return t.tcp_syn
-        return t.tcp_closing if state == CT_CLOSING else t.tcp_established
-    if proto == PROTO_UDP:
-        return t.udp_stream if state == CT_STREAM else t.udp_other
-    if proto in (PROTO_ICMP, PROTO_ICMPV6):
-        return t.icmp
-    return t.other
 
 
 def _timeouts(ep: abi.Endpoint) -> Timeouts:
@@ -106,7 +91,7 @@ def connections(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> List[C
             rport=socket.ntohs(k.rport),
             state=STATE_NAMES.get(e.state, str(e.state)),
             origin="ingress" if e.origin == abi.DIR_INGRESS else "egress",
-            idle=max(0, now - e.last_seen), timeout=timeout_of(t, k.proto, e.state),
+            idle=max(0, now - e.last_seen), timeout=t.of(k.proto, e.state),
             rule_index=e.rule_index))
     return out
 
@@ -182,7 +167,7 @@ def gc(dp: Dataplane) -> GcResult:
 
 
 def revalidate(dp: Dataplane, state: State, bound: Dict[int, str]) -> int:
-    """DESIGN 1.4's option: on interfaces with ``revalidate``, delete the
+    """The revalidate option: on interfaces with ``revalidate``, delete the
     tracked connections that ``state`` (just enforced) would not let open.
     The reference evaluator judges each connection's first packet, rebuilt
     from its key and, for ICMP, the type and code that opened it;
@@ -217,7 +202,7 @@ def revalidate(dp: Dataplane, state: State, bound: Dict[int, str]) -> int:
 
 
 def _expired(t: Timeouts, k: abi.CtKey, e: abi.CtEntry, now: int) -> bool:
-    return now > e.last_seen and now - e.last_seen > timeout_of(t, k.proto, e.state)
+    return now > e.last_seen and now - e.last_seen > t.of(k.proto, e.state)
 
 
 def allowance(dp: Dataplane, live: Dict[int, int], ep_id: int,

@@ -1,7 +1,8 @@
 """The per-CPU counter arrays: verdicts per (endpoint, direction, reason)
 (``sg_verdicts``), hits per rule number (``sg_rule_hits``) and flow-log skips
-per endpoint (``sg_flow_skips``). ``verdict_index`` is the one Python copy of
-bpf/lib/counters.h's index formula (drift-tested against the datapath)."""
+per endpoint slot (``sg_flow_skips``). ``verdict_index`` and ``counter_slot``
+are the one Python copy of bpf/lib/counters.h's index formula (the datapath
+tests read every verdict through them)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,18 @@ def rule_hit_table(dp: Dataplane, upto: int) -> List[Tuple[int, int, int]]:
     vals = dp.map("sg_rule_hits").array_range(0, min(upto + 1, abi.RULE_SLOTS))
     return [(sum(v.packets for v in cpus), sum(v.bytes for v in cpus),
              max(v.last_seen for v in cpus)) for cpus in vals]
+
+
+def flow_skips(dp: Dataplane, ep_id: int) -> int:
+    """Flow events of one endpoint the datapath held back, ever (all CPUs)."""
+    vals = dp.map("sg_flow_skips").lookup(ct.c_uint32(counter_slot(ep_id)))
+    return sum(int(v) for v in vals) if vals else 0
+
+
+def flow_skip_table(dp: Dataplane) -> List[int]:
+    """Held-back flow events of every counter slot, in one batch lookup."""
+    return [sum(int(v) for v in cpus)
+            for cpus in dp.map("sg_flow_skips").array_range(0, abi.COUNTER_SLOTS)]
 
 
 def reason_packets(dp: Dataplane, ep_id: int, direction: str) -> List[int]:

@@ -19,15 +19,15 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from controller import abi
 from controller.kernel import bpfsys
 from controller.kernel.policymaps import PolicyMaps
+from controller.policy.errors import EnforcementError
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 DEFAULT_PIN_DIR = "/sys/fs/bpf/sgctl"
-DEFAULT_STATE_DIR = "/var/lib/sgctl"
 log = logging.getLogger("sgctl")
 
 
-class DataplaneError(RuntimeError):
-    pass
+class DataplaneError(EnforcementError):
+    """The programs could not be built, loaded or pinned."""
 
 
 def program_source() -> str:

@@ -22,14 +22,13 @@ from controller.kernel import bpfsys
 from controller.kernel.counters import reason_packets
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.frames import frame
-from controller.policy.actions import ApiError
+from controller.policy.errors import ApiError, ValidationError
 from controller.policy.evaluator import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, Evaluator, Packet
 from controller.policy.model import (
     EGRESS,
     INGRESS,
     MODE_HOST,
     State,
-    ValidationError,
     parse_address,
     parse_int,
     parse_protocol,
@@ -88,8 +87,8 @@ def kernel_verdict(dp: Dataplane, eni_id: str, ifindex: Optional[int], mode: str
     probe.ep_id = abi.PROBE_EP_ID
     probe.flags |= abi.EP_PROBE
     progs = dp.programs()
-    host = mode == MODE_HOST
-    xdp = (direction == INGRESS) if host else (direction == EGRESS)
+    xdp = abi.hook_is_xdp(abi.MODE_HOST if mode == MODE_HOST else abi.MODE_WORKLOAD,
+                          abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS)
     eps.update(ct.c_uint32(LOOPBACK_IFINDEX), probe)
     try:
         before = reason_packets(dp, abi.PROBE_EP_ID, direction)

@@ -10,6 +10,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from controller.kernel import bpfsys
+from controller.policy.errors import EnforcementError
 
 XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE, XDP_FLAGS_REPLACE = 1, 2, 4, 16
 TC_EGRESS_PARENT = 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_EGRESS)
@@ -18,8 +19,8 @@ TC_HANDLE = 1
 FILTER_NAME = "sgctl"
 
 
-class AttachError(RuntimeError):
-    pass
+class AttachError(EnforcementError):
+    """A program could not be attached to (or detached from) a device."""
 
 
 def ifindex(name: str) -> Optional[int]:

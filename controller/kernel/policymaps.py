@@ -7,7 +7,7 @@
 - *Images*: each group set has two policy ids. The endpoints use the active
   one; a change writes only its difference from the inactive one (which
   holds the version before last) into it, then the endpoints switch to it in
-  one update each (DESIGN 2.3) and the old active becomes the inactive.
+  one update each and the old active becomes the inactive.
   A packet that read the endpoint before the switch may still be in its
   lookups of the old image, so the next change writes into it (and a
   change deletes a policy that was active) only after an RCU grace period
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from controller import abi
+from controller.abi import SEGS_INLINE
 from controller.kernel import bpfsys
 from controller.policy.compiler import (
-    SEGS_INLINE,
-    ClassKey,
-    PeerKey,
+    ClassContent,
+    PeerPrefix,
     Policy,
     class_segments,
     range_to_prefixes,
@@ -42,7 +42,7 @@ PlensKeyT = Tuple[int, int]  # (dir index, family)
 class Image:
     """What one policy id holds in the maps."""
 
-    peers: Dict[PeerKey, int] = field(default_factory=dict)  # -> class id
+    peers: Dict[PeerPrefix, int] = field(default_factory=dict)  # -> class id
     plens: Dict[PlensKeyT, Tuple[int, ...]] = field(default_factory=dict)
     top16: Dict[PlensKeyT, bytes] = field(default_factory=dict)  # 8 KiB bitmaps
     world: Dict[PlensKeyT, int] = field(default_factory=dict)  # -> world class id
@@ -81,7 +81,7 @@ def top16_bitmaps(pol: Policy) -> Dict[PlensKeyT, bytes]:
     return {k: bytes(v) for k, v in maps.items()}
 
 
-def _peer_key(pid: int, k: PeerKey) -> abi.PeerKey:
+def _peer_key(pid: int, k: PeerPrefix) -> abi.PeerKey:
     d, family, plen, net = k
     raw = net.to_bytes(4 if family == 4 else 16, "big")
     return abi.PeerKey(policy_id=pid, dir=d, family=family, plen=plen, addr=abi.addr_words(raw))
@@ -90,7 +90,7 @@ def _peer_key(pid: int, k: PeerKey) -> abi.PeerKey:
 class PolicyMaps:
     def __init__(self, map_of: Callable[[str], bpfsys.Map]) -> None:
         self.map_of = map_of
-        self.classes: Dict[ClassKey, int] = {}
+        self.classes: Dict[ClassContent, int] = {}
         self.class_keys: Dict[int, Tuple[List[int], List[abi.PortKey]]] = {}
         self.images: Dict[int, Image] = {}
         self.foreign: Optional[Set[int]] = None  # class ids found at start
@@ -105,7 +105,7 @@ class PolicyMaps:
 
     # ------------------------------------------------------------ classes
 
-    def intern(self, content: ClassKey) -> int:
+    def intern(self, content: ClassContent) -> int:
         cls = self.classes.get(content)
         if cls is not None:
             return cls

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from controller.policy.errors import ApiError, ValidationError
 from controller.policy.formats import aws
 from controller.policy.model import (
     DEFAULT_GROUP_NAME,
@@ -25,7 +26,6 @@ from controller.policy.model import (
     Rule,
     SecurityGroup,
     State,
-    ValidationError,
     check_id,
     default_egress,
     make_rule,
@@ -34,19 +34,19 @@ from controller.policy.model import (
     parse_cidr,
     protocol_label,
 )
+from controller.policy.vocabulary import (
+    TAG_ADDRESSES,
+    TAG_DEVICE,
+    TAG_MODE,
+    TAG_REVALIDATE,
+    TRACKING_TIMEOUTS,
+    exactly_one,
+    family_name,
+    parse_family,
+)
 
 Params = Dict[str, Any]
 Result = Dict[str, Any]
-
-
-class ApiError(Exception):
-    """An EC2-style error: ``code`` is the EC2 error code."""
-
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.status = status
 
 
 def new_id(prefix: str) -> str:
@@ -223,19 +223,19 @@ def group_shape(g: SecurityGroup) -> Result:
 
 def prefix_list_shape(p: PrefixList) -> Result:
     return {"PrefixListId": p.prefix_list_id, "PrefixListName": p.name,
-            "AddressFamily": f"IPv{p.family}", "MaxEntries": p.max_entries,
+            "AddressFamily": family_name(p.family), "MaxEntries": p.max_entries,
             "Version": p.version, "State": "create-complete"}
 
 
 def interface_shape(e: NetworkInterface) -> Result:
     tags = dict(e.tags)
     if e.device:
-        tags["host-interface"] = e.device
-        tags["host-interface-mode"] = e.mode
+        tags[TAG_DEVICE] = e.device
+        tags[TAG_MODE] = e.mode
     if e.watch_addresses:
-        tags["host-interface-addresses"] = "watch"
+        tags[TAG_ADDRESSES] = "watch"
     if e.revalidate:
-        tags["host-interface-revalidate"] = "true"
+        tags[TAG_REVALIDATE] = "true"
     t = e.timeouts
     ll = e.link_local()
     return {"NetworkInterfaceId": e.eni_id, "Description": e.description,
@@ -246,9 +246,8 @@ def interface_shape(e: NetworkInterface) -> Result:
             "Ipv6Addresses": [{"Ipv6Address": str(a)} for a in e.ipv6],
             "SourceDestCheck": e.source_dest_check, "MacAddress": e.mac_address,
             "Ipv6LinkLocalAddress": str(ll) if ll is not None else None,
-            "ConnectionTrackingConfiguration": {"TcpEstablishedTimeout": t.tcp_established,
-                                                "UdpStreamTimeout": t.udp_stream,
-                                                "UdpTimeout": t.udp_other},
+            "ConnectionTrackingConfiguration": {key: getattr(t, attr)
+                                                for key, attr in TRACKING_TIMEOUTS},
             "TagSet": _tag_list(tags)}
 
 
@@ -414,13 +413,8 @@ def modify_security_group_rules(state: State, p: Params) -> Result:
         spec = u.get("SecurityGroupRule")
         if not isinstance(spec, dict):
             raise ApiError("MissingParameter", f"{obj}: SecurityGroupRule is required")
-        peers = [k for k in ("CidrIpv4", "CidrIpv6", "PrefixListId", "ReferencedGroupId")
-                 if spec.get(k) is not None]
-        if len(peers) != 1:
-            raise ApiError("InvalidParameterCombination",
-                           f"{obj}: exactly one of CidrIpv4, CidrIpv6, PrefixListId, "
-                           "ReferencedGroupId is required")
-        key = peers[0]
+        key = exactly_one(spec, ("CidrIpv4", "CidrIpv6", "PrefixListId", "ReferencedGroupId"),
+                          obj, code="InvalidParameterCombination")
         if key in ("CidrIpv4", "CidrIpv6"):
             peer = Peer.cidr(parse_cidr(spec[key], obj, key, 4 if key == "CidrIpv4" else 6))
         elif key == "PrefixListId":
@@ -454,11 +448,7 @@ def _entries(items: List[Any], family: int, where: str) -> List[PrefixListEntry]
 
 
 def _family(p: Params) -> int:
-    fam = _required(p, "AddressFamily")
-    if fam not in ("IPv4", "IPv6"):
-        raise ApiError("InvalidParameterValue",
-                       f"Invalid value '{p['AddressFamily']}' for AddressFamily (IPv4 or IPv6)")
-    return 4 if fam == "IPv4" else 6
+    return parse_family(_required(p, "AddressFamily"), "request")
 
 
 def _max_entries(p: Params) -> int:
@@ -557,7 +547,7 @@ def create_network_interface(state: State, p: Params) -> Result:
            "SourceDestCheck": p.get("SourceDestCheck", True), "MacAddress": p.get("MacAddress"),
            "ConnectionTrackingConfiguration": p.get("ConnectionTrackingSpecification")}
     eni = aws.interface_from(doc, "CreateNetworkInterface", _groups_param(state, p), tags)
-    eni.tags = {k: v for k, v in tags.items() if not k.startswith("host-interface")}
+    eni.tags = {k: v for k, v in tags.items() if not k.startswith(TAG_DEVICE)}
     state.interfaces[eni.eni_id] = eni
     return {"NetworkInterface": interface_shape(eni)}
 
@@ -569,8 +559,7 @@ def modify_network_interface_attribute(state: State, p: Params) -> Result:
     if p.get("ConnectionTrackingSpecification") is not None:
         cur = eni.timeouts
         t = aws.tracking_timeouts(p["ConnectionTrackingSpecification"], eni.eni_id)
-        for spec_key, attr in (("TcpEstablishedTimeout", "tcp_established"),
-                               ("UdpStreamTimeout", "udp_stream"), ("UdpTimeout", "udp_other")):
+        for spec_key, attr in TRACKING_TIMEOUTS:
             if p["ConnectionTrackingSpecification"].get(spec_key) is not None:
                 setattr(cur, attr, getattr(t, attr))
     if p.get("Description") is not None:

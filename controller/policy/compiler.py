@@ -1,6 +1,6 @@
 """Desired state -> map entries. A pure function: no kernel, no I/O.
 
-Classification without a per-rule loop (DESIGN.md 2.2, reshaped by what the
+Classification without a per-rule loop (reshaped by what the
 benchmarks showed -- see docs/design-notes.md):
 
 1. *Prefixes.* For one policy (a set of groups), direction and family, every
@@ -36,6 +36,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
+from controller.abi import CHAIN_MAX, FLAG_WORLD, PROTO_ANY
 from controller.policy.model import (
     DIRECTIONS,
     EGRESS,
@@ -51,8 +52,6 @@ from controller.policy.model import (
     all_rules,
 )
 
-PROTO_ANY = 256  # key value for "protocol -1" entries
-FLAG_WORLD = 0x1  # some rule of this segment has peer 0.0.0.0/0 or ::/0
 DIR_INDEX = {INGRESS: 0, EGRESS: 1}
 FAMILY_INDEX = {4: 0, 6: 1}
 PORT_SPACE = 1 << 16
@@ -90,12 +89,10 @@ def range_to_prefixes(lo: int, hi: int, bits: int = 16) -> List[Tuple[int, int]]
     return out
 
 
-CHAIN_MAX = 4  # SG_CHAIN_MAX: containing prefixes whose classes the datapath checks
-SEGS_INLINE = 8  # SG_SEGS_INLINE
 
 # A class's content: (rule index, protocol, first, last, world) per rule.
-ClassKey = FrozenSet[Tuple[int, int, int, int, bool]]
-PeerKey = Tuple[int, int, int, int]  # (dir index, family, prefix length, network as int)
+ClassContent = FrozenSet[Tuple[int, int, int, int, bool]]
+PeerPrefix = Tuple[int, int, int, int]  # (dir index, family, prefix length, network as int)
 
 
 @dataclass
@@ -103,15 +100,11 @@ class Policy:
     """Everything one group set needs in the maps (ids assigned by the dataplane)."""
 
     groups: Tuple[str, ...]
-    peers: Dict[PeerKey, ClassKey] = field(default_factory=dict)
+    peers: Dict[PeerPrefix, ClassContent] = field(default_factory=dict)
     plens: Dict[Tuple[int, int], Tuple[int, ...]] = field(default_factory=dict)  # longest first
-    world: Dict[Tuple[int, int], ClassKey] = field(default_factory=dict)  # (dir, fam) -> world rules
+    world: Dict[Tuple[int, int], ClassContent] = field(default_factory=dict)  # (dir, fam) -> world rules
     open_all: int = 0
     exempt: Tuple[Tuple[int, int, int], ...] = ()  # (family, plen, network) of exempt addresses
-
-    @property
-    def nclasses(self) -> int:
-        return len(set(self.peers.values()))
 
     def fingerprint(self) -> str:
         """Stable across processes: decides whether a policy must be rewritten.
@@ -163,7 +156,7 @@ def _segments(items: Iterable[Tuple[int, int, int, bool]]) -> List[Tuple[int, in
     return out
 
 
-def class_segments(content: ClassKey) -> Dict[int, List[Tuple[int, int, int, int]]]:
+def class_segments(content: ClassContent) -> Dict[int, List[Tuple[int, int, int, int]]]:
     """protocol -> disjoint (first, last, lowest rule index, flags) of one class."""
     any_items = [(lo, hi, idx, world) for idx, proto, lo, hi, world in content
                  if proto == PROTO_ALL]

@@ -1,4 +1,4 @@
-"""The reference evaluator: DESIGN.md section 1, written to be read.
+"""The reference evaluator: the AWS security-group semantics, written to be read.
 
 This is the oracle of the differential tests and the engine of ``explain``.
 It works on abstract, well-formed packets (``Packet``); malformed frames are
@@ -30,6 +30,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
+from controller.abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM
 from controller.abi.reasons import Reason
 from controller.policy.model import (
     EGRESS,
@@ -72,7 +73,6 @@ LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
 MCAST_LINK6 = ipaddress.ip_network("ff02::/16")
 
 # conntrack entry states (bpf/lib/conntrack.h)
-CT_NEW, CT_ESTABLISHED, CT_STREAM, CT_CLOSING = 1, 2, 3, 4
 
 
 def tcp_flags_valid(flags: int) -> bool:
@@ -149,10 +149,6 @@ class Packet:
     def is_arp(self) -> bool:
         return self.proto == ARP
 
-    @property
-    def first_or_whole(self) -> bool:
-        return self.frag_id is None or (self.frag_offset == 0 and not self.more_fragments)
-
     def reversed(self) -> Packet:
         return replace(self, src=self.dst, dst=self.src, sport=self.dport, dport=self.sport)
 
@@ -168,11 +164,15 @@ class Verdict:
         return self.reason.allowed
 
 
-CtKey = Tuple[str, int, int, IPAddress, IPAddress, int, int]
+# the evaluator's connection key: (interface, family, protocol, local, remote,
+# local port, remote port) -- its model of sg_ct_key, not the kernel's struct
+TrackKey = Tuple[str, int, int, IPAddress, IPAddress, int, int]
 
 
 @dataclass
-class CtEntry:
+class Tracked:
+    """A connection the evaluator tracks (its model of sg_ct_entry)."""
+
     origin: str  # direction of the first packet
     state: int
     last_seen: int
@@ -183,7 +183,7 @@ class CtEntry:
     icmp_code: int = 0
 
 
-UDP_ASKED = 0x1  # CtEntry.fin of UDP: the origin spoke again after the reply
+UDP_ASKED = 0x1  # Tracked.fin of UDP: the origin spoke again after the reply
 DIR_NUMBER = {INGRESS: 0, EGRESS: 1}  # abi.DIR_*
 
 
@@ -194,7 +194,7 @@ def local_remote(pkt: Packet, direction: str) -> Tuple[IPAddress, IPAddress, int
     return pkt.src, pkt.dst, pkt.sport, pkt.dport
 
 
-def ct_key(eni_id: str, pkt: Packet, direction: str) -> CtKey:
+def ct_key(eni_id: str, pkt: Packet, direction: str) -> TrackKey:
     """TCP/UDP: 5-tuple; ICMP query/reply: addresses + id + (request type,
     the side that asked); anything else: addresses + protocol."""
     local, remote, lport, rport = local_remote(pkt, direction)
@@ -208,7 +208,7 @@ def ct_key(eni_id: str, pkt: Packet, direction: str) -> CtKey:
     return (eni_id, pkt.family, pkt.proto, local, remote, 0, 0)
 
 
-def dhcp_key(eni_id: str, family: int) -> CtKey:
+def dhcp_key(eni_id: str, family: int) -> TrackKey:
     """The DHCP client's pseudo-connection: refreshed by its requests, it
     lets the answers in whatever server address they come from."""
     server, client = DHCP_PORTS[family]
@@ -224,7 +224,7 @@ class Evaluator:
         self.state = state
         self.clock = clock
         self.ct_max = ct_max
-        self.ct: Dict[CtKey, CtEntry] = {}
+        self.ct: Dict[TrackKey, Tracked] = {}
         self.frags: Dict[tuple, int] = {}
 
     def set_state(self, state: State) -> None:
@@ -243,7 +243,7 @@ class Evaluator:
                     key, entry.origin, entry.icmp_type, entry.icmp_code)):
                 del self.ct[key]
 
-    def would_open(self, key: CtKey, origin: str, icmp_type: int = 0, icmp_code: int = 0) -> bool:
+    def would_open(self, key: TrackKey, origin: str, icmp_type: int = 0, icmp_code: int = 0) -> bool:
         """Would the current policy let the connection of ``key`` open now?
         Its first packet is rebuilt from the key and, for ICMP, the type and
         code that opened it."""
@@ -313,24 +313,16 @@ class Evaluator:
 
     # ---------------------------------------------------------------- conntrack
 
-    def timeout(self, eni: NetworkInterface, proto: int, entry: CtEntry) -> int:
-        t = eni.timeouts
-        if proto == PROTO_TCP:
-            return {CT_NEW: t.tcp_syn, CT_CLOSING: t.tcp_closing}.get(entry.state,
-                                                                     t.tcp_established)
-        if proto == PROTO_UDP:
-            return t.udp_stream if entry.state == CT_STREAM else t.udp_other
-        if proto in (PROTO_ICMP, PROTO_ICMPV6):
-            return t.icmp
-        return t.other
+    def timeout(self, eni: NetworkInterface, proto: int, entry: Tracked) -> int:
+        return eni.timeouts.of(proto, entry.state)
 
-    def live_entry(self, eni: NetworkInterface, key: CtKey) -> Optional[CtEntry]:
+    def live_entry(self, eni: NetworkInterface, key: TrackKey) -> Optional[Tracked]:
         entry = self.ct.get(key)
         if entry is None or self.clock() - entry.last_seen > self.timeout(eni, key[2], entry):
             return None
         return entry
 
-    def ct_update(self, entry: CtEntry, direction: str, pkt: Packet) -> None:
+    def ct_update(self, entry: Tracked, direction: str, pkt: Packet) -> None:
         """State transitions for one packet of a tracked connection."""
         reply = direction != entry.origin
         if pkt.proto == PROTO_TCP:
@@ -470,12 +462,12 @@ class Evaluator:
             self.frags[frag_key] = self.clock()
         return verdict
 
-    def _open(self, key: CtKey, direction: str, pkt: Packet, exempt: bool,
+    def _open(self, key: TrackKey, direction: str, pkt: Packet, exempt: bool,
               dhcp: bool = False) -> bool:
         """Start tracking (False: the table is full)."""
         if key not in self.ct and len(self.ct) >= self.ct_max:
             return False
-        entry = CtEntry(origin=direction, state=CT_NEW, last_seen=self.clock(), exempt=exempt,
+        entry = Tracked(origin=direction, state=CT_NEW, last_seen=self.clock(), exempt=exempt,
                         dhcp=dhcp)
         if pkt.is_icmp:
             entry.icmp_type, entry.icmp_code = pkt.icmp_type, pkt.icmp_code

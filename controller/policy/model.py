@@ -1,4 +1,4 @@
-"""Validated security-group objects (DESIGN.md section 1.1-1.2).
+"""Validated security-group objects.
 
 Everything here is pure Python. Every error names the object and the field
 that is wrong: ``ValidationError("sg-123 ingress[2]", "FromPort", "...")``.
@@ -12,6 +12,10 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+from controller.abi import CT_CLOSING, CT_NEW, CT_STREAM
+from controller.policy.errors import ValidationError
+from controller.policy.vocabulary import TAG_DEVICE, TAG_MODE
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -70,19 +74,6 @@ def parse_mac(value: object, obj: str, fieldname: str = "MacAddress") -> str:
     if int(text[:2], 16) & 1:
         raise ValidationError(obj, fieldname, f"{text} is a multicast address")
     return text
-
-
-class ValidationError(ValueError):
-    """Bad input. ``obj`` names the object, ``fieldname`` the field."""
-
-    def __init__(self, obj: str, fieldname: str, message: str,
-                 code: str = "InvalidParameterValue") -> None:
-        obj = obj or repr(obj)  # an empty name is shown as ''
-        self.obj = obj
-        self.fieldname = fieldname
-        self.message = message
-        self.code = code  # the EC2 error code the API answers with
-        super().__init__(f"{obj}: {fieldname}: {message}")
 
 
 def check_id(kind: str, value: object, obj: str, fieldname: str) -> str:
@@ -369,6 +360,19 @@ class Timeouts:
             if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 432000:
                 raise ValidationError(obj, name, f"{val!r} is outside 1-432000 seconds")
 
+    def of(self, proto: int, state: int) -> int:
+        """The idle timeout of a connection of ``proto`` in ``state``
+        (abi.CT_*): the choice ct_timeout() in bpf/lib/conntrack.h makes."""
+        if proto == PROTO_TCP:
+            if state == CT_NEW:
+                return self.tcp_syn
+            return self.tcp_closing if state == CT_CLOSING else self.tcp_established
+        if proto == PROTO_UDP:
+            return self.udp_stream if state == CT_STREAM else self.udp_other
+        if proto in (PROTO_ICMP, PROTO_ICMPV6):
+            return self.icmp
+        return self.other
+
 
 @dataclass
 class NetworkInterface:
@@ -603,13 +607,13 @@ def validate(state: State) -> State:
             if gid not in state.groups:
                 raise ValidationError(eid, "Groups", f"unknown group {gid}")
         if eni.mode not in MODES:
-            raise ValidationError(eid, "host-interface-mode",
+            raise ValidationError(eid, TAG_MODE,
                                   f"{eni.mode!r} is not workload or host")
         if eni.device is not None:
             if not _DEV_RE.match(eni.device):
-                raise ValidationError(eid, "host-interface", f"{eni.device!r} is not a device name")
+                raise ValidationError(eid, TAG_DEVICE, f"{eni.device!r} is not a device name")
             if eni.device in devices:
-                raise ValidationError(eid, "host-interface",
+                raise ValidationError(eid, TAG_DEVICE,
                                       f"device {eni.device} is already bound to {devices[eni.device]}")
             devices[eni.device] = eid
         if eni.mac_address is not None:

@@ -12,7 +12,6 @@ WorldKey = Tuple[int, int]  # (direction index, address family)
 @dataclass
 class EndpointRecord:
     """A bound device: its endpoint id and the policy it points at."""
-
     ifindex: int
     ep_id: int
     device: Optional[str]

@@ -35,7 +35,6 @@ from controller.kernel.endpoints import (
     write_endpoint,
 )
 from controller.kernel.files import write_atomic
-from controller.policy.formats.native import dump
 from controller.policy.model import NetworkInterface, State
 from controller.reconcile.applied import Applied, EndpointRecord, PolicyRecord
 from controller.reconcile.plan import Device, HostDevices, KernelView, Plan, free_ep_id, plan
@@ -91,8 +90,7 @@ class Reconciler:
     # ------------------------------------------------------------ converging
 
     def converge(self, state: State, previous: Optional[State] = None, attach: bool = True,
-                 missing_ok: bool = False, record_desired: bool = True,
-                 host: Optional[HostDevices] = None) -> Converged:
+                 missing_ok: bool = False, host: Optional[HostDevices] = None) -> Converged:
         """Make the kernel enforce ``state`` and cut the connections it no
         longer allows on interfaces that ask for it. On failure, with
         ``previous``, the previous state is enforced again before the error
@@ -100,13 +98,12 @@ class Reconciler:
         try:
             applied = self.execute(plan(state, self.host(state) if host is None else host,
                                         self.applied(), self.kernel_view(), missing_ok),
-                                   state, attach, record_desired)
+                                   state, attach)
         except Exception as exc:
             if previous is not None:
                 log.error("enforcing the new state failed, restoring the previous one: %s", exc)
                 try:
-                    self.converge(previous, attach=attach, missing_ok=True,
-                                  record_desired=record_desired)
+                    self.converge(previous, attach=attach, missing_ok=True)
                 except Exception as again:  # report both; the caller raises the first
                     log.error("restoring the previous state failed too: %s", again)
             raise
@@ -116,8 +113,7 @@ class Reconciler:
         eps = {ep.ep_id: eni for eni, ep in self.applied().endpoints.items()}
         return conntrack.revalidate(self.dp, state, eps)
 
-    def execute(self, p: Plan, state: State, attach: bool = True,
-                record_desired: bool = True) -> Applied:
+    def execute(self, p: Plan, state: State, attach: bool = True) -> Applied:
         dp, applied = self.dp, self.applied()
         progs = dp.programs() if attach else None
         ours = dp.known_prog_ids(applied.prog_ids)  # ours to replace or detach; others are refused
@@ -191,14 +187,11 @@ class Reconciler:
         if progs is not None:
             dp.unpin_old_programs(progs.tag)
 
-        stale = [r.rule_id for r in state.stale_rules]
-        if record_desired:  # the daemon keeps the desired state in its store instead
-            desired = {**dump(state), "stale_rules": stale}
-        else:
-            desired = {"settings": {"exempt": [str(n) for n in state.settings.exempt],
-                                    "exempt_dhcp": state.settings.exempt_dhcp,
-                                    "dhcp_servers": [str(n) for n in state.settings.dhcp_servers]},
-                       "stale_rules": stale}
+        # what status shows of the desired state (which the store holds)
+        desired = {"settings": {"exempt": [str(n) for n in state.settings.exempt],
+                                "exempt_dhcp": state.settings.exempt_dhcp,
+                                "dhcp_servers": [str(n) for n in state.settings.dhcp_servers]},
+                   "stale_rules": [r.rule_id for r in state.stale_rules]}
         new = p.recorded(policies, pm.next_class,
                          sorted(ours) if progs is not None else applied.prog_ids, desired)
         self.save(new)

@@ -14,6 +14,7 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 from controller import abi
 from controller.policy.compiler import Compiled, Policy, compile_state
+from controller.policy.errors import EnforcementError
 from controller.policy.model import State, Timeouts
 from controller.reconcile.applied import (
     Applied,
@@ -25,14 +26,13 @@ from controller.reconcile.applied import (
 from controller.reconcile.values import ExemptEntries, dhcp_flags, exempt_entries, local_keys_of
 
 
-class PlanError(ValueError):
+class PlanError(EnforcementError):
     """The desired state cannot be enforced on this host as it is."""
 
 
 @dataclass(frozen=True)
 class Device:
     """A network device as the host has it."""
-
     ifindex: int
     link_type: int  # ARPHRD_*
 

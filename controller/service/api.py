@@ -20,7 +20,7 @@ import threading
 import uuid
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from controller.policy.actions import ApiError
+from controller.policy.errors import ApiError
 
 DEFAULT_SOCKET = "/run/sgctl/api.sock"
 MAX_BODY = 64 << 20  # bytes of one request body (a document travels inside one)
@@ -38,7 +38,6 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """One thread per connection, at most MAX_CONNECTIONS of them."""
-
     daemon_threads = True
     handle_action: Handler
     health: Callable[[], Dict[str, Any]]

@@ -30,16 +30,17 @@ from typing import Any, Dict, List, Optional, Tuple
 from pyroute2 import IPRoute
 
 from controller import abi
-from controller.kernel import conntrack
+from controller.kernel import conntrack, netlink
 from controller.kernel.counters import rule_hits
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.explain import explain
 from controller.policy import actions
-from controller.policy.actions import ApiError
+from controller.policy.errors import ApiError, ValidationError
 from controller.policy.formats import load_document, load_text
 from controller.policy.formats.text import check_object
-from controller.policy.model import State, ValidationError, validate
+from controller.policy.model import State, validate
 from controller.reconcile.converge import Reconciler
+from controller.reconcile.plan import Device, HostDevices
 from controller.service import api
 from controller.service.flowlog import FlowLogConfig, FlowLogger, Names
 from controller.service.metrics import Metrics, Snapshot
@@ -65,6 +66,9 @@ class DaemonConfig:
     debounce: float = 0.005  # seconds to gather a burst of netlink events
     metrics: Optional[Tuple[str, int]] = ("127.0.0.1", 9640)  # None: no metrics endpoint
     flow_log: Optional[FlowLogConfig] = None  # None: flow logs off
+    # a bound interface whose device is absent is pending (bound when it
+    # appears); the one-shot CLI, which nobody follows, refuses it instead
+    pending_ok: bool = True
 
 
 def sd_notify(message: str) -> bool:
@@ -81,7 +85,24 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-HostView = Tuple[Tuple[str, Optional[int], Tuple[str, ...]], ...]
+@dataclass(frozen=True)
+class Seen:
+    """A bound interface's device as the host has it."""
+
+    eni_id: str
+    device: str
+    ifindex: Optional[int]  # None: absent
+    link_type: int
+    addresses: Tuple[str, ...]  # global-scope addresses, when watched
+
+
+HostView = Tuple[Seen, ...]
+
+
+def devices_of(view: HostView) -> HostDevices:
+    """The reconciler's view of the same devices."""
+    return {s.device: Device(s.ifindex, s.link_type) if s.ifindex is not None else None
+            for s in view}
 
 
 class Daemon:
@@ -116,7 +137,7 @@ class Daemon:
         when watched, the device's addresses (global scope)."""
         watch = set(self.watched(state))
         with IPRoute() as ipr:
-            index = {link.get_attr("IFLA_IFNAME"): link["index"] for link in ipr.get_links()}
+            links = netlink.devices(ipr)
             addrs: Dict[int, List[str]] = {}
             if watch:
                 for a in ipr.get_addr():
@@ -126,9 +147,10 @@ class Daemon:
                     addrs.setdefault(a["index"], []).append(str(ip))
         out = []
         for eni in state.bound_interfaces():
-            idx = index.get(eni.device)
+            assert eni.device
+            idx, kind = links.get(eni.device, (None, 0))
             got = tuple(sorted(addrs.get(idx, []))) if eni.eni_id in watch and idx else ()
-            out.append((eni.eni_id, idx, got))
+            out.append(Seen(eni.eni_id, eni.device, idx, kind, got))
         return tuple(out)
 
     def effective(self, state: State, view: HostView) -> State:
@@ -138,10 +160,10 @@ class Daemon:
         if not watch:
             return state
         eff = state.copy()
-        for eni_id, idx, got in view:
-            if eni_id in watch and idx is not None:
-                eni = eff.interfaces[eni_id]
-                ips = [ipaddress.ip_address(a) for a in got]
+        for seen in view:
+            if seen.eni_id in watch and seen.ifindex is not None:
+                eni = eff.interfaces[seen.eni_id]
+                ips = [ipaddress.ip_address(a) for a in seen.addresses]
                 eni.ipv4 = [a for a in ips if a.version == 4]  # type: ignore[misc]
                 eni.ipv6 = [a for a in ips if a.version == 6]  # type: ignore[misc]
         return eff
@@ -153,8 +175,8 @@ class Daemon:
         addresses; on failure the reconciler re-enforces ``previous``."""
         view = self.host_view(state)
         before = self.effective(previous, self.view or ()) if previous is not None else None
-        done = self.rc.converge(self.effective(state, view), previous=before, missing_ok=True,
-                                record_desired=False)
+        done = self.rc.converge(self.effective(state, view), previous=before,
+                                missing_ok=self.cfg.pending_ok, host=devices_of(view))
         self.view = view
         if done.cut:
             log.info("revalidate: %d connections the policy no longer allows were cut", done.cut)
@@ -216,7 +238,6 @@ class Daemon:
 
     def add_hits(self, rules: List[Dict[str, Any]]) -> None:
         """Each rule's hit counters (sum over CPUs) and last hit (UTC)."""
-
         numbers = self.rc.applied().rule_index
         now_dp, now_wall = conntrack.datapath_now(self.dp), time.time()
         for r in rules:
@@ -226,7 +247,6 @@ class Daemon:
 
     @staticmethod
     def parse_document(params: Dict[str, Any]) -> State:
-
         doc = params.get("Document")
         if doc is None:
             raise ApiError("MissingParameter", "The request must contain the parameter Document")
@@ -251,17 +271,17 @@ class Daemon:
                 "StaleRules": [r.rule_id for r in new.stale_rules], "Warnings": new.warnings}
 
     def act_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
-
         live = self.gc_last.live if self.gc_last else None
         out = report(self.dp, self.rc.applied(), live)
         if params.get("Maps"):
-
             out["maps"] = map_fill(self.dp, sum(live.values()) if live is not None else None)
-        out["daemon"] = {"pid": os.getpid(), "generation": self.generation,
-                         "programs": self.dp.prog_tag(), "uptime": int(time.time() - self.started),
-                         "conntrack_max": self.dp.ct_max,
-                         "conntrack_entries": sum(live.values()) if live else 0,
-                         "last_gc": self.gc_last.__dict__ if self.gc_last else None}
+        if self.server is not None:  # (not in the one-shot CLI's process)
+            out["daemon"] = {"pid": os.getpid(), "generation": self.generation,
+                             "programs": self.dp.prog_tag(),
+                             "uptime": int(time.time() - self.started),
+                             "conntrack_max": self.dp.ct_max,
+                             "conntrack_entries": sum(live.values()) if live else 0,
+                             "last_gc": self.gc_last.__dict__ if self.gc_last else None}
         if self.flows is not None:
             out["flow_logs"] = self.flows.stats()
         return out
@@ -285,7 +305,6 @@ class Daemon:
         return {"Connections": [{**c.as_dict(), "interface": names.get(c.ep_id)} for c in conns]}
 
     def act_explain(self, params: Dict[str, Any]) -> Dict[str, Any]:
-
         view = self.view if self.view is not None else self.host_view(self.state)
         bound = {e: ep.ifindex for e, ep in self.rc.applied().endpoints.items()}
         return explain(self.dp, self.effective(self.state, view), params, bound)
@@ -371,9 +390,9 @@ class Daemon:
         """Devices present but not bound yet: the fast bind first (whichever
         thread sees a new device first binds it this way)."""
         bound = {e: ep.ifindex for e, ep in self.rc.applied().endpoints.items()}
-        for eni_id, idx, _ in view:
-            if idx is not None and bound.get(eni_id) != idx:
-                self.bind_new_device(self.state.interfaces[eni_id].device, idx)
+        for seen in view:
+            if seen.ifindex is not None and bound.get(seen.eni_id) != seen.ifindex:
+                self.bind_new_device(seen.device, seen.ifindex, seen.link_type)
 
     def bind_new_device(self, name: Optional[str], idx: int,
                         link_type: Optional[int] = None) -> None:
@@ -441,15 +460,22 @@ class Daemon:
     def pidfile(self) -> str:
         return os.path.join(self.cfg.state_dir, "daemon.pid")
 
+    def open(self) -> None:
+        """The stored state becomes the current one. Enough to answer calls
+        in this process (``sgctl`` with no daemon running: the same actions,
+        the same commit), without serving and without enforcing anything
+        until a call changes the state."""
+        stored = self.store.load()
+        if stored is not None:
+            self.state, self.generation = stored.state, stored.generation
+
     def start(self) -> None:
         # announced first: a CLI started meanwhile waits for the socket instead
         # of changing the maps one-shot under the starting daemon
         os.makedirs(self.cfg.state_dir, exist_ok=True)
         with open(self.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
-        stored = self.store.load()
-        if stored is not None:
-            self.state, self.generation = stored.state, stored.generation
+        self.open()
         self.dp.programs()
         for name in ("sg_endpoints", "sg_conntrack", "sg_config", "sg_verdicts"):
             self.dp.map(name)  # opened once, before threads share them
@@ -470,7 +496,6 @@ class Daemon:
         sd_notify(f"READY=1\nSTATUS=generation {self.generation} enforced on "
                   f"{len(self.rc.applied().endpoints)} devices")
         if self.cfg.flow_log is not None:
-
             self.flows = FlowLogger(self.dp, self.cfg.flow_log, self.flow_names)
             self.flows.start()
             self.dp.retire = self.flows.retire

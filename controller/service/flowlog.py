@@ -1,4 +1,4 @@
-"""Flow logs (issue 5): AWS VPC Flow Logs records from the datapath.
+"""Flow logs: AWS VPC Flow Logs records from the datapath.
 
 Two sources, one record stream:
 
@@ -25,14 +25,11 @@ records are also kept in memory for ``sgctl flows tail``.
 
 from __future__ import annotations
 
-import ctypes as ct
 import ipaddress
 import logging
 import logging.handlers
 import os
-import re
 import socket
-import struct
 import sys
 import threading
 import time
@@ -46,47 +43,14 @@ from controller import abi
 from controller.abi.reasons import Reason
 from controller.kernel import bpfsys
 from controller.kernel.conntrack import CLOCK_MONOTONIC_COARSE, datapath_now
+from controller.kernel.counters import flow_skip_table, flow_skips
 from controller.kernel.dataplane import Dataplane
+from controller.service.flowformat import DEFAULT_FORMAT, FIELDS, FlowLogError, parse_format, text_line
 
 log = logging.getLogger("sgctl")
 
-# field -> flow log version that introduced it (0: ours, not AWS's)
-FIELDS: Dict[str, int] = {
-    "version": 2, "account-id": 2, "interface-id": 2, "srcaddr": 2, "dstaddr": 2,
-    "srcport": 2, "dstport": 2, "protocol": 2, "packets": 2, "bytes": 2, "start": 2,
-    "end": 2, "action": 2, "log-status": 2,
-    "vpc-id": 3, "subnet-id": 3, "instance-id": 3, "tcp-flags": 3, "type": 3,
-    "pkt-srcaddr": 3, "pkt-dstaddr": 3,
-    "region": 4, "az-id": 4, "sublocation-type": 4, "sublocation-id": 4,
-    "pkt-src-aws-service": 5, "pkt-dst-aws-service": 5, "flow-direction": 5,
-    "traffic-path": 5,
-    "reject-reason": 0, "rule-id": 0, "group-id": 0, "interface": 0,
-}
-DEFAULT_FORMAT = ("${version} ${account-id} ${interface-id} ${srcaddr} ${dstaddr} ${srcport} "
-                  "${dstport} ${protocol} ${packets} ${bytes} ${start} ${end} ${action} "
-                  "${log-status}")
 WINDOW_MIN, WINDOW_MAX, WINDOW_DEFAULT = 1, 600, 60
 ICMP_PROTOS = (1, 58)
-
-
-class FlowLogError(ValueError):
-    pass
-
-
-def parse_format(text: str) -> List[str]:
-    """AWS syntax ``${field} ${field} ...`` -> the field names, checked."""
-    if not text.strip():
-        raise FlowLogError("flow log format: empty")
-    names = []
-    for token in text.split():
-        m = re.fullmatch(r"\$\{([a-z0-9-]+)\}", token)
-        if m is None:
-            raise FlowLogError(f"flow log format: {token!r} is not of the form ${{field}}")
-        if m.group(1) not in FIELDS:
-            raise FlowLogError(f"flow log format: unknown field {m.group(1)!r} "
-                               f"(known: {', '.join(FIELDS)})")
-        names.append(m.group(1))
-    return names
 
 
 @dataclass
@@ -131,11 +95,6 @@ class FlowRecord:
 
     def as_dict(self, fields: Iterable[str]) -> Dict[str, Any]:
         return {f: self.value(f) for f in fields}
-
-
-def text_line(values: Dict[str, Any], fields: List[str]) -> str:
-    """AWS's text form: the fields in order, space-separated, ``-`` for none."""
-    return " ".join("-" if values[f] is None else str(values[f]) for f in fields)
 
 
 def render_text(rec: FlowRecord, fields: List[str]) -> str:
@@ -192,10 +151,14 @@ class Agg:
         self.end = t if self.end is None else max(self.end, t)
 
 
-# a conntrack entry's accounting: tcp_flags[2], (icmp type, code), packets[2], bytes[2]
+# a conntrack entry's accounting is its tail: tcp_flags[2], icmp type and code,
+# packets[2], bytes[2]; the scan keeps only that tail of each entry
 ACCT_OFFSET = abi.CtEntry.tcp_flags.offset
-ACCT = struct.Struct("<BBHQQQQ")
-assert ACCT_OFFSET + ACCT.size == ct.sizeof(abi.CtEntry)
+
+
+def _accounting(tail: Optional[bytes]) -> abi.CtEntry:
+    """An entry holding only the accounting of a kept tail (zero: none)."""
+    return abi.CtEntry.from_buffer_copy(bytes(ACCT_OFFSET) + tail) if tail else abi.CtEntry()
 
 # ep_id -> (interface id, device); rule number -> (rule id, group id)
 Names = Tuple[Dict[int, Tuple[str, str]], Dict[int, Tuple[str, str]]]
@@ -343,15 +306,15 @@ class FlowLogger:
                 self.snap = seen
         with self.lock:
             for k, e, raw, prev in grown:
-                cur = ACCT.unpack(raw)
-                old = ACCT.unpack(prev) if prev is not None else (0,) * 7
-                if cur[3] < old[3] or cur[4] < old[4]:  # the key was reused by a new flow
-                    old = (0,) * 7
+                cur, old = _accounting(raw), _accounting(prev)
+                if any(cur.packets[d] < old.packets[d] for d in (0, 1)):
+                    old = abi.CtEntry()  # the key was reused by a new flow
                 last = now_wall - max(0, now_dp - int(e.last_seen))
                 for d in (abi.DIR_INGRESS, abi.DIR_EGRESS):
-                    pk, by = cur[3 + d] - old[3 + d], cur[5 + d] - old[5 + d]
+                    pk, by = cur.packets[d] - old.packets[d], cur.bytes[d] - old.bytes[d]
                     if pk > 0:
-                        self._add_tracked(k, e, d, pk, by, cur[d] & ~old[d], last)
+                        self._add_tracked(k, e, d, pk, by, cur.tcp_flags[d] & ~old.tcp_flags[d],
+                                          last)
 
     def _add_tracked(self, k: Any, e: Any, d: int, pk: int, by: int, flags: int,
                      last: float) -> None:
@@ -385,14 +348,12 @@ class FlowLogger:
 
     def skipped_of(self, ep_id: int) -> int:
         """Events of one endpoint the datapath held back, ever (all CPUs)."""
-        vals = self.dp.map("sg_flow_skips").lookup(ct.c_uint32(ep_id))
-        return sum(int(v) for v in vals) if vals else 0
+        return flow_skips(self.dp, ep_id)
 
     def _skips(self) -> Dict[int, int]:
         """Events held back per endpoint since the previous call."""
         out = {}
-        for slot in range(abi.COUNTER_SLOTS):
-            total = self.skipped_of(slot)
+        for slot, total in enumerate(flow_skip_table(self.dp)):
             if total != self.skips_seen.get(slot, 0):
                 out[slot] = max(0, total - self.skips_seen.get(slot, 0))
                 self.skips_seen[slot] = total

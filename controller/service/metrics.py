@@ -82,7 +82,6 @@ class SgctlCollector(Collector):
             return iter(self.cached)
 
     def read(self) -> Iterator[Metric]:
-
         snap, dp = self.snapshot(), self.dp
         endpoints = snap.endpoints
         labels = ["interface", "device", "direction", "verdict", "reason"]

@@ -16,8 +16,9 @@ from typing import Optional
 import orjson
 
 from controller.kernel.files import write_atomic
+from controller.policy.errors import ValidationError
 from controller.policy.formats import native
-from controller.policy.model import State, ValidationError, validate
+from controller.policy.model import State, validate
 
 
 class StoreError(RuntimeError):
@@ -37,7 +38,6 @@ class Store:
 
     def load(self) -> Optional[Stored]:
         """The last saved state, or None when nothing was ever saved."""
-
         for leftover in self.dir.glob(f".{self.path.name}.*.tmp"):
             leftover.unlink(missing_ok=True)
         try:
@@ -51,7 +51,6 @@ class Store:
             raise StoreError(f"{self.path}: stored state is unreadable: {exc}") from exc
 
     def save(self, generation: int, state: State) -> None:
-
         doc = {"generation": generation, "state": native.dump(state)}
         write_atomic(self.path, orjson.dumps(doc))  # JSON; orjson: ~5x faster on big states
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import gc
 from typing import Any, Optional
 
+from controller.policy.errors import ValidationError
 from controller.policy.formats import aws, cfn, native
 from controller.policy.formats.text import MAX_DOCUMENT_BYTES
 from controller.policy.formats.text import parse as text_parse
-from controller.policy.model import State, ValidationError, validate
+from controller.policy.model import State, validate
 
 
 def load_document(doc: Any, stack_name: str = "stack") -> State:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
+from controller.policy.errors import ValidationError
+from controller.policy.formats.fields import mapping, seq
 from controller.policy.model import (
     EGRESS,
     INGRESS,
@@ -22,7 +24,6 @@ from controller.policy.model import (
     SecurityGroup,
     State,
     Timeouts,
-    ValidationError,
     check_aws_text,
     check_id,
     make_rule,
@@ -32,23 +33,17 @@ from controller.policy.model import (
     parse_int,
     parse_mac,
 )
+from controller.policy.vocabulary import (
+    TAG_ADDRESSES,
+    TAG_DEVICE,
+    TAG_MODE,
+    TAG_REVALIDATE,
+    TRACKING_TIMEOUTS,
+    exactly_one,
+    parse_family,
+)
 
 AWS_KEYS = ("SecurityGroups", "SecurityGroupRules", "PrefixLists", "NetworkInterfaces")
-
-
-def _list(doc: Dict[str, Any], key: str, obj: str) -> List[Any]:
-    val = doc.get(key, [])
-    if val is None:
-        return []
-    if not isinstance(val, list):
-        raise ValidationError(obj, key, "must be a list")
-    return val
-
-
-def _obj(val: Any, obj: str, key: str) -> Dict[str, Any]:
-    if not isinstance(val, dict):
-        raise ValidationError(obj, key, "must be an object")
-    return val
 
 
 def text_field(doc: Dict[str, Any], key: str, obj: str, default: str = "",
@@ -83,27 +78,27 @@ def tags_of(items: Any, obj: str, key: str = "Tags") -> Dict[str, str]:
 def permission_rules(group_id: str, direction: str, perm: Dict[str, Any], obj: str,
                      group_by_name: Optional[Dict[str, str]] = None) -> List[Rule]:
     """One ``IpPermission`` with N peers -> N rules (1.1)."""
-    perm = _obj(perm, obj, "IpPermissions")
+    perm = mapping(perm, obj, "IpPermissions", required=True)
     proto = perm.get("IpProtocol")
     if proto is None:
         raise ValidationError(obj, "IpProtocol", "required")
     args = (group_id, direction, proto, perm.get("FromPort"), perm.get("ToPort"))
     rules: List[Rule] = []
-    for i, r in enumerate(_list(perm, "IpRanges", obj)):
-        r = _obj(r, obj, f"IpRanges[{i}]")
+    for i, r in enumerate(seq(perm.get("IpRanges"), obj, "IpRanges")):
+        r = mapping(r, obj, f"IpRanges[{i}]", required=True)
         net = parse_cidr(r.get("CidrIp"), obj, f"IpRanges[{i}].CidrIp", 4, strict=True)
         rules.append(make_rule(*args, Peer.cidr(net), r.get("Description"), obj=obj, strict=True))
-    for i, r in enumerate(_list(perm, "Ipv6Ranges", obj)):
-        r = _obj(r, obj, f"Ipv6Ranges[{i}]")
+    for i, r in enumerate(seq(perm.get("Ipv6Ranges"), obj, "Ipv6Ranges")):
+        r = mapping(r, obj, f"Ipv6Ranges[{i}]", required=True)
         net = parse_cidr(r.get("CidrIpv6"), obj, f"Ipv6Ranges[{i}].CidrIpv6", 6, strict=True)
         rules.append(make_rule(*args, Peer.cidr(net), r.get("Description"), obj=obj, strict=True))
-    for i, r in enumerate(_list(perm, "PrefixListIds", obj)):
-        r = _obj(r, obj, f"PrefixListIds[{i}]")
+    for i, r in enumerate(seq(perm.get("PrefixListIds"), obj, "PrefixListIds")):
+        r = mapping(r, obj, f"PrefixListIds[{i}]", required=True)
         plid = check_id("pl", r.get("PrefixListId"), obj, f"PrefixListIds[{i}].PrefixListId")
         rules.append(make_rule(*args, Peer("pl", plid), r.get("Description"), obj=obj,
                                strict=True))
-    for i, r in enumerate(_list(perm, "UserIdGroupPairs", obj)):
-        r = _obj(r, obj, f"UserIdGroupPairs[{i}]")
+    for i, r in enumerate(seq(perm.get("UserIdGroupPairs"), obj, "UserIdGroupPairs")):
+        r = mapping(r, obj, f"UserIdGroupPairs[{i}]", required=True)
         gid = r.get("GroupId")
         if gid is None and r.get("GroupName") is not None and group_by_name is not None:
             gid = group_by_name.get(text_field(r, "GroupName", obj))
@@ -123,13 +118,7 @@ def sgr_rule(r: Dict[str, Any], obj: str) -> Rule:
     """One ``SecurityGroupRule`` (describe-security-group-rules shape)."""
     gid = check_id("sg", r.get("GroupId"), obj, "GroupId")
     direction = EGRESS if parse_bool(r.get("IsEgress", False), obj, "IsEgress") else INGRESS
-    peers = [k for k in ("CidrIpv4", "CidrIpv6", "PrefixListId", "ReferencedGroupInfo")
-             if r.get(k) is not None]
-    if len(peers) != 1:
-        raise ValidationError(obj, "CidrIpv4",
-                              "exactly one of CidrIpv4, CidrIpv6, PrefixListId, "
-                              f"ReferencedGroupInfo is required (got {peers or 'none'})")
-    key = peers[0]
+    key = exactly_one(r, ("CidrIpv4", "CidrIpv6", "PrefixListId", "ReferencedGroupInfo"), obj)
     if key == "CidrIpv4":
         peer = Peer.cidr(parse_cidr(r[key], obj, key, 4, strict=True))
     elif key == "CidrIpv6":
@@ -137,7 +126,7 @@ def sgr_rule(r: Dict[str, Any], obj: str) -> Rule:
     elif key == "PrefixListId":
         peer = Peer("pl", check_id("pl", r[key], obj, key))
     else:
-        ref = _obj(r[key], obj, key)
+        ref = mapping(r[key], obj, key, required=True)
         peer = Peer("sg", check_id("sg", ref.get("GroupId"), obj, "ReferencedGroupInfo.GroupId"))
     return make_rule(gid, direction, r.get("IpProtocol"), r.get("FromPort"), r.get("ToPort"),
                      peer, r.get("Description"), r.get("SecurityGroupRuleId"), obj=obj, strict=True)
@@ -147,9 +136,8 @@ def tracking_timeouts(cfg: Any, obj: str) -> Timeouts:
     t = Timeouts()
     if cfg is None:
         return t
-    cfg = _obj(cfg, obj, "ConnectionTrackingConfiguration")
-    for key, attr in (("TcpEstablishedTimeout", "tcp_established"),
-                      ("UdpStreamTimeout", "udp_stream"), ("UdpTimeout", "udp_other")):
+    cfg = mapping(cfg, obj, "ConnectionTrackingConfiguration", required=True)
+    for key, attr in TRACKING_TIMEOUTS:
         if cfg.get(key) is not None:
             val = cfg[key]
             if isinstance(val, bool) or not isinstance(val, int):
@@ -165,26 +153,26 @@ def interface_from(doc: Dict[str, Any], obj: str, groups: List[str],
     v4 = []
     if doc.get("PrivateIpAddress") is not None:
         v4.append(parse_address(doc["PrivateIpAddress"], eid, "PrivateIpAddress", 4))
-    for i, a in enumerate(_list(doc, "PrivateIpAddresses", eid)):
-        a = _obj(a, eid, f"PrivateIpAddresses[{i}]")
+    for i, a in enumerate(seq(doc.get("PrivateIpAddresses"), eid, "PrivateIpAddresses")):
+        a = mapping(a, eid, f"PrivateIpAddresses[{i}]", required=True)
         addr = parse_address(a.get("PrivateIpAddress"), eid,
                              f"PrivateIpAddresses[{i}].PrivateIpAddress", 4)
         if addr not in v4:
             v4.append(addr)
     v6 = []
-    for i, a in enumerate(_list(doc, "Ipv6Addresses", eid)):
-        a = _obj(a, eid, f"Ipv6Addresses[{i}]")
+    for i, a in enumerate(seq(doc.get("Ipv6Addresses"), eid, "Ipv6Addresses")):
+        a = mapping(a, eid, f"Ipv6Addresses[{i}]", required=True)
         addr = parse_address(a.get("Ipv6Address"), eid, f"Ipv6Addresses[{i}].Ipv6Address", 6)
         if addr not in v6:
             v6.append(addr)
     return NetworkInterface(
         eni_id=eid, groups=groups, ipv4=v4, ipv6=v6,  # type: ignore[arg-type]
         timeouts=tracking_timeouts(doc.get("ConnectionTrackingConfiguration"), eid),
-        device=tags.get("host-interface"),
-        mode=tags.get("host-interface-mode", MODE_WORKLOAD),
+        device=tags.get(TAG_DEVICE),
+        mode=tags.get(TAG_MODE, MODE_WORKLOAD),
         description=text_field(doc, "Description", eid), tags=tags,
-        watch_addresses=tags.get("host-interface-addresses") == "watch",
-        revalidate=tags.get("host-interface-revalidate") == "true",
+        watch_addresses=tags.get(TAG_ADDRESSES) == "watch",
+        revalidate=tags.get(TAG_REVALIDATE) == "true",
         source_dest_check=parse_bool(doc.get("SourceDestCheck", True), eid, "SourceDestCheck",
                                      strings=bool_strings),
         mac_address=None if doc.get("MacAddress") is None else parse_mac(
@@ -193,10 +181,10 @@ def interface_from(doc: Dict[str, Any], obj: str, groups: List[str],
 
 def load(doc: Dict[str, Any]) -> State:
     state = State()
-    sgs = _list(doc, "SecurityGroups", "document")
+    sgs = seq(doc.get("SecurityGroups"), "document", "SecurityGroups")
     by_name: Dict[str, str] = {}
     for i, g in enumerate(sgs):
-        g = _obj(g, f"SecurityGroups[{i}]", "SecurityGroups")
+        g = mapping(g, f"SecurityGroups[{i}]", "SecurityGroups", required=True)
         gid = check_id("sg", g.get("GroupId"), f"SecurityGroups[{i}]", "GroupId")
         if gid in state.groups:
             raise ValidationError(gid, "GroupId", "group listed twice")
@@ -210,26 +198,23 @@ def load(doc: Dict[str, Any]) -> State:
     for g in sgs:
         group = state.groups[g["GroupId"]]
         for direction, key in ((INGRESS, "IpPermissions"), (EGRESS, "IpPermissionsEgress")):
-            for j, perm in enumerate(_list(g, key, group.group_id)):
+            for j, perm in enumerate(seq(g.get(key), group.group_id, key)):
                 group.rules.extend(permission_rules(group.group_id, direction, perm,
                                                     f"{group.group_id} {key}[{j}]", by_name))
-    for i, r in enumerate(_list(doc, "SecurityGroupRules", "document")):
+    for i, r in enumerate(seq(doc.get("SecurityGroupRules"), "document", "SecurityGroupRules")):
         obj = f"SecurityGroupRules[{i}]"
-        rule = sgr_rule(_obj(r, obj, "SecurityGroupRules"), obj)
+        rule = sgr_rule(mapping(r, obj, "SecurityGroupRules", required=True), obj)
         if rule.group_id not in state.groups:
             state.groups[rule.group_id] = SecurityGroup(rule.group_id, rule.group_id)
         state.groups[rule.group_id].rules.append(rule)
-    for i, p in enumerate(_list(doc, "PrefixLists", "document")):
+    for i, p in enumerate(seq(doc.get("PrefixLists"), "document", "PrefixLists")):
         obj = f"PrefixLists[{i}]"
-        p = _obj(p, obj, "PrefixLists")
+        p = mapping(p, obj, "PrefixLists", required=True)
         plid = check_id("pl", p.get("PrefixListId"), obj, "PrefixListId")
-        fam_txt = p.get("AddressFamily", "IPv4")
-        if fam_txt not in ("IPv4", "IPv6"):
-            raise ValidationError(plid, "AddressFamily", f"{p.get('AddressFamily')!r} is not IPv4 or IPv6")
-        family = 4 if fam_txt == "IPv4" else 6
+        family = parse_family(p.get("AddressFamily", "IPv4"), plid)
         entries = []
-        for j, e in enumerate(_list(p, "Entries", plid)):
-            e = _obj(e, plid, f"Entries[{j}]")
+        for j, e in enumerate(seq(p.get("Entries"), plid, "Entries")):
+            e = mapping(e, plid, f"Entries[{j}]", required=True)
             entries.append(PrefixListEntry(parse_cidr(e.get("Cidr"), plid, f"Entries[{j}].Cidr",
                                                       family, strict=True),
                                            text_field(e, "Description", plid)))
@@ -239,12 +224,12 @@ def load(doc: Dict[str, Any]) -> State:
             raise ValidationError(plid, "PrefixListId", "prefix list listed twice")
         state.prefix_lists[plid] = PrefixList(plid, text_field(p, "PrefixListName", plid, plid),
                                               family, max_entries, entries, version)
-    for i, n in enumerate(_list(doc, "NetworkInterfaces", "document")):
+    for i, n in enumerate(seq(doc.get("NetworkInterfaces"), "document", "NetworkInterfaces")):
         obj = f"NetworkInterfaces[{i}]"
-        n = _obj(n, obj, "NetworkInterfaces")
+        n = mapping(n, obj, "NetworkInterfaces", required=True)
         groups = []
-        for j, g in enumerate(_list(n, "Groups", obj)):
-            g = _obj(g, obj, f"Groups[{j}]")
+        for j, g in enumerate(seq(n.get("Groups"), obj, "Groups")):
+            g = mapping(g, obj, f"Groups[{j}]", required=True)
             groups.append(check_id("sg", g.get("GroupId"), obj, f"Groups[{j}].GroupId"))
         eni = interface_from(n, obj, groups, tags_of(n.get("TagSet"), obj, "TagSet"))
         if eni.eni_id in state.interfaces:

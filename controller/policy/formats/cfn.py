@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Optional
 
+from controller.policy.errors import ValidationError
 from controller.policy.formats.aws import (
     interface_from,
     permission_rules,
@@ -19,6 +20,7 @@ from controller.policy.formats.aws import (
     text_field,
     tracking_timeouts,
 )
+from controller.policy.formats.fields import seq, string
 from controller.policy.formats.text import parse_yaml
 from controller.policy.model import (
     EGRESS,
@@ -28,13 +30,13 @@ from controller.policy.model import (
     Rule,
     SecurityGroup,
     State,
-    ValidationError,
     check_aws_text,
     check_id,
     default_egress,
     parse_cidr,
     parse_int,
 )
+from controller.policy.vocabulary import TAG_MAC, parse_family
 
 SG = "AWS::EC2::SecurityGroup"
 SG_IN = "AWS::EC2::SecurityGroupIngress"
@@ -56,12 +58,6 @@ def _slug(logical: str) -> str:
 
 
 MAX_RESOLVE_DEPTH = 32  # nested intrinsics (and GetAtt chains) before we call it a loop
-
-
-def _text(val: Any, where: str, fieldname: str) -> str:
-    if not isinstance(val, str):
-        raise ValidationError(where, fieldname, f"{val!r} is not a string")
-    return val
 
 
 def _pair(arg: Any, where: str, fn: str, shape: str) -> List[Any]:
@@ -136,7 +132,7 @@ class _Template:
         raise ValidationError(where, "Fn::GetAtt", f"attribute {logical}.{attr} is not supported")
 
     def sub(self, text: Any, variables: Any, where: str, depth: int) -> str:
-        text = _text(text, where, "Fn::Sub")
+        text = string(text, where, "Fn::Sub")
         if not isinstance(variables, dict):
             raise ValidationError(where, "Fn::Sub", "the variables must be a mapping")
 
@@ -184,7 +180,7 @@ class _Template:
                                                           and not isinstance(x, bool)
                                                           for x in items):
                     raise ValidationError(where, key, "the values must be a list of strings")
-                return _text(delim, where, key).join(str(x) for x in items)
+                return string(delim, where, key).join(str(x) for x in items)
             if key == "Fn::Select":
                 idx, items = _pair(arg, where, key, "index, [values]")
                 idx = self.resolve(idx, where, depth + 1)
@@ -250,14 +246,14 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
             p = tpl.props(logical)
             gid = tpl.physical[logical]
             name = p.get("GroupName")
-            name = f"{stack_name}-{logical}" if name is None else _text(name, logical, "GroupName")
+            name = f"{stack_name}-{logical}" if name is None else string(name, logical, "GroupName")
             if name in by_name:
                 raise ValidationError(logical, "GroupName",
                                       f"{name!r} is already used by {by_name[name]}")
             if p.get("GroupDescription") is None:
                 warnings.append(f"{logical}: no GroupDescription (CloudFormation requires one)")
             desc = "" if p.get("GroupDescription") is None else check_aws_text(
-                _text(p["GroupDescription"], logical, "GroupDescription"), logical,
+                string(p["GroupDescription"], logical, "GroupDescription"), logical,
                 "GroupDescription")
             state.groups[gid] = SecurityGroup(gid, name, desc, tags_of(p.get("Tags"), logical))
             by_name[name] = gid
@@ -265,11 +261,9 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
         elif res["Type"] == PL:
             p = tpl.props(logical)
             plid = tpl.physical[logical]
-            fam = p.get("AddressFamily")
-            if fam not in ("IPv4", "IPv6"):
-                raise ValidationError(logical, "AddressFamily", f"{fam!r} is not IPv4 or IPv6")
+            fam = parse_family(p.get("AddressFamily"), logical)
             entries = []
-            for j, e in enumerate(_seq(p.get("Entries"), logical, "Entries")):
+            for j, e in enumerate(seq(p.get("Entries"), logical, "Entries")):
                 if not isinstance(e, dict):
                     raise ValidationError(logical, f"Entries[{j}]", "must be {Cidr, Description}")
                 entries.append(PrefixListEntry(
@@ -279,7 +273,7 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
                 raise ValidationError(logical, "MaxEntries", "required")
             state.prefix_lists[plid] = PrefixList(
                 plid, text_field(p, "PrefixListName", logical, str(logical)),
-                4 if fam == "IPv4" else 6, parse_int(p["MaxEntries"], logical, "MaxEntries"),
+                fam, parse_int(p["MaxEntries"], logical, "MaxEntries"),
                 entries)
 
     def add(gid: Any, direction: str, spec: Any, where: str) -> None:
@@ -298,7 +292,7 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
             gid = tpl.physical[logical]
             for key, direction in (("SecurityGroupIngress", INGRESS),
                                    ("SecurityGroupEgress", EGRESS)):
-                for j, spec in enumerate(_seq(p.get(key), logical, key)):
+                for j, spec in enumerate(seq(p.get(key), logical, key)):
                     where = f"{logical}.{key}[{j}]"
                     inline = raw[key][j] if isinstance(raw.get(key), list) else None
                     target = inline.get("Ref") if isinstance(inline, dict) and len(inline) == 1 else None
@@ -313,7 +307,7 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
             p = tpl.props(logical)
             ref: Any = p.get("GroupId")
             if ref is None and p.get("GroupName") is not None:
-                ref = by_name.get(_text(p["GroupName"], logical, "GroupName"))
+                ref = by_name.get(string(p["GroupName"], logical, "GroupName"))
             if ref is None:
                 raise ValidationError(logical, "GroupId", "required (a !Ref or !GetAtt X.GroupId)")
             add(ref, INGRESS if res["Type"] == SG_IN else EGRESS, p, logical)
@@ -327,10 +321,10 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
                 "Ipv6Addresses": p.get("Ipv6Addresses"),
                 "Description": p.get("Description"),
                 "SourceDestCheck": p.get("SourceDestCheck", True),
-                "MacAddress": tags.get("host-interface-mac"),
+                "MacAddress": tags.get(TAG_MAC),
             }
             groups = [check_id("sg", g, logical, f"GroupSet[{i}]")
-                      for i, g in enumerate(_seq(p.get("GroupSet"), logical, "GroupSet"))]
+                      for i, g in enumerate(seq(p.get("GroupSet"), logical, "GroupSet"))]
             eni = interface_from(doc_eni, logical, groups, tags, bool_strings=True)
             track = p.get("ConnectionTrackingSpecification")
             if track is not None:
@@ -342,14 +336,6 @@ def load(doc: Dict[str, Any], stack_name: str) -> State:
         if not inline_egress[gid]:
             group.rules.extend(default_egress(gid, ipv6))
     return state
-
-
-def _seq(val: Any, obj: str, key: str) -> List[Any]:
-    if val is None:
-        return []
-    if not isinstance(val, list):
-        raise ValidationError(obj, key, "must be a list")
-    return val
 
 
 def stack_name_for(path: Optional[str]) -> str:

@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+from controller.policy.errors import ValidationError
+from controller.policy.formats.fields import mapping, seq, text
 from controller.policy.model import (
     DIRECTIONS,
     EGRESS,
@@ -32,7 +34,6 @@ from controller.policy.model import (
     Settings,
     State,
     Timeouts,
-    ValidationError,
     check_id,
     default_egress,
     make_rule,
@@ -48,31 +49,6 @@ NATIVE_KEYS = ("sgctl", "groups", "interfaces", "prefix_lists", "settings")
 
 def is_native(doc: Any) -> bool:
     return isinstance(doc, dict) and any(k in doc for k in NATIVE_KEYS)
-
-
-def _map(val: Any, obj: str, key: str) -> Dict[str, Any]:
-    if val is None:
-        return {}
-    if not isinstance(val, dict):
-        raise ValidationError(obj, key, "must be a mapping")
-    return val
-
-
-def _seq(val: Any, obj: str, key: str) -> List[Any]:
-    if val is None:
-        return []
-    if not isinstance(val, list):
-        raise ValidationError(obj, key, "must be a list")
-    return val
-
-
-def _text(d: Dict[str, Any], key: str, obj: str, default: str = "") -> str:
-    val = d.get(key)
-    if val is None:
-        return default
-    if not isinstance(val, str):
-        raise ValidationError(obj, key, f"{val!r} is not a string")
-    return val
 
 
 def _check_keys(d: Dict[str, Any], allowed: Tuple[str, ...], obj: str) -> None:
@@ -117,13 +93,13 @@ def load(doc: Dict[str, Any]) -> State:
     if doc.get("sgctl", 1) != 1:
         raise ValidationError("document", "sgctl", f"unknown format version {doc['sgctl']!r}")
     state = State()
-    sets = _map(doc.get("settings"), "settings", "settings")
+    sets = mapping(doc.get("settings"), "settings", "settings")
     _check_keys(sets, ("exempt", "exempt_dhcp", "dhcp_servers", "exempt_force",
                        "max_groups_per_interface", "max_rules_per_interface"), "settings")
     settings = Settings()
     if "exempt" in sets:
         settings.exempt = [parse_cidr(c, "settings", f"exempt[{i}]")
-                           for i, c in enumerate(_seq(sets["exempt"], "settings", "exempt"))]
+                           for i, c in enumerate(seq(sets["exempt"], "settings", "exempt"))]
     if "exempt_dhcp" in sets:
         settings.exempt_dhcp = parse_bool(sets["exempt_dhcp"], "settings", "exempt_dhcp")
     if "dhcp_servers" in sets:
@@ -141,47 +117,47 @@ def load(doc: Dict[str, Any]) -> State:
             setattr(settings, k, sets[k])
     state.settings = settings
 
-    for plid, p in _map(doc.get("prefix_lists"), "document", "prefix_lists").items():
+    for plid, p in mapping(doc.get("prefix_lists"), "document", "prefix_lists").items():
         check_id("pl", plid, str(plid), "id")
-        p = _map(p, plid, "prefix list")
+        p = mapping(p, plid, "prefix list")
         _check_keys(p, ("name", "family", "max_entries", "entries", "version"), plid)
         fam = {"ipv4": 4, "ipv6": 6, 4: 4, 6: 6}.get(p.get("family", "ipv4"), 0) \
             if isinstance(p.get("family", "ipv4"), (str, int)) else 0
         if not fam:
             raise ValidationError(plid, "family", f"{p.get('family')!r} is not ipv4 or ipv6")
         entries = []
-        for j, e in enumerate(_seq(p.get("entries"), plid, "entries")):
+        for j, e in enumerate(seq(p.get("entries"), plid, "entries")):
             if isinstance(e, dict):
                 _check_keys(e, ("cidr", "description"), f"{plid} entries[{j}]")
                 entries.append(PrefixListEntry(parse_cidr(e.get("cidr"), plid, f"entries[{j}]"),
-                                               _text(e, "description", plid)))
+                                               text(e.get("description"), plid, "description")))
             else:
                 entries.append(PrefixListEntry(parse_cidr(e, plid, f"entries[{j}]")))
         state.prefix_lists[plid] = PrefixList(
-            plid, _text(p, "name", plid, plid), fam,
+            plid, text(p.get("name"), plid, "name", plid), fam,
             parse_int(p.get("max_entries", max(len(entries), 1)), plid, "max_entries"),
             entries, parse_int(p.get("version", 1), plid, "version"))
 
-    ifaces = _map(doc.get("interfaces"), "document", "interfaces")
+    ifaces = mapping(doc.get("interfaces"), "document", "interfaces")
     for eid, e in ifaces.items():
         check_id("eni", eid, str(eid), "id")
-        e = _map(e, eid, "interface")
+        e = mapping(e, eid, "interface")
         _check_keys(e, ("groups", "ipv4", "ipv6", "device", "mode", "timeouts", "description",
                        "watch_addresses", "revalidate", "source_dest_check", "mac_address"), eid)
-        t = _map(e.get("timeouts"), eid, "timeouts")
+        t = mapping(e.get("timeouts"), eid, "timeouts")
         _check_keys(t, tuple(Timeouts.__dataclass_fields__), f"{eid} timeouts")
-        groups = _seq(e.get("groups"), eid, "groups")
+        groups = seq(e.get("groups"), eid, "groups")
         state.interfaces[eid] = NetworkInterface(
             eni_id=eid,
             groups=[check_id("sg", g, eid, f"groups[{i}]") for i, g in enumerate(groups)],
             ipv4=[parse_address(a, eid, f"ipv4[{i}]", 4)  # type: ignore[misc]
-                  for i, a in enumerate(_seq(e.get("ipv4"), eid, "ipv4"))],
+                  for i, a in enumerate(seq(e.get("ipv4"), eid, "ipv4"))],
             ipv6=[parse_address(a, eid, f"ipv6[{i}]", 6)  # type: ignore[misc]
-                  for i, a in enumerate(_seq(e.get("ipv6"), eid, "ipv6"))],
+                  for i, a in enumerate(seq(e.get("ipv6"), eid, "ipv6"))],
             timeouts=Timeouts(**t),
-            device=None if e.get("device") is None else _text(e, "device", eid),
-            mode=_text(e, "mode", eid, MODE_WORKLOAD),
-            description=_text(e, "description", eid),
+            device=None if e.get("device") is None else text(e.get("device"), eid, "device"),
+            mode=text(e.get("mode"), eid, "mode", MODE_WORKLOAD),
+            description=text(e.get("description"), eid, "description"),
             watch_addresses=parse_bool(e.get("watch_addresses", False), eid, "watch_addresses"),
             revalidate=parse_bool(e.get("revalidate", False), eid, "revalidate"),
             source_dest_check=parse_bool(e.get("source_dest_check", True), eid,
@@ -190,14 +166,15 @@ def load(doc: Dict[str, Any]) -> State:
                 e["mac_address"], eid, "mac_address"))
 
     ipv6 = state.uses_ipv6()
-    for gid, g in _map(doc.get("groups"), "document", "groups").items():
+    for gid, g in mapping(doc.get("groups"), "document", "groups").items():
         check_id("sg", gid, str(gid), "id")
-        g = _map(g, gid, "group")
+        g = mapping(g, gid, "group")
         _check_keys(g, ("name", "description", "tags", "ingress", "egress"), gid)
-        tags = _map(g.get("tags"), gid, "tags")
+        tags = mapping(g.get("tags"), gid, "tags")
         if not all(isinstance(v, str) for v in tags.values()):
             raise ValidationError(gid, "tags", "tag values must be strings")
-        group = SecurityGroup(gid, _text(g, "name", gid, gid), _text(g, "description", gid),
+        group = SecurityGroup(gid, text(g.get("name"), gid, "name", gid),
+                              text(g.get("description"), gid, "description"),
                               {str(k): v for k, v in tags.items()})
         for direction in DIRECTIONS:
             specs = g.get(direction)
@@ -210,7 +187,7 @@ def load(doc: Dict[str, Any]) -> State:
             peer_key = "from" if direction == INGRESS else "to"
             for i, spec in enumerate(specs):
                 where = f"{gid} {direction}[{i}]"
-                spec = _map(spec, where, "rule")
+                spec = mapping(spec, where, "rule")
                 _check_keys(spec, _RULE_KEYS, where)
                 peer_val = spec.get(peer_key, spec.get("peer"))
                 if peer_val is None:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from controller.policy.model import ValidationError
+from controller.policy.errors import ValidationError
 
 MAX_DOCUMENT_BYTES = 48 << 20  # ~250k rules in YAML; the API body limit is above it
 MAX_DEPTH = 64  # nesting of mappings/sequences (a template needs about 12)

@@ -1,6 +1,6 @@
 """`make bench` / `make bench-full`: run every scenario, write BENCHMARKS.md,
 docs/bench/results.json and the plots (python -m controller.bench [--full]
-[--smoke] [--out DIR]). Ratios are computed within one run (DESIGN 4)."""
+[--smoke] [--out DIR]). Ratios are computed within one run."""
 
 from __future__ import annotations
 

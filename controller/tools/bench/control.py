@@ -30,6 +30,7 @@ from controller.kernel import bpfsys, netlink
 from controller.kernel.frames import frame
 from controller.policy.evaluator import TCP_SYN, Packet, addr
 from controller.policy.formats import load_text
+from controller.policy.vocabulary import TAG_DEVICE
 from controller.service import api
 from controller.tools.bench import on_sigterm
 from controller.tools.bench.rulesets import iptables_rules, nft_elements, nft_rules, rules
@@ -122,7 +123,7 @@ class Bench:
         rules_now = self.client.call("DescribeSecurityGroupRules")["SecurityGroupRules"]
         self.client.call("CreateNetworkInterface", {"Groups": ["sg-bench"], "TagSpecifications": [
             {"ResourceType": "network-interface",
-             "Tags": [{"Key": "host-interface", "Value": dev}]}]})
+             "Tags": [{"Key": TAG_DEVICE, "Value": dev}]}]})
         times = []
         try:
             with IPRoute() as ipr:

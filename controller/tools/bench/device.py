@@ -1,4 +1,4 @@
-"""Packets per second through a device (DESIGN 4), and TCP under a flood.
+"""Packets per second through a device, and TCP under a flood.
 
 A generator XDP program returning XDP_TX is run with
 BPF_F_TEST_XDP_LIVE_FRAMES on veth end A (root namespace): every run sends

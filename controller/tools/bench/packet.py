@@ -1,4 +1,4 @@
-"""Per-packet cost with BPF_PROG_TEST_RUN (DESIGN 4), in ns/packet.
+"""Per-packet cost with BPF_PROG_TEST_RUN, in ns/packet.
 
 The programs run on a host-mode endpoint (XDP = ingress) whose group holds
 N ingress rules (bench.control.rules: mixed CIDRs and port ranges). Cases:
@@ -177,7 +177,6 @@ class PacketBench:
 
 def fill_conntrack(dp: Dataplane, n: int, ep_id: int = 1, chunk: int = 50000) -> None:
     """n live entries of other flows (the table's size matters, not their content)."""
-
     m = dp.map("sg_conntrack")
     for start in range(0, n, chunk):
         keys, vals = [], []

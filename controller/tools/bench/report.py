@@ -18,7 +18,7 @@ def _find(rows: List[Res], **kw: Any) -> Optional[Res]:
 
 
 def targets(res: Res) -> List[Tuple[str, str, str, bool]]:
-    """(target, measured, ratio, met) for every target of issue 4."""
+    """(target, measured, ratio, met) for every target of the benchmark suite."""
     out = []
     pp = res["per_packet"]["by_rules"]
     lo, hi = pp[0], pp[-1]
@@ -146,9 +146,9 @@ def write(res: Res, out: Path) -> None:
         "# Benchmarks",
         "",
         f"Run `{res['profile']}` on {m['date']}: {m['cpus']} CPUs ({m['cpu']}), kernel "
-        f"{m['kernel']}. Produced by `make bench` (`python -m controller.bench`); raw numbers in "
+        f"{m['kernel']}. Produced by `make bench` (`python -m controller.tools.bench`); raw numbers in "
         "`docs/bench/results.json`. Every ratio compares numbers taken in the same run "
-        "(DESIGN 4).",
+        "(see docs/design-notes.md).",
         "",
         "## Targets",
         "",

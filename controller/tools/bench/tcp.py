@@ -1,4 +1,4 @@
-"""TCP throughput with iperf3 between two namespaces on a bridge (DESIGN 4):
+"""TCP throughput with iperf3 between two namespaces on a bridge:
 no filter, sgctl (workload mode on the server's host-side veth; also with
 flow logs on, which counts every packet in its connection's entry), iptables
 and nftables (INPUT of the server's namespace, with conntrack); and the
@@ -129,7 +129,6 @@ class TcpBench:
 
     @staticmethod
     def _xdp(dev: str, fd: int) -> None:
-
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=dev)[0]
             ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", 4)]})
