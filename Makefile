@@ -17,16 +17,20 @@ test: setup
 	$(VENV)/bin/mypy -p controller
 	$(PY) -m pytest -q -ra tests
 
+# By what they need: tests/unit (nothing), tests/kernel (root, bcc), tests/netns (root, links).
 test-unit: setup
-	$(PY) -m pytest -q -ra -m "not kernel and not netns" tests
+	$(PY) -m pytest -q -ra tests/unit
+
+test-kernel: setup
+	$(PY) -m pytest -q -ra tests/kernel
 
 # Benchmarks (not part of test): a few minutes / a longer run with more samples.
 # Both write BENCHMARKS.md, docs/bench/results.json and docs/bench/*.png.
 bench: setup
-	$(PY) -m controller.bench --profile quick
+	$(PY) -m controller.tools.bench --profile quick
 
 bench-full: setup
-	$(PY) -m controller.bench --profile full
+	$(PY) -m controller.tools.bench --profile full
 
 lint: setup
 	$(VENV)/bin/ruff check controller tests

@@ -13,7 +13,7 @@ import pytest
 
 from tests.daemonproc import DaemonProc
 from tests.harness import KERNEL_CT_MAX, KernelRunner, unique
-from tests.netns import Servers, Topology
+from tests.topology import Servers, Topology
 
 
 def _root_and_bpf() -> bool:

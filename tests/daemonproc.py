@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 from controller.service import api
 from controller.service.api import Client
 from tests.harness import unique
-from tests.netns import Instance, Topology
+from tests.topology import Instance, Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 CT_MAX = 65536

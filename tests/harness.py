@@ -7,10 +7,10 @@ from typing import Dict, Optional
 
 from controller import abi
 from controller.abi.reasons import Reason
-from controller.kernel import bpfsys
 from controller.kernel.counters import reason_packets
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.frames import frame
+from controller.kernel.testrun import run_frame
 from controller.policy.evaluator import Packet
 from controller.policy.model import INGRESS, MODE_HOST, State
 from controller.reconcile.applied import EndpointRecord
@@ -44,29 +44,18 @@ class KernelRunner:
     def set_clock(self, now: int) -> None:
         self.dp.set_clock(now)
 
-    def hook_for(self, eni_id: str, direction: str) -> bool:
-        """True = XDP. workload: XDP sees egress; host: XDP sees ingress."""
-        assert self.state is not None
-        host = self.state.interfaces[eni_id].mode == MODE_HOST
-        return abi.hook_is_xdp(abi.MODE_HOST if host else abi.MODE_WORKLOAD,
-                               abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS)
-
     def counters(self, ep_id: int, direction: str) -> list:
         return reason_packets(self.dp, ep_id, direction)
 
     def run_frame(self, eni_id: str, direction: str, data: bytes) -> Reason:
+        assert self.state is not None
         ep = self.endpoints[eni_id]
-        xdp = self.hook_for(eni_id, direction)
-        before = self.counters(ep.ep_id, direction)
-        fd = self.progs.xdp_fd if xdp else self.progs.tc_fd
-        retval, _ = bpfsys.test_run(fd, data, ep.ifindex, xdp)
-        after = self.counters(ep.ep_id, direction)
-        changed = [i for i in range(abi.REASON_MAX) if after[i] != before[i]]
-        assert len(changed) == 1, f"expected one counter to move, got {changed}"
-        reason = Reason(changed[0])
-        passed = retval == (2 if xdp else 0)  # XDP_PASS / TC_ACT_OK
-        assert passed == reason.allowed, f"return value {retval} disagrees with {reason.name}"
-        return reason
+        host = self.state.interfaces[eni_id].mode == MODE_HOST
+        out = run_frame(self.dp, ep.ifindex, ep.ep_id, abi.MODE_HOST if host else abi.MODE_WORKLOAD,
+                        abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS, data)
+        assert out.passed == out.reason.allowed, \
+            f"return value {out.retval} disagrees with {out.reason.name}"
+        return out.reason
 
     def run(self, eni_id: str, direction: str, pkt: Packet) -> Reason:
         return self.run_frame(eni_id, direction, frame(pkt))

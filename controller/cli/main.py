@@ -94,6 +94,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     for rid in out["StaleRules"]:
         print(f"warning: rule {rid} references a group that does not exist (stale)",
               file=sys.stderr)
+    if out.get("ConnectionsCut"):
+        print(f"revalidate: cut {out['ConnectionsCut']} connections the policy no longer allows")
     print(f"applied {args.file}{_via(b)}: {out['Groups']} groups, {out['Rules']} rules, "
           f"{out['Interfaces']} interfaces (generation {out['Generation']})")
     return EXIT_OK

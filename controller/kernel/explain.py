@@ -18,16 +18,14 @@ from typing import Any, Dict, Optional
 
 from controller import abi
 from controller.abi.reasons import Reason
-from controller.kernel import bpfsys
-from controller.kernel.counters import reason_packets
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.frames import frame
+from controller.kernel.testrun import CounterMismatch, run_frame
 from controller.policy.errors import ApiError, ValidationError
 from controller.policy.evaluator import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, Evaluator, Packet
 from controller.policy.model import (
     EGRESS,
     INGRESS,
-    MODE_HOST,
     State,
     parse_address,
     parse_int,
@@ -69,8 +67,8 @@ def _packet(p: Dict[str, Any], direction: str) -> Packet:
                   icmp_code=number("IcmpCode", 0, 255), tcp_flags=flags)
 
 
-def kernel_verdict(dp: Dataplane, eni_id: str, ifindex: Optional[int], mode: str,
-                   direction: str, data: bytes) -> Reason:
+def kernel_verdict(dp: Dataplane, eni_id: str, ifindex: Optional[int], direction: str,
+                   data: bytes) -> Reason:
     """Run one frame through the loaded programs as the probe of ``eni_id``
     (bound to device ``ifindex``; None: not bound here)."""
     if ifindex is None:
@@ -86,20 +84,15 @@ def kernel_verdict(dp: Dataplane, eni_id: str, ifindex: Optional[int], mode: str
     probe = abi.Endpoint.from_buffer_copy(bytes(real))
     probe.ep_id = abi.PROBE_EP_ID
     probe.flags |= abi.EP_PROBE
-    progs = dp.programs()
-    xdp = abi.hook_is_xdp(abi.MODE_HOST if mode == MODE_HOST else abi.MODE_WORKLOAD,
-                          abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS)
     eps.update(ct.c_uint32(LOOPBACK_IFINDEX), probe)
     try:
-        before = reason_packets(dp, abi.PROBE_EP_ID, direction)
-        bpfsys.test_run(progs.xdp_fd if xdp else progs.tc_fd, data, LOOPBACK_IFINDEX, xdp)
-        after = reason_packets(dp, abi.PROBE_EP_ID, direction)
+        return run_frame(dp, LOOPBACK_IFINDEX, abi.PROBE_EP_ID, int(real.mode),
+                         abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS,
+                         data).reason
+    except CounterMismatch as exc:
+        raise ApiError("InternalError", f"the probe: {exc}", 500) from None
     finally:
         eps.delete(ct.c_uint32(LOOPBACK_IFINDEX))
-    moved = [i for i in range(abi.REASON_MAX) if after[i] != before[i]]
-    if len(moved) != 1:
-        raise ApiError("InternalError", f"the probe moved {len(moved)} counters", 500)
-    return Reason(moved[0])
 
 
 def explain(dp: Dataplane, state: State, params: Dict[str, Any],
@@ -118,7 +111,7 @@ def explain(dp: Dataplane, state: State, params: Dict[str, Any],
     pkt = _packet(params, direction)
     verdict = Evaluator(state).packet(eni.eni_id, direction, pkt)
     evaluator_reason = verdict.reason
-    kernel_reason = kernel_verdict(dp, eni.eni_id, bound.get(eni.eni_id), eni.mode, direction,
+    kernel_reason = kernel_verdict(dp, eni.eni_id, bound.get(eni.eni_id), direction,
                                    frame(pkt))
     return {
         "NetworkInterfaceId": eni.eni_id, "Direction": direction,

@@ -29,8 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pyroute2 import IPRoute
 
-from controller import abi
-from controller.kernel import conntrack, netlink
+from controller.kernel import conntrack, flowring, netlink
 from controller.kernel.counters import rule_hits
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.explain import explain
@@ -40,7 +39,7 @@ from controller.policy.formats import load_document, load_text
 from controller.policy.formats.text import check_object
 from controller.policy.model import State, validate
 from controller.reconcile.converge import Reconciler
-from controller.reconcile.plan import Device, HostDevices
+from controller.reconcile.plan import Device, HostDevices, PlanError
 from controller.service import api
 from controller.service.flowlog import FlowLogConfig, FlowLogger, Names
 from controller.service.metrics import Metrics, Snapshot
@@ -170,7 +169,7 @@ class Daemon:
 
     # ------------------------------------------------------------ enforcement
 
-    def enforce(self, state: State, previous: Optional[State] = None) -> None:
+    def enforce(self, state: State, previous: Optional[State] = None) -> int:
         """Converge on ``state`` with the host's devices and (watched)
         addresses; on failure the reconciler re-enforces ``previous``."""
         view = self.host_view(state)
@@ -180,16 +179,20 @@ class Daemon:
         self.view = view
         if done.cut:
             log.info("revalidate: %d connections the policy no longer allows were cut", done.cut)
+        return done.cut
 
-    def commit(self, new: State) -> None:
-        """Validate, enforce, store, make current; on failure nothing changes."""
+    def commit(self, new: State) -> int:
+        """Validate, enforce, store, make current; on failure nothing changes.
+        Returns the connections revalidation cut."""
         try:
             validate(new)
         except ValidationError as exc:
             raise ApiError(exc.code, str(exc)) from None
         start = time.monotonic()
         try:  # any failure (NetlinkError is not an OSError): generation N is restored
-            self.enforce(new, previous=self.state)
+            cut = self.enforce(new, previous=self.state)
+        except PlanError as exc:  # the state names devices this host cannot filter
+            raise ApiError("InvalidParameterValue", str(exc)) from None
         except Exception as exc:
             log.error("enforcing generation %d failed: %s", self.generation + 1, exc)
             raise ApiError("InternalError", f"the dataplane refused the change: {exc}",
@@ -200,6 +203,7 @@ class Daemon:
         self.metrics.apply_seconds.observe(time.monotonic() - start)
         log.info("generation %d enforced in %.1f ms", self.generation,
                  (time.monotonic() - start) * 1000)
+        return cut
 
     # ------------------------------------------------------------ API
 
@@ -262,13 +266,14 @@ class Daemon:
             raise ApiError(exc.code, str(exc)) from None
 
     def act_apply(self, new: State) -> Dict[str, Any]:
-        self.commit(new)
+        cut = self.commit(new)
         for w in new.warnings:
             log.warning("apply: %s", w)
         return {"Return": True, "Generation": self.generation,
                 "Groups": len(new.groups), "Rules": sum(len(g.rules) for g in new.groups.values()),
                 "Interfaces": len(new.interfaces),
-                "StaleRules": [r.rule_id for r in new.stale_rules], "Warnings": new.warnings}
+                "StaleRules": [r.rule_id for r in new.stale_rules], "Warnings": new.warnings,
+                "ConnectionsCut": cut}
 
     def act_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
         live = self.gc_last.live if self.gc_last else None
@@ -504,7 +509,7 @@ class Daemon:
             log.info("flow logs to %s, %d s windows", ", ".join(self.cfg.flow_log.outputs),
                      self.cfg.flow_log.window)
         else:
-            self.dp.set_config(abi.CFG_FLOW_LOG, 0)  # a previous daemon's, nobody reads it now
+            flowring.switch_off(self.dp)  # a previous daemon's: nobody reads it now
         if self.cfg.metrics is not None:
             try:
                 self.metrics.serve(*self.cfg.metrics)

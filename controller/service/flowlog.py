@@ -41,7 +41,7 @@ import orjson
 
 from controller import abi
 from controller.abi.reasons import Reason
-from controller.kernel import bpfsys
+from controller.kernel import bpfsys, flowring
 from controller.kernel.conntrack import CLOCK_MONOTONIC_COARSE, datapath_now
 from controller.kernel.counters import flow_skip_table, flow_skips
 from controller.kernel.dataplane import Dataplane
@@ -223,20 +223,17 @@ class FlowLogger:
 
     def start(self) -> None:
         """Switch the datapath's flow logging on and open the ring."""
-        self._ring = bpfsys.Ring(f"{self.dp.pin_dir}/sg_flow_events", self._event,
-                                 abi.RING_MAPS["sg_flow_events"])
+        self._ring = flowring.open_ring(self.dp, self._event)
         self.dp.map("sg_flow_skips")
         self._skips()  # skips from before this logger are not ours to report
         self._scan_conntrack(report=False)  # the baseline: only growth is reported
-        cost = 10**9 // self.cfg.rate
-        self.dp.set_config(abi.CFG_FLOW_LOG, abi.CFG_FLOW_LOG, flow_cost_ns=cost,
-                           flow_burst_ns=cost * self.cfg.burst)
+        flowring.switch_on(self.dp, self.cfg.rate, self.cfg.burst)
         self.window_start = time.time()
 
     def stop(self) -> None:
         """Flow logging off (nobody would read the ring), last window written."""
         try:
-            self.dp.set_config(abi.CFG_FLOW_LOG, 0)
+            flowring.switch_off(self.dp)
         except OSError as exc:
             log.error("switching flow logs off failed: %s", exc)
         self.close_window()

@@ -383,7 +383,7 @@ def test_openapi_document_lists_every_action() -> None:
 
     from controller.policy.actions import ACTIONS
 
-    doc = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "api.yaml").read_text())
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "api.yaml").read_text())
     paths = {p.strip("/") for p in doc["paths"]}
     own = {"Apply", "DescribeStatus", "DescribeConntrack", "FlushConntrack", "Explain",
            "GetFlowLogRecords", "FlushFlowLogs", "healthz"}
@@ -505,7 +505,7 @@ def test_wrong_parameter_types_are_400(api: Client, action: str, params: Dict[st
 
 
 def test_apply_returns_the_loaders_warnings(api: Client) -> None:
-    text = (Path(__file__).resolve().parent / "data" / "seed-template.yaml").read_text()
+    text = (Path(__file__).resolve().parents[1] / "data" / "seed-template.yaml").read_text()
     out = api.call("Apply", {"Document": text, "StackName": "seed"})
     assert len(out["Warnings"]) == 5
     assert out["Rules"] == 4 + 1 + 3  # + default egress (IPv4 only) + the default group
@@ -618,7 +618,7 @@ def test_daemon_actions_give_clean_errors(daemon: Daemon) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from tests.test_fuzz import EXAMPLES, hostile
+    from tests.unit.test_fuzz import EXAMPLES, hostile
 
     tried = []
 

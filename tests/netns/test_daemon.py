@@ -29,10 +29,10 @@ from tests.daemonproc import (
     web_setup,
 )
 from tests.harness import unique
-from tests.netns import Instance, Topology, sh
+from tests.topology import Instance, Topology, sh
 
 pytestmark = pytest.mark.netns
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def xdp_prog(dev: str) -> int:

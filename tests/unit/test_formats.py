@@ -12,7 +12,7 @@ from controller.policy.formats import load_document, load_file, load_text
 from controller.policy.formats.native import dump
 from controller.policy.model import EGRESS, INGRESS, Peer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rules_of(state, gid, direction=None):

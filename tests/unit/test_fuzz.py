@@ -30,7 +30,7 @@ from controller.policy.formats import load_document, load_text
 from controller.policy.formats.native import dump
 from controller.policy.model import validate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("SGCTL_FUZZ_EXAMPLES", "600"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))

@@ -14,7 +14,7 @@ import pytest
 from controller import abi
 from controller.abi.reasons import REASON_MAX, Reason
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_reasons_match_header() -> None:

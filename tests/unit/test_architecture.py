@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # imported where used, and why: bcc takes ~0.3 s and is needed only to compile
 LAZY_OK = {"bcc"}
 

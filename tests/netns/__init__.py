@@ -1,0 +1,1 @@
+"""Tests with real traffic, devices, namespaces and daemons (root)."""
