@@ -3,7 +3,7 @@ defined once, with the one parser of each."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 from controller.policy.errors import ValidationError
 
@@ -14,18 +14,22 @@ TAG_ADDRESSES = "host-interface-addresses"  # "watch": follow the device's addre
 TAG_REVALIDATE = "host-interface-revalidate"  # cut connections a change no longer allows
 TAG_MAC = "host-interface-mac"  # the instance's MAC (source check)
 
-FAMILIES = {"IPv4": 4, "IPv6": 6}  # AddressFamily
+FAMILIES: Mapping[Any, int] = {"IPv4": 4, "IPv6": 6}  # EC2's AddressFamily
+NATIVE_FAMILIES: Mapping[Any, int] = {"ipv4": 4, "ipv6": 6, 4: 4, 6: 6}  # native ``family``
 
 # ConnectionTrackingConfiguration / ConnectionTrackingSpecification -> Timeouts
 TRACKING_TIMEOUTS = (("TcpEstablishedTimeout", "tcp_established"),
                      ("UdpStreamTimeout", "udp_stream"), ("UdpTimeout", "udp_other"))
 
 
-def parse_family(value: Any, obj: str, fieldname: str = "AddressFamily") -> int:
-    """``IPv4`` -> 4, ``IPv6`` -> 6; anything else is an error naming it."""
-    if not isinstance(value, str) or value not in FAMILIES:
-        raise ValidationError(obj, fieldname, f"{value!r} is not IPv4 or IPv6")
-    return FAMILIES[value]
+def parse_family(value: Any, obj: str, fieldname: str = "AddressFamily",
+                 words: Mapping[Any, int] = FAMILIES) -> int:
+    """``IPv4`` -> 4, ``IPv6`` -> 6 (or the native words); anything else is an
+    error naming it."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value not in words:
+        names = " or ".join(w for w in words if isinstance(w, str))
+        raise ValidationError(obj, fieldname, f"{value!r} is not {names}")
+    return words[value]
 
 
 def family_name(family: int) -> str:

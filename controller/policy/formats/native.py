@@ -43,6 +43,7 @@ from controller.policy.model import (
     parse_int,
     parse_mac,
 )
+from controller.policy.vocabulary import NATIVE_FAMILIES, parse_family
 
 NATIVE_KEYS = ("sgctl", "groups", "interfaces", "prefix_lists", "settings")
 
@@ -121,10 +122,7 @@ def load(doc: Dict[str, Any]) -> State:
         check_id("pl", plid, str(plid), "id")
         p = mapping(p, plid, "prefix list")
         _check_keys(p, ("name", "family", "max_entries", "entries", "version"), plid)
-        fam = {"ipv4": 4, "ipv6": 6, 4: 4, 6: 6}.get(p.get("family", "ipv4"), 0) \
-            if isinstance(p.get("family", "ipv4"), (str, int)) else 0
-        if not fam:
-            raise ValidationError(plid, "family", f"{p.get('family')!r} is not ipv4 or ipv6")
+        fam = parse_family(p.get("family", "ipv4"), plid, "family", NATIVE_FAMILIES)
         entries = []
         for j, e in enumerate(seq(p.get("entries"), plid, "entries")):
             if isinstance(e, dict):
