@@ -513,12 +513,18 @@ def delete_managed_prefix_list(state: State, p: Params) -> Result:
     return {"PrefixList": {**prefix_list_shape(pl), "State": "delete-complete"}}
 
 
+def _described(p: Params, key: str, objects: Dict[str, Any],
+               find: Callable[[str], Any], shape: Callable[[Any], Result]) -> List[Result]:
+    """The objects a Describe* call names in ``key`` (each must exist), or all."""
+    ids = _names(p, key)
+    for i in ids:
+        find(i)
+    return [shape(o) for i, o in objects.items() if not ids or i in ids]
+
+
 def describe_managed_prefix_lists(state: State, p: Params) -> Result:
-    ids = _names(p, "PrefixListIds")
-    for plid in ids:
-        find_prefix_list(state, plid)
-    pls = [pl for pl in state.prefix_lists.values() if not ids or pl.prefix_list_id in ids]
-    return {"PrefixLists": [prefix_list_shape(pl) for pl in pls]}
+    return {"PrefixLists": _described(p, "PrefixListIds", state.prefix_lists,
+                                      lambda i: find_prefix_list(state, i), prefix_list_shape)}
 
 
 def get_managed_prefix_list_entries(state: State, p: Params) -> Result:
@@ -580,11 +586,8 @@ def delete_network_interface(state: State, p: Params) -> Result:
 
 
 def describe_network_interfaces(state: State, p: Params) -> Result:
-    ids = _names(p, "NetworkInterfaceIds")
-    for eid in ids:
-        find_interface(state, eid)
-    enis = [e for e in state.interfaces.values() if not ids or e.eni_id in ids]
-    return {"NetworkInterfaces": [interface_shape(e) for e in enis]}
+    return {"NetworkInterfaces": _described(p, "NetworkInterfaceIds", state.interfaces,
+                                            lambda i: find_interface(state, i), interface_shape)}
 
 
 def _assign(unassign: bool) -> Callable[[State, Params], Result]:
