@@ -127,6 +127,8 @@ def _create_eni(args: argparse.Namespace) -> Params:
                  "TagSpecifications": [{"ResourceType": "network-interface", "Tags": tags}]}
     if _timeouts(args):
         p["ConnectionTrackingSpecification"] = _timeouts(args)
+    if args.node:
+        p["Node"] = args.node
     return p
 
 
@@ -238,6 +240,7 @@ def _create_eni_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revalidate", action="store_true",
                    help="a policy change cuts the tracked connections it no longer allows")
     p.add_argument("--mac-address", help="the instance's MAC (gives its IPv6 link-local)")
+    p.add_argument("--node", help="the host whose agent binds it (fleet; default: the agent's)")
     _source_dest_check_flag(p, True)
     p.add_argument("--description")
     p.add_argument("--tag", action="append", help="KEY=VALUE")

@@ -77,5 +77,6 @@ def daemon(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="sgctl[%(process)d] %(levelname)s %(message)s")
     Daemon(config(args, socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
                   watch_addresses=args.watch_addresses, gc_interval=args.gc_interval,
+                  node=args.node,
                   metrics=metrics, flow_log=flow_log)).run()
     return EXIT_OK

@@ -233,6 +233,8 @@ def parser() -> argparse.ArgumentParser:
                    help="every bound interface takes its addresses from its device")
     d.add_argument("--gc-interval", type=float, default=10.0,
                    help="seconds between conntrack garbage collections")
+    d.add_argument("--node", help="this host's name in a fleet: it binds the interfaces of this "
+                   "node (and those naming none); default: the host name")
     d.add_argument("--metrics-address", default="127.0.0.1:9640",
                    help="host:port of the Prometheus endpoint, or none")
     fl = d.add_argument_group("flow logs (AWS VPC Flow Logs records; off unless --flow-log)")

@@ -38,11 +38,13 @@ from controller.policy.vocabulary import (
     TAG_ADDRESSES,
     TAG_DEVICE,
     TAG_MODE,
+    TAG_NODE,
     TAG_REVALIDATE,
     TRACKING_TIMEOUTS,
     exactly_one,
     family_name,
     parse_family,
+    user_tags,
 )
 
 Params = Dict[str, Any]
@@ -236,6 +238,8 @@ def interface_shape(e: NetworkInterface) -> Result:
         tags[TAG_ADDRESSES] = "watch"
     if e.revalidate:
         tags[TAG_REVALIDATE] = "true"
+    if e.node is not None:
+        tags[TAG_NODE] = e.node
     t = e.timeouts
     ll = e.link_local()
     return {"NetworkInterfaceId": e.eni_id, "Description": e.description,
@@ -552,8 +556,10 @@ def create_network_interface(state: State, p: Params) -> Result:
            "Ipv6Addresses": p.get("Ipv6Addresses"),
            "SourceDestCheck": p.get("SourceDestCheck", True), "MacAddress": p.get("MacAddress"),
            "ConnectionTrackingConfiguration": p.get("ConnectionTrackingSpecification")}
+    if p.get("Node") is not None:
+        tags[TAG_NODE] = _str_param(p, "Node")
     eni = aws.interface_from(doc, "CreateNetworkInterface", _groups_param(state, p), tags)
-    eni.tags = {k: v for k, v in tags.items() if not k.startswith(TAG_DEVICE)}
+    eni.tags = user_tags(tags)
     state.interfaces[eni.eni_id] = eni
     return {"NetworkInterface": interface_shape(eni)}
 

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from controller.abi import CT_CLOSING, CT_NEW, CT_STREAM
 from controller.policy.errors import ValidationError
-from controller.policy.vocabulary import TAG_DEVICE, TAG_MODE
+from controller.policy.vocabulary import TAG_DEVICE, TAG_MODE, TAG_NODE
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -56,6 +56,7 @@ WORLD6 = ipaddress.ip_network("::/0")
 _ID_RE = {kind: re.compile(rf"\A{kind}-[A-Za-z0-9][A-Za-z0-9-]{{0,62}}\Z")
           for kind in ("sg", "sgr", "pl", "eni")}
 _DEV_RE = re.compile(r"\A[A-Za-z0-9_.:@-]{1,15}\Z")
+_NODE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")  # a host name
 # what EC2 accepts in a group's or a rule's description (AWS formats and the API)
 _AWS_TEXT_RE = re.compile(r"\A[A-Za-z0-9 ._\-:/()#,@\[\]+=&;{}!$*]*\Z")
 _MAC_RE = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
@@ -389,6 +390,7 @@ class NetworkInterface:
     revalidate: bool = False  # a policy change cuts tracked connections it no longer allows
     source_dest_check: bool = True  # 1.6: only its own addresses, in and out (AWS default)
     mac_address: Optional[str] = None  # the instance's MAC: gives its IPv6 link-local
+    node: Optional[str] = None  # the host whose agent binds ``device`` (None: this host)
 
     def addresses(self) -> List[IPAddress]:
         """What group references match: the private addresses (1.1)."""
@@ -450,6 +452,19 @@ class State:
     settings: Settings = field(default_factory=Settings)
     stale_rules: List[Rule] = field(default_factory=list)  # filled by validate()
     warnings: List[str] = field(default_factory=list)  # where a loader departed from AWS
+
+    def for_node(self, node: Optional[str]) -> State:
+        """The state as the agent of ``node`` enforces it: an interface of
+        another node is a member elsewhere (its device is not bound here).
+        Interfaces that name no node are this host's."""
+        foreign = [e.eni_id for e in self.interfaces.values()
+                   if e.device and e.node is not None and e.node != node]
+        if not foreign:
+            return self
+        out = self.copy()
+        for eid in foreign:
+            out.interfaces[eid].device = None
+        return out
 
     def copy(self) -> State:
         """A copy whose objects can be changed without touching this one
@@ -592,7 +607,7 @@ def validate(state: State) -> State:
                 raise ValidationError(f"{plid} entry[{j}]", "Cidr", f"duplicate entry {entry.cidr}")
             seen_cidrs.add(entry.cidr)
 
-    devices: Dict[str, str] = {}
+    devices: Dict[Tuple[Optional[str], str], str] = {}  # (node, device) -> eni
     for eid, eni in state.interfaces.items():
         check_id("eni", eid, eid, "NetworkInterfaceId")
         if not eni.groups:
@@ -609,13 +624,16 @@ def validate(state: State) -> State:
         if eni.mode not in MODES:
             raise ValidationError(eid, TAG_MODE,
                                   f"{eni.mode!r} is not workload or host")
+        if eni.node is not None and not _NODE_RE.match(eni.node):
+            raise ValidationError(eid, TAG_NODE, f"{eni.node!r} is not a node name")
         if eni.device is not None:
             if not _DEV_RE.match(eni.device):
                 raise ValidationError(eid, TAG_DEVICE, f"{eni.device!r} is not a device name")
-            if eni.device in devices:
+            where = (eni.node, eni.device)  # device names repeat across hosts
+            if where in devices:
                 raise ValidationError(eid, TAG_DEVICE,
-                                      f"device {eni.device} is already bound to {devices[eni.device]}")
-            devices[eni.device] = eid
+                                      f"device {eni.device} is already bound to {devices[where]}")
+            devices[where] = eid
         if eni.mac_address is not None:
             eni.mac_address = parse_mac(eni.mac_address, eid)
         eni.timeouts.validate(eid)

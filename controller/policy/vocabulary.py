@@ -13,6 +13,13 @@ TAG_MODE = "host-interface-mode"  # workload or host
 TAG_ADDRESSES = "host-interface-addresses"  # "watch": follow the device's addresses
 TAG_REVALIDATE = "host-interface-revalidate"  # cut connections a change no longer allows
 TAG_MAC = "host-interface-mac"  # the instance's MAC (source check)
+TAG_NODE = "host-node"  # the host whose agent binds the interface (fleet)
+SETTING_TAGS = (TAG_DEVICE, TAG_MODE, TAG_ADDRESSES, TAG_REVALIDATE, TAG_MAC, TAG_NODE)
+
+
+def user_tags(tags: Dict[str, str]) -> Dict[str, str]:
+    """The tags that are the user's, not sgctl settings carried as tags."""
+    return {k: v for k, v in tags.items() if k not in SETTING_TAGS}
 
 FAMILIES: Mapping[Any, int] = {"IPv4": 4, "IPv6": 6}  # EC2's AddressFamily
 NATIVE_FAMILIES: Mapping[Any, int] = {"ipv4": 4, "ipv6": 6, 4: 4, 6: 6}  # native ``family``

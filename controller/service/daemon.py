@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from pyroute2 import IPRoute
@@ -65,6 +65,7 @@ class DaemonConfig:
     debounce: float = 0.005  # seconds to gather a burst of netlink events
     metrics: Optional[Tuple[str, int]] = ("127.0.0.1", 9640)  # None: no metrics endpoint
     flow_log: Optional[FlowLogConfig] = None  # None: flow logs off
+    node: Optional[str] = None  # this host's name in a fleet (None: the host name)
     # a bound interface whose device is absent is pending (bound when it
     # appears); the one-shot CLI, which nobody follows, refuses it instead
     pending_ok: bool = True
@@ -106,7 +107,7 @@ def devices_of(view: HostView) -> HostDevices:
 
 class Daemon:
     def __init__(self, cfg: DaemonConfig) -> None:
-        self.cfg = cfg
+        self.cfg = replace(cfg, node=cfg.node or socket.gethostname())
         self.store = Store(cfg.state_dir)
         self.dp = Dataplane(pin_dir=cfg.pin_dir, ct_max=cfg.ct_max)
         self.rc = Reconciler(self.dp, cfg.state_dir)
@@ -128,7 +129,7 @@ class Daemon:
     # ------------------------------------------------------------ host view
 
     def watched(self, state: State) -> List[str]:
-        return [e.eni_id for e in state.bound_interfaces()
+        return [e.eni_id for e in state.for_node(self.cfg.node).bound_interfaces()
                 if e.watch_addresses or self.cfg.watch_addresses]
 
     def host_view(self, state: State) -> HostView:
@@ -145,7 +146,7 @@ class Daemon:
                         continue
                     addrs.setdefault(a["index"], []).append(str(ip))
         out = []
-        for eni in state.bound_interfaces():
+        for eni in state.for_node(self.cfg.node).bound_interfaces():
             assert eni.device
             idx, kind = links.get(eni.device, (None, 0))
             got = tuple(sorted(addrs.get(idx, []))) if eni.eni_id in watch and idx else ()
@@ -153,8 +154,10 @@ class Daemon:
         return tuple(out)
 
     def effective(self, state: State, view: HostView) -> State:
-        """The desired state with watched interfaces' addresses taken from
-        their devices (a device that is absent keeps the configured ones)."""
+        """The desired state as this node enforces it (``State.for_node``),
+        watched interfaces' addresses taken from their devices (a device
+        that is absent keeps the configured ones)."""
+        state = state.for_node(self.cfg.node)
         watch = set(self.watched(state))
         if not watch:
             return state
@@ -407,7 +410,8 @@ class Daemon:
         if not name:
             return
         with self.lock:
-            eni = next((e for e in self.state.bound_interfaces() if e.device == name), None)
+            eni = next((e for e in self.state.for_node(self.cfg.node).bound_interfaces()
+                        if e.device == name), None)
             if eni is None:
                 return
             start = time.monotonic()

@@ -178,6 +178,12 @@ def test_source_dest_check_in_every_format() -> None:
     ({"sgctl": 1, "interfaces": {"eni-1": {"device": "veth0\n"}}},
      "eni-1", "host-interface", "not a device name"),
     ({"sgctl": 1, "interfaces": {"eni-1\n": {}}}, "eni-1\n", "id", "not a valid eni- id"),
+    # nodes: a host name, and a device is bound once per node
+    ({"sgctl": 1, "interfaces": {"eni-1": {"node": "host 2"}}}, "eni-1", "host-node",
+     "not a node name"),
+    ({"sgctl": 1, "interfaces": {"eni-1": {"device": "veth0", "node": "h1"},
+                                 "eni-2": {"device": "veth0", "node": "h1"}}},
+     "eni-2", "host-interface", "already bound to eni-1"),
     # the default group's id belongs to the default group
     ({"sgctl": 1, "groups": {"sg-default": {"name": "web"}}},
      "sg-default", "GroupId", "needs another id"),
@@ -310,3 +316,11 @@ def test_libyaml_loader_is_used() -> None:
     from controller.policy.formats import text
 
     assert text.WITH_LIBYAML == yaml.__with_libyaml__
+
+
+def test_one_device_name_on_two_nodes() -> None:
+    """veth0 on host 1 and veth0 on host 2 are two devices."""
+    state = load_document({"sgctl": 1, "interfaces": {
+        "eni-1": {"device": "veth0", "node": "h1"}, "eni-2": {"device": "veth0", "node": "h2"}}})
+    assert {e.node for e in state.interfaces.values()} == {"h1", "h2"}
+

@@ -142,3 +142,21 @@ def test_rule_numbers_are_kept_and_never_recycled_early() -> None:
     (new,) = set(p.rule_index) - set(a1.rule_index)
     assert p.rule_index[new] == a1.next_rule_index, "a fresh number, not the one just freed"
     assert p.reused_rules == []
+
+
+def test_an_interface_of_another_node_is_a_member_elsewhere() -> None:
+    """Bound only by its own node's agent; its addresses still count for the
+    groups that reference its group."""
+    state = load_document({"sgctl": 1, "groups": {
+        "sg-a": {"name": "a", "ingress": [{"proto": "tcp", "ports": 22, "from": "sg-b"}]},
+        "sg-b": {"name": "b"}}, "interfaces": {
+        "eni-a": {"groups": ["sg-a"], "device": "sgp0", "ipv4": ["198.18.0.10"]},
+        "eni-b": {"groups": ["sg-b"], "device": "sgp1", "node": "h2", "ipv4": ["198.18.0.20"]}}})
+    here = plan(state.for_node("h1"), HOST, Applied())
+    assert [e.eni_id for e in here.endpoints] == ["eni-a"]
+    (w,) = [w for w in here.writes if w.name == "sg-a"]
+    assert any(plen == 32 and net == int.from_bytes(bytes([198, 18, 0, 20]), "big")
+               for (_, fam, plen, net) in w.policy.peers if fam == 4), "eni-b's address counts"
+    there = plan(state.for_node("h2"), HOST, Applied())
+    assert [e.eni_id for e in there.endpoints] == ["eni-a", "eni-b"], "no node: every host's"
+    assert state.interfaces["eni-b"].device == "sgp1", "for_node does not change the state"

@@ -85,3 +85,19 @@ def test_unreadable_store_is_an_error_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "desired.json").write_text('{"generation": 1, "state": {"groups": 5}}')
     with pytest.raises(StoreError, match="desired.json"):
         Store(str(tmp_path)).load()
+
+
+def test_tags_and_nodes_survive_the_store(tmp_path: Path) -> None:
+    """Group and interface tags and an interface's node are part of the
+    desired state: a daemon restart must not drop them."""
+    from controller.policy.formats import load_document
+
+    state = load_document({"sgctl": 1, "groups": {"sg-a": {"name": "a", "tags": {"team": "web"}}},
+                           "interfaces": {"eni-a": {"groups": ["sg-a"], "device": "veth0",
+                                                    "node": "host-2", "tags": {"env": "prod"}}}})
+    Store(str(tmp_path)).save(1, state)
+    got = Store(str(tmp_path)).load()
+    assert got is not None
+    assert got.state.groups["sg-a"].tags == {"team": "web"}
+    assert got.state.interfaces["eni-a"].tags == {"env": "prod"}
+    assert got.state.interfaces["eni-a"].node == "host-2"

@@ -41,3 +41,11 @@ def string(val: Any, obj: str, key: str) -> str:
     if not isinstance(val, str):
         raise ValidationError(obj, key, f"{val!r} is not a string")
     return val
+
+
+def tag_map(val: Any, obj: str, key: str = "tags") -> Dict[str, str]:
+    """A mapping of strings to strings (None: empty)."""
+    tags = mapping(val, obj, key)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        raise ValidationError(obj, key, "tag keys and values must be strings")
+    return dict(tags)

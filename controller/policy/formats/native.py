@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 from controller.policy.errors import ValidationError
-from controller.policy.formats.fields import mapping, seq, text
+from controller.policy.formats.fields import mapping, seq, tag_map, text
 from controller.policy.model import (
     DIRECTIONS,
     EGRESS,
@@ -141,7 +141,8 @@ def load(doc: Dict[str, Any]) -> State:
         check_id("eni", eid, str(eid), "id")
         e = mapping(e, eid, "interface")
         _check_keys(e, ("groups", "ipv4", "ipv6", "device", "mode", "timeouts", "description",
-                       "watch_addresses", "revalidate", "source_dest_check", "mac_address"), eid)
+                       "watch_addresses", "revalidate", "source_dest_check", "mac_address",
+                       "node", "tags"), eid)
         t = mapping(e.get("timeouts"), eid, "timeouts")
         _check_keys(t, tuple(Timeouts.__dataclass_fields__), f"{eid} timeouts")
         groups = seq(e.get("groups"), eid, "groups")
@@ -161,16 +162,16 @@ def load(doc: Dict[str, Any]) -> State:
             source_dest_check=parse_bool(e.get("source_dest_check", True), eid,
                                          "source_dest_check"),
             mac_address=None if e.get("mac_address") is None else parse_mac(
-                e["mac_address"], eid, "mac_address"))
+                e["mac_address"], eid, "mac_address"),
+            node=None if e.get("node") is None else text(e.get("node"), eid, "node"),
+            tags=tag_map(e.get("tags"), eid))
 
     ipv6 = state.uses_ipv6()
     for gid, g in mapping(doc.get("groups"), "document", "groups").items():
         check_id("sg", gid, str(gid), "id")
         g = mapping(g, gid, "group")
         _check_keys(g, ("name", "description", "tags", "ingress", "egress"), gid)
-        tags = mapping(g.get("tags"), gid, "tags")
-        if not all(isinstance(v, str) for v in tags.values()):
-            raise ValidationError(gid, "tags", "tag values must be strings")
+        tags = tag_map(g.get("tags"), gid)
         group = SecurityGroup(gid, text(g.get("name"), gid, "name", gid),
                               text(g.get("description"), gid, "description"),
                               {str(k): v for k, v in tags.items()})
@@ -207,6 +208,8 @@ def dump(state: State) -> Dict[str, Any]:
     for gid, g in state.groups.items():
         d: Dict[str, Any] = {"name": g.name, "description": g.description,
                              "ingress": [], "egress": []}
+        if g.tags:
+            d["tags"] = dict(g.tags)
         for r in g.rules:
             spec: Dict[str, Any] = {"proto": r.protocol, "id": r.rule_id}
             if r.has_ports:
@@ -230,6 +233,10 @@ def dump(state: State) -> Dict[str, Any]:
             "timeouts": dict(vars(e.timeouts)), "description": e.description,
             "watch_addresses": e.watch_addresses, "revalidate": e.revalidate,
             "source_dest_check": e.source_dest_check, "mac_address": e.mac_address}
+        if e.node is not None:
+            out["interfaces"][eid]["node"] = e.node
+        if e.tags:
+            out["interfaces"][eid]["tags"] = dict(e.tags)
     out["settings"] = {"exempt": [str(c) for c in state.settings.exempt],
                        "exempt_dhcp": state.settings.exempt_dhcp,
                        "dhcp_servers": [str(c) for c in state.settings.dhcp_servers],
