@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from typing import Any, Dict, Optional
 
 from controller.kernel.dataplane import Dataplane
 from controller.reconcile.converge import Reconciler
 from controller.service.daemon import Daemon, DaemonConfig
+from controller.service.fleet import parse_datastore
 from controller.service.flowformat import DEFAULT_FORMAT
 from controller.service.flowlog import FlowLogConfig
 from controller.service.metrics import parse_address
@@ -62,6 +64,12 @@ def daemon(args: argparse.Namespace) -> int:
     flow_log = None
     try:
         metrics = parse_address(args.metrics_address)
+        datastore = parse_datastore(args.datastore)
+        if datastore is not None:
+            datastore = replace(datastore, prefix=args.etcd_prefix, ca_cert=args.etcd_cacert,
+                                cert=args.etcd_cert, key=args.etcd_key)
+            if not datastore.prefix.endswith("/"):
+                raise ValueError(f"--etcd-prefix {datastore.prefix!r} must end with /")
         if args.flow_log:
             flow_log = FlowLogConfig(
                 outputs=args.flow_log, format=args.flow_log_format or DEFAULT_FORMAT,
@@ -77,6 +85,6 @@ def daemon(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="sgctl[%(process)d] %(levelname)s %(message)s")
     Daemon(config(args, socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
                   watch_addresses=args.watch_addresses, gc_interval=args.gc_interval,
-                  node=args.node,
+                  node=args.node, datastore=datastore,
                   metrics=metrics, flow_log=flow_log)).run()
     return EXIT_OK

@@ -235,6 +235,13 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds between conntrack garbage collections")
     d.add_argument("--node", help="this host's name in a fleet: it binds the interfaces of this "
                    "node (and those naming none); default: the host name")
+    d.add_argument("--datastore", default="local",
+                   help="local (this host's own store) or etcd://HOST:PORT[,HOST:PORT...] "
+                   "(a fleet sharing one desired state)")
+    d.add_argument("--etcd-prefix", default="/sgctl/v1/", help="the fleet's keys in etcd")
+    d.add_argument("--etcd-cacert", help="CA bundle of etcd's TLS endpoints")
+    d.add_argument("--etcd-cert", help="client certificate for etcd")
+    d.add_argument("--etcd-key", help="client key for etcd")
     d.add_argument("--metrics-address", default="127.0.0.1:9640",
                    help="host:port of the Prometheus endpoint, or none")
     fl = d.add_argument_group("flow logs (AWS VPC Flow Logs records; off unless --flow-log)")

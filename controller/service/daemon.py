@@ -41,6 +41,8 @@ from controller.policy.model import State, validate
 from controller.reconcile.converge import Reconciler
 from controller.reconcile.plan import Device, HostDevices, PlanError
 from controller.service import api
+from controller.service.etcdstore import Conflict, Unavailable
+from controller.service.fleet import EtcdConfig, Fleet
 from controller.service.flowlog import FlowLogConfig, FlowLogger, Names
 from controller.service.metrics import Metrics, Snapshot
 from controller.service.status import map_fill, report
@@ -66,6 +68,7 @@ class DaemonConfig:
     metrics: Optional[Tuple[str, int]] = ("127.0.0.1", 9640)  # None: no metrics endpoint
     flow_log: Optional[FlowLogConfig] = None  # None: flow logs off
     node: Optional[str] = None  # this host's name in a fleet (None: the host name)
+    datastore: Optional[EtcdConfig] = None  # the fleet's etcd (None: this host's own store)
     # a bound interface whose device is absent is pending (bound when it
     # appears); the one-shot CLI, which nobody follows, refuses it instead
     pending_ok: bool = True
@@ -123,6 +126,8 @@ class Daemon:
         self.started = time.time()
 
         self.metrics = Metrics(self.dp, self.metrics_snapshot)
+        self.fleet = Fleet(cfg.datastore, self.cfg.node or "", self.fleet_state) \
+            if cfg.datastore is not None else None
         self.flows: Optional[FlowLogger] = None
         self._bind_ipr: Optional[IPRoute] = None  # netlink socket of the fast binds (under lock)
 
@@ -208,9 +213,62 @@ class Daemon:
                  (time.monotonic() - start) * 1000)
         return cut
 
+    # ------------------------------------------------------------ the fleet
+
+    def fleet_state(self, new: State, revision: int) -> None:
+        """A state from the fleet's etcd: enforced like a local change, and
+        kept in the state dir (what this agent enforces if it restarts while
+        etcd is away). Called by the fleet's thread."""
+        with self.lock:
+            self.enforce(new, previous=self.state)
+            self.store.save(revision, new)
+            self.state, self.generation = new, revision
+        log.info("fleet: revision %d enforced", revision)
+
+    def fleet_write(self, action: str, params: Dict[str, Any]) -> Dict[str, Any]:
+        """A change through the fleet: one compare-and-swap transaction in
+        etcd (on a fresh read; retried when another write won), answered once
+        this agent enforces it. Every agent converges through its watch."""
+        assert self.fleet is not None
+        if action == "CreateNetworkInterface" and params.get("Node") is None:
+            params = {**params, "Node": self.cfg.node}  # by default, an interface of this node
+        doc = self.parse_document(params) if action == "Apply" else None
+
+        def change(state: State) -> Tuple[State, Dict[str, Any]]:
+            if doc is not None:  # Apply: the whole state, whatever it was
+                return doc, {}
+            return state, actions.run(state, action, params)
+        try:
+            answer, revision = self.fleet.write(change)
+        except Unavailable as exc:
+            raise ApiError("ServiceUnavailable", f"etcd is unreachable, nothing was written: "
+                           f"{exc}", 503) from None
+        except Conflict as exc:
+            raise ApiError("Conflict", str(exc), 409) from None
+        except ValidationError as exc:
+            raise ApiError(exc.code, str(exc)) from None
+        if not self.fleet.wait_applied(revision):
+            log.warning("fleet: revision %d written but not yet enforced here", revision)
+        log.info("%s accepted (revision %d)", action, revision)
+        return self.applied_answer(doc, 0) if doc is not None else answer
+
+    def fleet_status(self) -> Dict[str, Any]:
+        assert self.fleet is not None
+        h = self.fleet.health
+        return {"datastore": "etcd", "node": self.cfg.node, "revision": h.revision,
+                "stale_since": None if h.stale_since is None else time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.stale_since)),
+                "error": h.last_error or None, "nodes": self.fleet.nodes()}
+
+    def bound_here(self) -> List[str]:
+        return sorted(self.rc.applied().endpoints)
+
     # ------------------------------------------------------------ API
 
     def handle(self, action: str, params: Dict[str, Any]) -> Dict[str, Any]:
+        fn = actions.ACTIONS.get(action)
+        if self.fleet is not None and (action == "Apply" or (fn is not None and fn[1])):
+            return self.fleet_write(action, params)
         if action == "Apply":  # parsed and validated before the lock: a big or
             new = self.parse_document(params)  # hostile document holds up nobody else
             with self.lock:
@@ -269,7 +327,9 @@ class Daemon:
             raise ApiError(exc.code, str(exc)) from None
 
     def act_apply(self, new: State) -> Dict[str, Any]:
-        cut = self.commit(new)
+        return self.applied_answer(new, self.commit(new))
+
+    def applied_answer(self, new: State, cut: int) -> Dict[str, Any]:
         for w in new.warnings:
             log.warning("apply: %s", w)
         return {"Return": True, "Generation": self.generation,
@@ -292,6 +352,8 @@ class Daemon:
                              "last_gc": self.gc_last.__dict__ if self.gc_last else None}
         if self.flows is not None:
             out["flow_logs"] = self.flows.stats()
+        if self.fleet is not None:
+            out["fleet"] = self.fleet_status()
         return out
 
     def _ep_ids(self, params: Dict[str, Any]) -> Optional[List[int]]:
@@ -489,7 +551,10 @@ class Daemon:
         for name in ("sg_endpoints", "sg_conntrack", "sg_config", "sg_verdicts"):
             self.dp.map(name)  # opened once, before threads share them
         with self.lock:
-            self.enforce(self.state)
+            self.enforce(self.state)  # the last state (from the fleet: as it was cached)
+        if self.fleet is not None and not self.fleet.sync():  # then the fleet's current one
+            log.error("fleet: etcd unreachable at start: enforcing the cached generation %d",
+                      self.generation)
         self.gc_last = conntrack.gc(self.dp)
         log.info("generation %d enforced (%d groups, %d interfaces); programs %s",
                  self.generation, len(self.state.groups), len(self.state.interfaces),
@@ -500,6 +565,14 @@ class Daemon:
         self._spawn("netlink", self.watch_netlink)
         self._spawn("reconcile", self.reconcile_loop)
         self._spawn("gc", self.gc_loop)
+        if self.fleet is not None:
+            fleet = self.fleet
+            try:
+                fleet.register(self.bound_here())
+            except Exception as exc:  # the heartbeat retries
+                log.error("fleet: registering node %s failed: %s", self.cfg.node, exc)
+            self._spawn("fleet", lambda: fleet.run(self.stopping))
+            self._spawn("heartbeat", lambda: fleet.heartbeat(self.stopping, self.bound_here))
         log.info("serving on %s", self.cfg.socket)
         # ready only now: the stored policy is enforced on every device there is
         sd_notify(f"READY=1\nSTATUS=generation {self.generation} enforced on "

@@ -1,0 +1,214 @@
+"""This agent's link to the fleet: the desired state in etcd (etcdstore.py),
+followed by a watch and written in compare-and-swap transactions, and the
+agent's own registration under a lease.
+
+The agent enforces what it last got from etcd; while etcd is unreachable it
+goes on enforcing it (and keeps it in its state dir, so a restart without
+etcd enforces it too), answers reads from it marked stale, and refuses
+writes. Back in touch, it resumes its watch where it stopped (or re-reads
+everything when etcd compacted that history) and converges.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import orjson
+
+from controller.policy.formats.keyspace import DEFAULT_PREFIX, KeyValues, decode, is_state_key
+from controller.policy.model import State, validate
+from controller.service.etcdstore import (
+    NODES,
+    Compacted,
+    Conflict,
+    EtcdStore,
+    Event,
+    Snapshot,
+    Unavailable,
+)
+
+log = logging.getLogger("sgctl")
+
+LEASE_TTL = 10  # seconds a node stays listed after its agent stops renewing
+RETRY_SECONDS = 0.5  # between attempts to reach etcd again
+WRITE_ATTEMPTS = 5  # a write that keeps losing the compare-and-swap says Conflict
+
+
+@dataclass
+class EtcdConfig:
+    endpoints: List[Tuple[str, int]]
+    prefix: str = DEFAULT_PREFIX
+    ca_cert: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+
+
+def parse_datastore(text: str) -> Optional[EtcdConfig]:
+    """``local`` -> None; ``etcd://HOST:PORT[,HOST:PORT...]`` -> its endpoints."""
+    if text == "local":
+        return None
+    if not text.startswith("etcd://"):
+        raise ValueError(f"--datastore {text!r}: local or etcd://HOST:PORT[,HOST:PORT...]")
+    endpoints = []
+    for part in text[len("etcd://"):].split(","):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--datastore: {part!r} is not HOST:PORT")
+        endpoints.append((host.strip("[]"), int(port)))
+    return EtcdConfig(endpoints)
+
+
+@dataclass
+class Health:
+    revision: int = 0  # the revision of the state this agent enforces
+    stale_since: Optional[float] = None  # wall clock: etcd unreachable since then
+    last_error: str = ""
+    nodes: Dict[str, Any] = field(default_factory=dict)
+
+
+class Fleet:
+    def __init__(self, cfg: EtcdConfig, node: str,
+                 on_state: Callable[[State, int], None]) -> None:
+        self.store = EtcdStore(cfg.endpoints, cfg.prefix, cfg.ca_cert, cfg.cert, cfg.key)
+        self.node = node
+        self.on_state = on_state  # enforce this state (of this revision); called by one thread
+        self.health = Health()
+        self.kvs: KeyValues = {}
+        self.applied = threading.Condition()
+        self.lease: Optional[int] = None
+
+    # ------------------------------------------------------------ following
+
+    def sync(self) -> bool:
+        """Read everything and enforce it; False when etcd is unreachable."""
+        try:
+            snap = self.store.read()
+        except Unavailable as exc:
+            self._unreachable(exc)
+            return False
+        self.kvs = dict(snap.kvs)
+        self._reachable()
+        self._enforce(snap.state, snap.revision)
+        return True
+
+    def run(self, stopping: threading.Event) -> None:
+        """Follow etcd until ``stopping``: watch from the last revision,
+        re-read after a compaction, retry while etcd is away."""
+        while not stopping.is_set():
+            if self.health.stale_since is not None and not self.sync():
+                stopping.wait(RETRY_SECONDS)
+                continue
+            try:
+                self.store.watch(self.health.revision + 1, self._events, stopping)
+            except Compacted as exc:
+                log.warning("fleet: %s; reading everything again", exc)
+                self.health.stale_since = time.time()  # next turn re-reads
+            except Unavailable as exc:
+                self._unreachable(exc)
+                stopping.wait(RETRY_SECONDS)
+
+    def _events(self, events: List[Event]) -> None:
+        changed = False
+        rev = self.health.revision
+        for e in events:
+            rev = max(rev, e.revision)
+            if not is_state_key(e.key, self.store.prefix):
+                continue
+            changed = True
+            if e.value is None:
+                self.kvs.pop(e.key, None)
+            else:
+                self.kvs[e.key] = e.value
+        if changed:
+            try:
+                state = decode(self.kvs, self.store.prefix)
+            except ValueError as exc:  # (ValidationError) a writer bypassed sgctl: keep the last
+                log.error("fleet: revision %d is not a valid state, not enforced: %s", rev, exc)
+                self._advance(rev)
+                return
+            self._enforce(state, rev)
+        else:
+            self._advance(rev)
+
+    def _enforce(self, state: State, revision: int) -> None:
+        try:
+            self.on_state(state, revision)
+        except Exception as exc:  # the agent's problem, not the fleet's: keep following
+            log.error("fleet: revision %d could not be enforced here: %s", revision, exc)
+        self._advance(revision)
+
+    def _advance(self, revision: int) -> None:
+        with self.applied:
+            self.health.revision = max(self.health.revision, revision)
+            self.applied.notify_all()
+
+    def wait_applied(self, revision: int, timeout: float = 10.0) -> bool:
+        """Until this agent enforces ``revision`` (or later)."""
+        with self.applied:
+            return self.applied.wait_for(lambda: self.health.revision >= revision, timeout)
+
+    def _unreachable(self, exc: Exception) -> None:
+        if self.health.stale_since is None:
+            self.health.stale_since = time.time()
+            log.error("fleet: etcd unreachable, enforcing revision %d: %s",
+                      self.health.revision, exc)
+        self.health.last_error = str(exc)
+
+    def _reachable(self) -> None:
+        if self.health.stale_since is not None:
+            log.info("fleet: etcd reachable again after %.1f s",
+                     time.time() - self.health.stale_since)
+        self.health.stale_since = None
+        self.health.last_error = ""
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, change: Callable[[State], Tuple[State, Dict[str, Any]]]
+              ) -> Tuple[Dict[str, Any], int]:
+        """Apply ``change`` (state -> (new state, answer)) to the fleet's
+        current state in one compare-and-swap transaction; on a concurrent
+        write, again on the fresh state. Returns the answer and the revision
+        written. Unavailable and Conflict say why nothing was written."""
+        for _ in range(WRITE_ATTEMPTS):
+            snap: Snapshot = self.store.read()
+            new, answer = change(snap.state.copy())
+            validate(new)
+            try:
+                return answer, self.store.commit(snap, new)
+            except Conflict:
+                continue
+        raise Conflict(f"the state kept changing under this write ({WRITE_ATTEMPTS} attempts)")
+
+    # ------------------------------------------------------------ this node
+
+    def register(self, interfaces: List[str]) -> None:
+        """This node's key, under a lease that lapses when the agent stops."""
+        if self.lease is None:
+            self.lease = self.store.grant(LEASE_TTL)
+        self.store.put_raw(NODES + self.node, orjson.dumps(
+            {"node": self.node, "seen": time.time(), "interfaces": sorted(interfaces),
+             "revision": self.health.revision}), lease=self.lease)
+
+    def heartbeat(self, stopping: threading.Event, interfaces: Callable[[], List[str]]) -> None:
+        while not stopping.wait(LEASE_TTL / 3):
+            try:
+                if self.lease is not None and not self.store.keepalive(self.lease):
+                    self.lease = None  # expired (etcd was away longer than the TTL)
+                self.register(interfaces())
+            except Unavailable:
+                self.lease = None  # it lapses while etcd is away: a new one next time
+            except Exception as exc:  # (a lease that expired meanwhile)
+                log.warning("fleet: node registration: %s", exc)
+                self.lease = None
+
+    def nodes(self) -> Dict[str, Any]:
+        """The live nodes as they registered (empty when etcd is away)."""
+        try:
+            raw = self.store.get_raw(NODES)
+        except Unavailable:
+            return {}
+        return {k.rsplit("/", 1)[-1]: orjson.loads(v) for k, v in raw.items()}

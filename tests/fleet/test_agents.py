@@ -1,0 +1,163 @@
+"""Several agents (each a "host": its own pins, state dir, socket, node name)
+sharing one etcd: a change through any agent reaches every agent's kernel,
+an interface is bound only by its node's agent, concurrent writers lose no
+update, and the agents ride out etcd going away."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from typing import Dict, Iterator, List
+
+import pytest
+
+from controller.policy.errors import ApiError
+from tests.daemonproc import DaemonProc, tcp_perm, wait_for
+from tests.etcdproc import EtcdProc
+from tests.harness import unique
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Dict[str, DaemonProc]]:
+    """Three agents and their etcd for the module (the etcd test comes last:
+    it stops etcd and starts it again)."""
+    etcd = EtcdProc()
+    agents = {name: DaemonProc() for name in ("n1", "n2", "n3")}
+    prefix = f"/{unique('sgf')}/"
+    try:
+        for name, a in agents.items():
+            a.start("--datastore", f"etcd://{etcd.endpoint}", "--etcd-prefix", prefix,
+                    "--node", name)
+        agents["etcd"] = etcd  # type: ignore[assignment]
+        agents["prefix"] = prefix  # type: ignore[assignment]
+        yield agents
+    finally:
+        for name, a in agents.items():
+            if name.startswith("n"):
+                a.close()
+        etcd.close()
+
+
+def groups(a: DaemonProc) -> List[str]:
+    with a.client() as c:
+        return sorted(g["GroupId"] for g in c.call("DescribeSecurityGroups")["SecurityGroups"])
+
+
+def bound(a: DaemonProc) -> List[str]:
+    with a.client() as c:
+        return sorted(r["interface"] for r in c.call("DescribeStatus")["interfaces"]
+                      if not r.get("pending"))
+
+
+def test_a_change_on_one_agent_reaches_every_agent(fleet: Dict[str, DaemonProc]) -> None:
+    a, b, c = fleet["n1"], fleet["n2"], fleet["n3"]
+    with a.client() as api:
+        gid = api.call("CreateSecurityGroup", {"GroupName": "web", "Description": "w"})["GroupId"]
+    for other in (b, c):
+        wait_for(lambda o=other: gid in groups(o), 5)
+    with b.client() as api:
+        status = api.call("DescribeStatus")["fleet"]
+    assert status["node"] == "n2" and status["stale_since"] is None
+    assert set(status["nodes"]) == {"n1", "n2", "n3"}, "every agent registered"
+
+
+def test_an_interface_is_bound_by_its_node_only(fleet: Dict[str, DaemonProc]) -> None:
+    a, c = fleet["n1"], fleet["n3"]
+    dev = unique("sgfd")
+    subprocess.run(["ip", "link", "add", dev, "type", "veth", "peer", "name", dev + "p"],
+                   check=True)
+    try:
+        with a.client() as api:  # created through n1, for n3
+            gid = api.call("CreateSecurityGroup", {"GroupName": "g", "Description": "g"})["GroupId"]
+            eni = api.call("CreateNetworkInterface", {
+                "Groups": [gid], "PrivateIpAddress": "198.18.3.3", "Node": "n3",
+                "TagSpecifications": [{"ResourceType": "network-interface", "Tags": [
+                    {"Key": "host-interface", "Value": dev}]}]})["NetworkInterface"]
+        eid = eni["NetworkInterfaceId"]
+        wait_for(lambda: eid in bound(c), 5)
+        assert eid not in bound(a), "n1 has a device of that name too, but it is n3's interface"
+    finally:
+        subprocess.run(["ip", "link", "del", dev], check=False)
+
+
+def test_concurrent_writers_lose_no_update(fleet: Dict[str, DaemonProc]) -> None:
+    a, b = fleet["n1"], fleet["n2"]
+    with a.client() as api:
+        gid = api.call("CreateSecurityGroup", {"GroupName": "c", "Description": "c"})["GroupId"]
+    wait_for(lambda: gid in groups(b), 5)
+    errors: List[Exception] = []
+
+    def writer(agent: DaemonProc, ports: range) -> None:
+        try:
+            with agent.client() as api:
+                for p in ports:
+                    api.call("AuthorizeSecurityGroupIngress", {
+                        "GroupId": gid, "IpPermissions": [tcp_perm(p, "198.18.0.0/24")]})
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(a, range(1000, 1010))),
+               threading.Thread(target=writer, args=(b, range(2000, 2010)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    with fleet["n3"].client() as api:
+        wait_for(lambda: len(api.call("DescribeSecurityGroupRules", {
+            "Filters": [{"Name": "group-id", "Values": [gid]}]})["SecurityGroupRules"]) >= 21, 5)
+        ports = sorted(r["FromPort"] for r in api.call("DescribeSecurityGroupRules", {
+            "Filters": [{"Name": "group-id", "Values": [gid]}]})["SecurityGroupRules"]
+            if not r["IsEgress"])
+    assert ports == [*range(1000, 1010), *range(2000, 2010)], "every write of both agents"
+
+
+def test_an_agent_killed_converges_on_what_it_missed(fleet: Dict[str, DaemonProc]) -> None:
+    a, c = fleet["n1"], fleet["n3"]
+    c.kill()  # kill -9: its programs stay, enforcing its last state
+    with a.client() as api:
+        gid = api.call("CreateSecurityGroup", {"GroupName": "m", "Description": "m"})["GroupId"]
+    c.start("--datastore", f"etcd://{fleet['etcd'].endpoint}",  # type: ignore[attr-defined]
+            "--etcd-prefix", fleet["prefix"], "--node", "n3")  # type: ignore[arg-type]
+    wait_for(lambda: gid in groups(c), 10)
+
+
+def test_etcd_away_refuses_writes_keeps_reads_then_resumes(fleet: Dict[str, DaemonProc]) -> None:
+    a, b = fleet["n1"], fleet["n2"]
+    etcd: EtcdProc = fleet["etcd"]  # type: ignore[assignment]
+    with a.client() as api:
+        gid = api.call("CreateSecurityGroup", {"GroupName": "k", "Description": "k"})["GroupId"]
+    wait_for(lambda: gid in groups(b), 5)
+    etcd.kill()
+    with a.client() as api:
+        with pytest.raises(ApiError) as err:
+            api.call("CreateSecurityGroup", {"GroupName": "x", "Description": "x"})
+        assert err.value.code == "ServiceUnavailable"
+        assert gid in [g["GroupId"] for g in api.call("DescribeSecurityGroups")["SecurityGroups"]]
+        wait_for(lambda: api.call("DescribeStatus")["fleet"]["stale_since"] is not None, 20)
+    etcd.start()
+    with b.client() as api:
+        wait_for(lambda: api.call("DescribeStatus")["fleet"]["stale_since"] is None, 20)
+        gid2 = api.call("CreateSecurityGroup", {"GroupName": "y", "Description": "y"})["GroupId"]
+    wait_for(lambda: gid2 in groups(a), 20)
+
+
+def test_an_agent_restarted_without_etcd_enforces_its_cache(fleet: Dict[str, DaemonProc]) -> None:
+    a, b = fleet["n1"], fleet["n2"]
+    etcd: EtcdProc = fleet["etcd"]  # type: ignore[assignment]
+    with a.client() as api:
+        gid = api.call("CreateSecurityGroup", {"GroupName": "z", "Description": "z"})["GroupId"]
+    wait_for(lambda: gid in groups(b), 5)
+    etcd.kill()
+    b.kill()
+    b.start("--datastore", f"etcd://{etcd.endpoint}", "--etcd-prefix",
+            fleet["prefix"], "--node", "n2")  # type: ignore[arg-type]
+    assert gid in groups(b), "the cached state, from the state dir"
+    with b.client() as api:
+        assert api.call("DescribeStatus")["fleet"]["stale_since"] is not None
+    etcd.start()
+    with b.client() as api:
+        wait_for(lambda: api.call("DescribeStatus")["fleet"]["stale_since"] is None, 20)
+
