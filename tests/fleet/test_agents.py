@@ -27,17 +27,28 @@ def fleet() -> Iterator[Dict[str, DaemonProc]]:
     agents = {name: DaemonProc() for name in ("n1", "n2", "n3")}
     prefix = f"/{unique('sgf')}/"
     try:
-        for name, a in agents.items():
-            a.start("--datastore", f"etcd://{etcd.endpoint}", "--etcd-prefix", prefix,
-                    "--node", name)
         agents["etcd"] = etcd  # type: ignore[assignment]
         agents["prefix"] = prefix  # type: ignore[assignment]
+        for name in ("n1", "n2", "n3"):
+            start(agents, name)
         yield agents
     finally:
         for name, a in agents.items():
             if name.startswith("n"):
                 a.close()
         etcd.close()
+
+
+def start(fleet: Dict[str, DaemonProc], node: str) -> None:
+    """(Re)start the agent of ``node`` on the fleet's etcd."""
+    fleet[node].start("--datastore", f"etcd://{fleet['etcd'].endpoint}",  # type: ignore[attr-defined]
+                      "--etcd-prefix", str(fleet["prefix"]), "--node", node)
+
+
+def create_group(a: DaemonProc, name: str) -> str:
+    with a.client() as api:
+        return str(api.call("CreateSecurityGroup", {"GroupName": name,
+                                                    "Description": name})["GroupId"])
 
 
 def groups(a: DaemonProc) -> List[str]:
@@ -53,8 +64,7 @@ def bound(a: DaemonProc) -> List[str]:
 
 def test_a_change_on_one_agent_reaches_every_agent(fleet: Dict[str, DaemonProc]) -> None:
     a, b, c = fleet["n1"], fleet["n2"], fleet["n3"]
-    with a.client() as api:
-        gid = api.call("CreateSecurityGroup", {"GroupName": "web", "Description": "w"})["GroupId"]
+    gid = create_group(a, "web")
     for other in (b, c):
         wait_for(lambda o=other: gid in groups(o), 5)
     with b.client() as api:
@@ -84,8 +94,7 @@ def test_an_interface_is_bound_by_its_node_only(fleet: Dict[str, DaemonProc]) ->
 
 def test_concurrent_writers_lose_no_update(fleet: Dict[str, DaemonProc]) -> None:
     a, b = fleet["n1"], fleet["n2"]
-    with a.client() as api:
-        gid = api.call("CreateSecurityGroup", {"GroupName": "c", "Description": "c"})["GroupId"]
+    gid = create_group(a, "c")
     wait_for(lambda: gid in groups(b), 5)
     errors: List[Exception] = []
 
@@ -117,18 +126,15 @@ def test_concurrent_writers_lose_no_update(fleet: Dict[str, DaemonProc]) -> None
 def test_an_agent_killed_converges_on_what_it_missed(fleet: Dict[str, DaemonProc]) -> None:
     a, c = fleet["n1"], fleet["n3"]
     c.kill()  # kill -9: its programs stay, enforcing its last state
-    with a.client() as api:
-        gid = api.call("CreateSecurityGroup", {"GroupName": "m", "Description": "m"})["GroupId"]
-    c.start("--datastore", f"etcd://{fleet['etcd'].endpoint}",  # type: ignore[attr-defined]
-            "--etcd-prefix", fleet["prefix"], "--node", "n3")  # type: ignore[arg-type]
+    gid = create_group(a, "m")
+    start(fleet, "n3")
     wait_for(lambda: gid in groups(c), 10)
 
 
 def test_etcd_away_refuses_writes_keeps_reads_then_resumes(fleet: Dict[str, DaemonProc]) -> None:
     a, b = fleet["n1"], fleet["n2"]
     etcd: EtcdProc = fleet["etcd"]  # type: ignore[assignment]
-    with a.client() as api:
-        gid = api.call("CreateSecurityGroup", {"GroupName": "k", "Description": "k"})["GroupId"]
+    gid = create_group(a, "k")
     wait_for(lambda: gid in groups(b), 5)
     etcd.kill()
     with a.client() as api:
@@ -147,13 +153,11 @@ def test_etcd_away_refuses_writes_keeps_reads_then_resumes(fleet: Dict[str, Daem
 def test_an_agent_restarted_without_etcd_enforces_its_cache(fleet: Dict[str, DaemonProc]) -> None:
     a, b = fleet["n1"], fleet["n2"]
     etcd: EtcdProc = fleet["etcd"]  # type: ignore[assignment]
-    with a.client() as api:
-        gid = api.call("CreateSecurityGroup", {"GroupName": "z", "Description": "z"})["GroupId"]
+    gid = create_group(a, "z")
     wait_for(lambda: gid in groups(b), 5)
     etcd.kill()
     b.kill()
-    b.start("--datastore", f"etcd://{etcd.endpoint}", "--etcd-prefix",
-            fleet["prefix"], "--node", "n2")  # type: ignore[arg-type]
+    start(fleet, "n2")
     assert gid in groups(b), "the cached state, from the state dir"
     with b.client() as api:
         assert api.call("DescribeStatus")["fleet"]["stale_since"] is not None
