@@ -41,7 +41,7 @@ from controller.policy.model import State, validate
 from controller.reconcile.converge import Reconciler
 from controller.reconcile.plan import Device, HostDevices, PlanError
 from controller.service import api
-from controller.service.etcdstore import Conflict, Unavailable
+from controller.service.etcdstore import Conflict, Refused, Unavailable
 from controller.service.fleet import EtcdConfig, Fleet
 from controller.service.flowlog import FlowLogConfig, FlowLogger, Names
 from controller.service.metrics import Metrics, Snapshot
@@ -245,6 +245,8 @@ class Daemon:
                            f"{exc}", 503) from None
         except Conflict as exc:
             raise ApiError("Conflict", str(exc), 409) from None
+        except Refused as exc:  # (a change larger than etcd's --max-txn-ops allows)
+            raise ApiError("RequestLimitExceeded", f"{exc}; nothing was written", 400) from None
         except ValidationError as exc:
             raise ApiError(exc.code, str(exc)) from None
         if not self.fleet.wait_applied(revision):

@@ -41,10 +41,17 @@ from controller.policy.model import State
 
 GENERATION = "meta/generation"  # bumped by every write: the compare of every transaction
 NODES = "nodes/"  # {prefix}nodes/<name>: a live agent, under its lease
+PAGE = 5000  # keys per range read (one gateway answer stays small)
+TXN_OPS = 128  # etcd's default --max-txn-ops
 
 
 class Unavailable(RuntimeError):
     """No etcd endpoint answers."""
+
+
+class Refused(RuntimeError):
+    """etcd answered and refused the request (e.g. a transaction over its
+    --max-txn-ops or --max-request-bytes)."""
 
 
 class Conflict(RuntimeError):
@@ -118,24 +125,42 @@ class EtcdStore:
             except (ConnectionFailedError, ConnectionTimeoutError) as exc:
                 errors.append(f"{client.host}:{client.port}: {type(exc).__name__}")
             except Etcd3Exception as exc:
-                raise Unavailable(f"etcd refused {path}: {exc}") from None
+                raise Refused(f"etcd refused {path}: {' '.join(map(str, exc.args))}") from None
         raise Unavailable("no etcd endpoint answers (" + "; ".join(errors) + ")")
 
     # ------------------------------------------------------------ reading
 
     def read(self) -> Snapshot:
-        """The whole desired state (one range read: a consistent revision)."""
-        out = self._post("/kv/range", {"key": _b64(self.prefix),
-                                       "range_end": _b64(_range_end(self.prefix))})
+        """The whole desired state as of one revision (pages of PAGE keys,
+        all read at the first page's revision: one consistent snapshot)."""
         kvs: KeyValues = {}
-        gen_rev = 0
-        for kv in out.get("kvs", []):
-            k = _unb64(kv["key"]).decode()
-            if k == self.prefix + GENERATION:
-                gen_rev = int(kv["mod_revision"])
-            elif is_state_key(k, self.prefix):
-                kvs[k] = _unb64(kv.get("value", ""))
-        return Snapshot(decode(kvs, self.prefix), int(out["header"]["revision"]), gen_rev, kvs)
+        gen_rev, revision = 0, 0
+        start, end = self.prefix, _range_end(self.prefix)
+        while True:
+            body: Dict[str, Any] = {"key": _b64(start), "range_end": _b64(end), "limit": PAGE}
+            if revision:
+                body["revision"] = revision
+            out = self._post("/kv/range", body)
+            revision = revision or int(out["header"]["revision"])
+            page = out.get("kvs", [])
+            for kv in page:
+                k = _unb64(kv["key"]).decode()
+                if k == self.prefix + GENERATION:
+                    gen_rev = int(kv["mod_revision"])
+                elif is_state_key(k, self.prefix):
+                    kvs[k] = _unb64(kv.get("value", ""))
+            if not out.get("more") or not page:
+                break
+            start = _unb64(page[-1]["key"]).decode() + "\0"
+        return Snapshot(decode(kvs, self.prefix), revision, gen_rev, kvs)
+
+    def stats(self) -> Dict[str, int]:
+        """Keys under the prefix and the database's size in bytes."""
+        count = self._post("/kv/range", {"key": _b64(self.prefix),
+                                         "range_end": _b64(_range_end(self.prefix)),
+                                         "count_only": True})
+        status = self._post("/maintenance/status", {})
+        return {"keys": int(count.get("count", 0)), "db_bytes": int(status.get("dbSize", 0))}
 
     # ------------------------------------------------------------ writing
 

@@ -12,8 +12,8 @@ from typing import Dict, Iterator, List
 import pytest
 
 from controller.policy.errors import ApiError
+from controller.tools.etcd import EtcdProc
 from tests.daemonproc import DaemonProc, tcp_perm, wait_for
-from tests.etcdproc import EtcdProc
 from tests.harness import unique
 
 pytestmark = pytest.mark.netns

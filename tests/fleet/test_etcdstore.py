@@ -12,7 +12,7 @@ import pytest
 from controller.policy.formats import load_document
 from controller.policy.formats.keyspace import encode
 from controller.service.etcdstore import Compacted, Conflict, EtcdStore, Event, Unavailable
-from tests.etcdproc import EtcdProc
+from controller.tools.etcd import EtcdProc
 
 P = "/sgt/"
 

@@ -1,5 +1,6 @@
-"""A private etcd for a test: Debian's etcd-server on 127.0.0.1, free ports,
-a temporary data dir; stopped and removed even when the test fails."""
+"""A private etcd on 127.0.0.1 for the tests, the bench and the demo: Debian's
+etcd-server on free ports with a temporary data dir, stopped and removed even
+when the caller fails."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import time
 from typing import List, Optional
 
 import requests
+
+# a whole-state apply is one transaction: etcd's defaults (128 operations,
+# 1.5 MiB) hold a few hundred objects; the README says how to raise them
+LIMITS = ["--max-txn-ops", "100000", "--max-request-bytes", str(64 << 20)]
 
 
 def free_port() -> int:
@@ -37,7 +42,7 @@ class EtcdProc:
         return ["etcd", "--name", "t", "--data-dir", self.dir, "--listen-client-urls", url,
                 "--advertise-client-urls", url, "--listen-peer-urls", peer,
                 "--initial-advertise-peer-urls", peer, "--initial-cluster", f"t={peer}",
-                "--log-level", "error"]
+                "--log-level", "error", *LIMITS]
 
     def start(self) -> None:
         log = open(os.path.join(self.dir, "etcd.log"), "ab")
