@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -120,3 +121,91 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Stream:
+    """An established TCP echo stream and a UDP ping-pong, each on a thread,
+    counting every byte/datagram that did not come back."""
+
+    def __init__(self, inst: Instance, dst: str, tcp_port: int = 80, udp_port: int = 53) -> None:
+        self.stop = threading.Event()
+        self.errors: List[str] = []
+        self.tcp_rounds = self.udp_rounds = self.udp_lost = 0
+        sock = inst.tcp_connect(dst, tcp_port, timeout=2.0)
+        assert sock is not None, "stream's TCP connection could not be opened"
+        self.tcp = sock
+        with inst.inside():
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.settimeout(1.0)
+        self.dst, self.udp_port = dst, udp_port
+        self.threads = [threading.Thread(target=self._tcp_loop, daemon=True),
+                        threading.Thread(target=self._udp_loop, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _tcp_loop(self) -> None:
+        payload = b"x" * 1000
+        while not self.stop.is_set():
+            try:
+                self.tcp.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = self.tcp.recv(len(payload) - len(got))
+                    if not chunk:
+                        raise OSError("connection closed")
+                    got += chunk
+                self.tcp_rounds += 1
+            except OSError as exc:
+                self.errors.append(f"tcp: {exc}")
+                return
+
+    def _udp_loop(self) -> None:
+        seq = 0
+        while not self.stop.is_set():
+            seq += 1
+            msg = seq.to_bytes(8, "big")
+            self.udp.sendto(msg, (self.dst, self.udp_port))
+            try:
+                while True:  # skip late echoes of earlier datagrams
+                    data, _ = self.udp.recvfrom(64)
+                    if data == msg:
+                        break
+                self.udp_rounds += 1
+            except socket.timeout:
+                self.udp_lost += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=5)
+        self.tcp.close()
+        self.udp.close()
+
+
+class Prober:
+    """Denied traffic sent all along: UDP to a port no rule allows. Any
+    answer means a denied packet got through."""
+
+    def __init__(self, inst: Instance, dst: str, port: int) -> None:
+        self.stop = threading.Event()
+        self.sent = self.answered = 0
+        with inst.inside():
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(0.01)
+        self.thread = threading.Thread(target=self._loop, args=(dst, port), daemon=True)
+        self.thread.start()
+
+    def _loop(self, dst: str, port: int) -> None:
+        while not self.stop.is_set():
+            self.sock.sendto(b"probe", (dst, port))
+            self.sent += 1
+            try:
+                self.sock.recvfrom(64)
+                self.answered += 1
+            except socket.timeout:
+                pass
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List
 
 
@@ -30,6 +31,15 @@ def print_status(out: Dict[str, Any]) -> None:
         d = out["daemon"]
         print(f"daemon: pid {d['pid']}, generation {d['generation']}, programs {d['programs']}, "
               f"conntrack {d['conntrack_entries']}/{d['conntrack_max']}")
+    if "fleet" in out:
+        f = out["fleet"]
+        stale = f" -- etcd unreachable since {f['stale_since']}: {f['error']}" \
+            if f.get("stale_since") else ""
+        print(f"fleet: node {f['node']}, revision {f['revision']}{stale}")
+        for name, n in sorted(f.get("nodes", {}).items()):
+            seen = time.strftime("%H:%M:%S", time.gmtime(n.get("seen", 0)))
+            print(f"  node {name:<20} {len(n.get('interfaces', [])):>5} interfaces bound, "
+                  f"last seen {seen} UTC, revision {n.get('revision')}")
     if "flow_logs" in out:
         f = out["flow_logs"]
         recs = ", ".join(f"{n} {s}" for s, n in sorted(f["records"].items()))

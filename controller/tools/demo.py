@@ -3,6 +3,7 @@ through the daemon, changed through the API, enforced across a daemon crash."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from controller.service.api import ping as api_ping
+from controller.tools.etcd import EtcdProc
 
 NS = {"web": ("sgdemo-nweb", "sgdemo-web", "198.18.0.10"),
       "app": ("sgdemo-napp", "sgdemo-app", "198.18.0.20"),
@@ -174,6 +176,68 @@ def observe() -> bool:
     return good
 
 
+def fleet_demo() -> bool:
+    """Two hosts sharing one etcd, played by two agents on this machine."""
+    print("\nMany hosts: one etcd, an agent per host (two agents here, nodes host-a and "
+          "host-b, each with its own pins, state and socket)")
+    etcd = EtcdProc()
+    agents: list = []
+    good = True
+    try:
+        for node in ("host-a", "host-b"):
+            state = f"{STATE}-{node}"
+            cmd = [sys.executable, "-m", "controller.cli", "--pin-dir", f"{PIN}-{node}",
+                   "--state-dir", state, "--socket", f"{state}/api.sock"]
+            os.makedirs(state, exist_ok=True)
+            log = open(f"{state}/daemon.log", "ab")
+            print(f"$ sgctl daemon --datastore etcd://{etcd.endpoint} --node {node} &")
+            proc = subprocess.Popen([*cmd, "daemon", "--metrics-address", "none",
+                                     "--datastore", f"etcd://{etcd.endpoint}", "--node", node],
+                                    stdout=log, stderr=log)
+            agents.append((node, cmd, proc))
+            deadline = time.monotonic() + 60
+            while not api_ping(f"{state}/api.sock"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    print(open(f"{state}/daemon.log").read()[-2000:])
+                    return False
+                time.sleep(0.1)
+
+        def on(node: str, *args: str) -> str:
+            cmd = next(c for n, c, _ in agents if n == node)
+            print(f"\n[{node}]$ sgctl {' '.join(args)}")
+            res = subprocess.run([*cmd, *args], capture_output=True, text=True)
+            print(textwrap.indent((res.stdout + res.stderr).rstrip(), "  "))
+            return res.stdout
+
+        web_g = on("host-a", "create-security-group", "--group-name", "fleet-web",
+                   "--description", "web", "-o", "json")
+        cli_g = on("host-a", "create-security-group", "--group-name", "fleet-cli",
+                   "--description", "clients", "-o", "json")
+        web_id, cli_id = (json.loads(web_g)["GroupId"], json.loads(cli_g)["GroupId"])
+        on("host-a", "authorize-ingress", "--group-id", web_id, "--protocol", "tcp", "--port",
+           "80", "--source-group", cli_id)
+        print("\nweb's interface is host-b's (its device is there); the client is a member "
+              "on host-a, known to host-b only through etcd:")
+        on("host-a", "create-network-interface", "--groups", web_id, "--private-ip",
+           NS["web"][2], "--device", NS["web"][1], "--node", "host-b")
+        on("host-a", "create-network-interface", "--groups", cli_id, "--private-ip",
+           NS["client"][2], "--node", "host-a")
+        deadline = time.monotonic() + 10
+        while not tcp("client", "web", 80) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        on("host-b", "status")
+        good &= show("client -> web tcp/80 (member of fleet-cli)", tcp("client", "web", 80),
+                     True)
+        good &= show("app -> web tcp/80 (not a member)", tcp("app", "web", 80), False)
+    finally:
+        for _, cmd, proc in agents:
+            proc.terminate()
+            proc.wait()
+            subprocess.run([*cmd, "reset"], capture_output=True)
+        etcd.close()
+    return good
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("demo: must run as root", file=sys.stderr)
@@ -238,6 +302,8 @@ def main() -> int:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait()
         procs.remove(daemon)
+        sgctl("reset", quiet=True)  # the single host's pins go: the fleet's agents take over
+        good &= fleet_demo()
     finally:
         cleanup(procs)
         print("\ncleaned up: daemon, namespaces, bridge, pins")
