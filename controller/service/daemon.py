@@ -224,6 +224,11 @@ class Daemon:
             self.store.save(revision, new)
             self.state, self.generation = new, revision
         log.info("fleet: revision %d enforced", revision)
+        if self.fleet is not None and self.server is not None:  # what this node binds now
+            try:
+                self.fleet.register(self.bound_here())
+            except Exception as exc:  # the heartbeat tries again
+                log.warning("fleet: node registration: %s", exc)
 
     def fleet_write(self, action: str, params: Dict[str, Any]) -> Dict[str, Any]:
         """A change through the fleet: one compare-and-swap transaction in

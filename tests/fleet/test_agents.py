@@ -89,6 +89,9 @@ def test_an_interface_is_bound_by_its_node_only(fleet: Dict[str, DaemonProc]) ->
         eid = eni["NetworkInterfaceId"]
         wait_for(lambda: eid in bound(c), 5)
         assert eid not in bound(a), "n1 has a device of that name too, but it is n3's interface"
+        with a.client() as api:  # the fleet knows where it is bound
+            wait_for(lambda: eid in api.call("DescribeStatus")["fleet"]["nodes"]["n3"][
+                "interfaces"], 5)
     finally:
         subprocess.run(["ip", "link", "del", dev], check=False)
 
