@@ -5,8 +5,9 @@ agent's own registration under a lease.
 The agent enforces what it last got from etcd; while etcd is unreachable it
 goes on enforcing it (and keeps it in its state dir, so a restart without
 etcd enforces it too), answers reads from it marked stale, and refuses
-writes. Back in touch, it resumes its watch where it stopped (or re-reads
-everything when etcd compacted that history) and converges.
+writes. Back in touch, it reads the state again (one consistent range read)
+and watches from there; a watch stream that merely went quiet is re-opened
+from the last revision, and a compacted one makes it read everything again.
 """
 
 from __future__ import annotations
@@ -108,8 +109,17 @@ class Fleet:
                 log.warning("fleet: %s; reading everything again", exc)
                 self.health.stale_since = time.time()  # next turn re-reads
             except Unavailable as exc:
+                if stopping.is_set() or self._alive():
+                    continue  # a quiet stream timed out: watch again from where we are
                 self._unreachable(exc)
                 stopping.wait(RETRY_SECONDS)
+
+    def _alive(self) -> bool:
+        try:
+            self.store.stats()
+            return True
+        except Unavailable:
+            return False
 
     def _events(self, events: List[Event]) -> None:
         changed = False
