@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 from controller.cli.commands import add_commands, params_of, print_table
 from controller.cli.tables import print_connections, print_status
@@ -75,8 +75,7 @@ def _local() -> Any:
     return importlib.import_module("controller.cli.local")
 
 
-def _show(args: argparse.Namespace, out: Dict[str, Any],
-          table: Callable[[Dict[str, Any]], None]) -> int:
+def _show(args: argparse.Namespace, out: Any, table: Callable[[Any], None]) -> int:
     """An answer as JSON (``-o json``) or as a table."""
     if args.output == "json":
         print(json.dumps(out, indent=2))
@@ -141,11 +140,7 @@ def cmd_conntrack(args: argparse.Namespace) -> int:
             print(f"flushed {b.call('FlushConntrack', params)['Flushed']} entries")
             return EXIT_OK
         rows = b.call("DescribeConntrack", params)["Connections"]
-    if args.output == "json":
-        print(json.dumps(rows, indent=2))
-    else:
-        print_connections(rows)
-    return EXIT_OK
+    return _show(args, rows, print_connections)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -456,15 +456,14 @@ class State:
     def for_node(self, node: Optional[str]) -> State:
         """The state as the agent of ``node`` enforces it: an interface of
         another node is a member elsewhere (its device is not bound here).
-        Interfaces that name no node are this host's."""
-        foreign = [e.eni_id for e in self.interfaces.values()
-                   if e.device and e.node is not None and e.node != node]
+        Interfaces that name no node are this host's. The result shares
+        everything else with this state (copy it before changing it)."""
+        foreign = {eid for eid, e in self.interfaces.items()
+                   if e.device and e.node is not None and e.node != node}
         if not foreign:
             return self
-        out = self.copy()
-        for eid in foreign:
-            out.interfaces[eid].device = None
-        return out
+        return replace(self, interfaces={eid: replace(e, device=None) if eid in foreign else e
+                                         for eid, e in self.interfaces.items()})
 
     def copy(self) -> State:
         """A copy whose objects can be changed without touching this one

@@ -94,11 +94,11 @@ class Reconciler:
         """Make the kernel enforce ``state`` and cut the connections it no
         longer allows on interfaces that ask for it. On failure, with
         ``previous``, the previous state is enforced again before the error
-        is raised."""
+        is raised (a state refused by the plan wrote nothing: nothing to restore)."""
+        p = plan(state, self.host(state) if host is None else host, self.applied(),
+                 self.kernel_view(), missing_ok)
         try:
-            applied = self.execute(plan(state, self.host(state) if host is None else host,
-                                        self.applied(), self.kernel_view(), missing_ok),
-                                   state, attach)
+            applied = self.execute(p, state, attach)
         except Exception as exc:
             if previous is not None:
                 log.error("enforcing the new state failed, restoring the previous one: %s", exc)

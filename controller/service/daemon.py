@@ -133,14 +133,17 @@ class Daemon:
 
     # ------------------------------------------------------------ host view
 
-    def watched(self, state: State) -> List[str]:
-        return [e.eni_id for e in state.for_node(self.cfg.node).bound_interfaces()
+    def watched(self, here: State) -> List[str]:
+        """Interfaces of ``here`` (a state for this node) that follow their
+        devices' addresses."""
+        return [e.eni_id for e in here.bound_interfaces()
                 if e.watch_addresses or self.cfg.watch_addresses]
 
     def host_view(self, state: State) -> HostView:
         """For every bound interface: its device's ifindex (None = absent) and,
         when watched, the device's addresses (global scope)."""
-        watch = set(self.watched(state))
+        here = state.for_node(self.cfg.node)
+        watch = set(self.watched(here))
         with IPRoute() as ipr:
             links = netlink.devices(ipr)
             addrs: Dict[int, List[str]] = {}
@@ -151,7 +154,7 @@ class Daemon:
                         continue
                     addrs.setdefault(a["index"], []).append(str(ip))
         out = []
-        for eni in state.for_node(self.cfg.node).bound_interfaces():
+        for eni in here.bound_interfaces():
             assert eni.device
             idx, kind = links.get(eni.device, (None, 0))
             got = tuple(sorted(addrs.get(idx, []))) if eni.eni_id in watch and idx else ()
