@@ -46,6 +46,7 @@ class Image:
     plens: Dict[PlensKeyT, Tuple[int, ...]] = field(default_factory=dict)
     top16: Dict[PlensKeyT, bytes] = field(default_factory=dict)  # 8 KiB bitmaps
     world: Dict[PlensKeyT, int] = field(default_factory=dict)  # -> world class id
+    cover: Dict[PlensKeyT, Dict[int, int]] = field(default_factory=dict)  # top16_cover()
 
     def classes(self) -> Set[int]:
         return set(self.peers.values()) | set(self.world.values())
@@ -68,16 +69,36 @@ def set_top16(bits: bytearray, family: int, plen: int, net: int) -> None:
         bits[b >> 3] |= 1 << (b & 7)
 
 
-def top16_bitmaps(pol: Policy) -> Dict[PlensKeyT, bytes]:
+def _top(family: int, net: int) -> int:
+    return net >> ((32 if family == 4 else 128) - 16)
+
+
+def top16_cover(pol: Policy) -> Dict[PlensKeyT, Dict[int, int]]:
+    """Per (dir, family): top-16 value -> how many prefixes of length >= 16
+    lie under it (what a change adds to or takes from the bitmap)."""
+    out: Dict[PlensKeyT, Dict[int, int]] = {k: {} for k in pol.plens}
+    for (d, family, plen, net) in pol.peers:
+        if plen >= 16:
+            cover = out[(d, family)]
+            top = _top(family, net)
+            cover[top] = cover.get(top, 0) + 1
+    return out
+
+
+def top16_bitmaps(pol: Policy, cover: Dict[PlensKeyT, Dict[int, int]]
+                  ) -> Dict[PlensKeyT, bytes]:
     """Per (dir, family): which values of an address's top 16 bits some
     prefix (or exempt address) covers -- the datapath's first, cheapest test."""
     maps = {k: bytearray(abi.TOP16_WORDS * 8) for k in pol.plens}
+    for key, bits in maps.items():
+        for top in cover[key]:
+            bits[top >> 3] |= 1 << (top & 7)
     exempt = [(d, fam, plen, net) for d, fam in pol.plens for fam2, plen, net in pol.exempt
               if fam2 == fam]
-    for (d, family, plen, net) in [*pol.peers, *exempt]:
-        bits = maps.get((d, family))
-        if bits is not None:
-            set_top16(bits, family, plen, net)
+    short = [k for k in pol.peers if k[2] < 16]
+    for (d, family, plen, net) in [*short, *exempt]:
+        if (d, family) in maps:
+            set_top16(maps[(d, family)], family, plen, net)
     return {k: bytes(v) for k, v in maps.items()}
 
 
@@ -95,6 +116,8 @@ class PolicyMaps:
         self.images: Dict[int, Image] = {}
         self.foreign: Optional[Set[int]] = None  # class ids found at start
         self.next_class = 1
+        # group set -> (serial, image, policy) of its last compile's image
+        self.built: Dict[Tuple[str, ...], Tuple[int, Image, Policy]] = {}
 
     def start(self, next_class: int) -> None:
         """Once per process: learn which class ids the maps already use."""
@@ -137,9 +160,60 @@ class PolicyMaps:
         return cls
 
     def image_of(self, pol: Policy) -> Image:
-        return Image(peers={k: self.intern(c) for k, c in pol.peers.items()},
-                     plens=dict(pol.plens), top16=top16_bitmaps(pol),
-                     world={k: self.intern(c) for k, c in pol.world.items()})
+        """The image of a compiled policy: from the image of the group set's
+        previous compile when ``pol`` says what changed since (only its
+        changed prefixes are interned and only their top-16 bits redone),
+        else from scratch."""
+        last = self.built.get(pol.groups)
+        if last is not None and pol.since is not None and last[0] == pol.since:
+            img = self._patched(pol, last[1], last[2])
+        else:
+            cover = top16_cover(pol)
+            img = Image(peers={k: self.intern(c) for k, c in pol.peers.items()},
+                        plens=dict(pol.plens), top16=top16_bitmaps(pol, cover),
+                        world={k: self.intern(c) for k, c in pol.world.items()}, cover=cover)
+        self.built[pol.groups] = (pol.serial, img, pol)
+        return img
+
+    def _patched(self, pol: Policy, old: Image, prev: Policy) -> Image:
+        peers = dict(old.peers)
+        cover = {k: dict(v) for k, v in old.cover.items()}
+        cleared = False
+        for key in pol.changed:
+            content = pol.peers.get(key)
+            had = key in peers
+            if content is None:
+                peers.pop(key, None)
+            else:
+                peers[key] = self.intern(content)
+            if had == (content is not None) or key[2] < 16:
+                continue  # the prefix's presence did not change (short ones: below)
+            slot = cover.setdefault(key[:2], {})
+            top = _top(key[1], key[3])
+            n = slot.get(top, 0) + (1 if content is not None else -1)
+            if n:
+                slot[top] = n
+            else:
+                del slot[top]
+                cleared = True
+        img = Image(peers=peers, plens=dict(pol.plens),
+                    world={k: self.intern(c) for k, c in pol.world.items()}, cover=cover)
+        if cleared or pol.exempt != prev.exempt or pol.plens.keys() != old.plens.keys() or any(
+                k[2] < 16 for k in pol.changed):
+            img.top16 = top16_bitmaps(pol, cover)
+        else:  # bits are only added
+            img.top16 = {}
+            for slot_key, bitmap in old.top16.items():
+                new_tops = [k for k in pol.changed if k[:2] == slot_key]
+                if not new_tops:
+                    img.top16[slot_key] = bitmap
+                    continue
+                bits = bytearray(bitmap)
+                for k in new_tops:
+                    top = _top(k[1], k[3])
+                    bits[top >> 3] |= 1 << (top & 7)
+                img.top16[slot_key] = bytes(bits)
+        return img
 
     # ------------------------------------------------------------ images
 
@@ -190,6 +264,8 @@ class PolicyMaps:
             for k in lpm_keys:
                 lpm.delete(k)
         self.classes = {k: c for k, c in self.classes.items() if c in self.class_keys}
+        written = {id(img) for img in self.images.values()}  # patch only from a live image
+        self.built = {g: b for g, b in self.built.items() if id(b[1]) in written}
         if self.foreign and not unknown_policies:
             old = self.foreign - live
             ports.delete_many([k for k in ports.keys() if k.cls in old])  # type: ignore[attr-defined]

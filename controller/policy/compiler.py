@@ -25,20 +25,20 @@ benchmarks showed -- see docs/design-notes.md):
    direction world-open on all ports for the protocol (endpoint bits
    ``open_all``), and -- for replies -- does a world rule of the other
    direction allow the reversed packet (the *world class*).
+4. *Incremental.* The types and pure pieces are here; ``incremental.py``
+   computes policies, each from the last compile of the same group set, so
+   that a change costs what it touches (one rule, one member's address).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
-from controller.abi import CHAIN_MAX, FLAG_WORLD, PROTO_ANY
+from controller.abi import FLAG_WORLD, PROTO_ANY
 from controller.policy.model import (
-    DIRECTIONS,
     EGRESS,
     INGRESS,
     PROTO_ALL,
@@ -48,8 +48,6 @@ from controller.policy.model import (
     PROTO_UDP,
     IPNetwork,
     Rule,
-    State,
-    all_rules,
 )
 
 DIR_INDEX = {INGRESS: 0, EGRESS: 1}
@@ -105,17 +103,33 @@ class Policy:
     world: Dict[Tuple[int, int], ClassContent] = field(default_factory=dict)  # (dir, fam) -> world rules
     open_all: int = 0
     exempt: Tuple[Tuple[int, int, int], ...] = ()  # (family, plen, network) of exempt addresses
+    peers_hash: int = 0  # peers_digest(peers), kept up to date by the compiler
+    # what changed since compile ``since`` of this group set (None: unknown)
+    serial: int = 0
+    since: Optional[int] = None
+    changed: FrozenSet[PeerPrefix] = frozenset()
 
     def fingerprint(self) -> str:
         """Stable across processes: decides whether a policy must be rewritten.
-        (The hash of a frozenset of int tuples does not depend on the process's
-        hash seed; only str/bytes hashes do.)"""
-        peers, world = frozenset(self.peers.items()), frozenset(self.world.items())
-        text = repr((len(peers), hash(peers), hash(frozenset(self.peers)),
+        (Hashes of int tuples and frozensets of them do not depend on the
+        process's hash seed; only str/bytes hashes do.)"""
+        text = repr((len(self.peers), self.peers_hash,
                      sorted((k, len(v), hash(v)) for k, v in self.world.items()),
-                     hash(world), self.plens and sorted(self.plens.items()), self.open_all,
-                     self.exempt))
+                     self.plens and sorted(self.plens.items()), self.open_all, self.exempt))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+HASH_MOD = 1 << 64
+
+
+def peer_hash(key: PeerPrefix, content: ClassContent) -> int:
+    """One peer entry's share of ``Policy.peers_hash`` (a sum, so that a
+    change adds and subtracts only what it touches)."""
+    return hash((key, content)) % HASH_MOD
+
+
+def peers_digest(peers: Dict[PeerPrefix, ClassContent]) -> int:
+    return sum(peer_hash(k, v) for k, v in peers.items()) % HASH_MOD
 
 
 @dataclass
@@ -168,96 +182,6 @@ def class_segments(content: ClassContent) -> Dict[int, List[Tuple[int, int, int,
         out[PROTO_ANY] = [(0, PORT_SPACE - 1, min(x[2] for x in any_items),
                            FLAG_WORLD if any(x[3] for x in any_items) else 0)]
     return out
-
-
-def _fold_chains(own: Dict[Tuple[int, int], set], bits: int) -> Dict[Tuple[int, int], set]:
-    """Give every prefix (plen, network as int) with CHAIN_MAX - 1 nested
-    prefixes below it the rules of all its ancestors (module docstring)."""
-    plens = sorted({p for p, _ in own}, reverse=True)
-    full = (1 << bits) - 1
-    parent: Dict[Tuple[int, int], Tuple[int, int]] = {}
-    height: Dict[Tuple[int, int], int] = dict.fromkeys(own, 0)
-    for net in sorted(own, key=lambda n: -n[0]):
-        for plen in plens:
-            if plen >= net[0]:
-                continue
-            sup = (plen, net[1] & (full ^ ((1 << (bits - plen)) - 1)))
-            if sup in own:
-                parent[net] = sup
-                height[sup] = max(height[sup], height[net] + 1)
-                break
-    out = dict(own)
-    for net, h in height.items():
-        if h >= CHAIN_MAX - 1 and net in parent:
-            rules = set(own[net])
-            up: Optional[Tuple[int, int]] = parent[net]
-            while up is not None:
-                rules |= own[up]
-                up = parent.get(up)
-            out[net] = rules
-    return out
-
-
-@functools.lru_cache(maxsize=1 << 18)
-def _cidr_key(text: str) -> Tuple[int, Tuple[int, int]]:
-    """Canonical CIDR text -> (family, (prefix length, network as int))."""
-    net = ipaddress.ip_network(text)
-    return net.version, (net.prefixlen, int(net.network_address))
-
-
-def compile_policy(state: State, groups: Tuple[str, ...], rule_index: Dict[str, int]) -> Policy:
-    pol = Policy(groups, exempt=tuple(sorted(
-        (n.version, n.prefixlen, int(n.network_address)) for n in state.settings.exempt)))
-    for direction in DIRECTIONS:
-        d = DIR_INDEX[direction]
-        rules = [r for g in groups for r in state.groups[g].rules_in(direction)]
-        own: Dict[int, Dict[Tuple[int, int], set]] = {4: {}, 6: {}}
-        world: Dict[int, set] = {4: set(), 6: set()}
-        for r in rules:
-            lo, hi = port_range(r)
-            is_world = r.peer.is_world()
-            item = (rule_index[r.rule_id], r.protocol, lo, hi, is_world)
-            if r.peer.kind == "cidr":  # the common case, without building networks
-                fam, key = _cidr_key(r.peer.value)
-                own[fam].setdefault(key, set()).add(item)
-                if is_world:
-                    world[fam].add(item)
-                continue
-            for peer_net in state.peer_networks(r.peer):
-                key = (peer_net.prefixlen, int(peer_net.network_address))
-                own[peer_net.version].setdefault(key, set()).add(item)
-        for family in (4, 6):
-            pol.plens[(d, family)] = ()  # always written: its bitmap covers exempt addresses
-            if not own[family]:
-                continue
-            bits = 32 if family == 4 else 128
-            for (plen, addr), items in _fold_chains(own[family], bits).items():
-                pol.peers[(d, family, plen, addr)] = frozenset(items)
-            pol.plens[(d, family)] = tuple(sorted({p for p, _ in own[family]}, reverse=True))
-            if world[family]:
-                pol.world[(d, family)] = frozenset(world[family])
-            for proto in (PROTO_TCP, PROTO_UDP):
-                if any(x[1] == PROTO_ALL or (x[1] == proto and x[2] == 0 and x[3] == 65535)
-                       for x in world[family]):
-                    pol.open_all |= open_all_bit(direction, family, proto)
-    return pol
-
-
-def compile_state(state: State, only: Optional[Iterable[Tuple[str, ...]]] = None,
-                  rule_index: Optional[Dict[str, int]] = None) -> Compiled:
-    """Compile the policy of every group set used by a bound interface.
-
-    ``rule_index`` (rule id -> index, the rule's number in the kernel) lets
-    the caller keep each rule's number across changes, so that a policy whose
-    rules did not change compiles to the same entries; by default rules are
-    numbered in id order."""
-    if rule_index is None:
-        rule_index = {rid: i + 1
-                      for i, rid in enumerate(sorted(r.rule_id for r in all_rules(state)))}
-    wanted = set(only) if only is not None else {
-        tuple(e.groups) for e in state.interfaces.values() if e.device}
-    return Compiled({g: compile_policy(state, g, rule_index) for g in sorted(wanted)},
-                    rule_index)
 
 
 def network_bytes(net: IPNetwork) -> bytes:

@@ -35,6 +35,7 @@ from controller.kernel.endpoints import (
     write_endpoint,
 )
 from controller.kernel.files import write_atomic
+from controller.policy.incremental import Compiler
 from controller.policy.model import NetworkInterface, State
 from controller.reconcile.applied import Applied, EndpointRecord, PolicyRecord
 from controller.reconcile.plan import Device, HostDevices, KernelView, Plan, free_ep_id, plan
@@ -56,6 +57,7 @@ class Reconciler:
         self.dp = dp
         self.state_dir = Path(state_dir)
         self._applied: Optional[Applied] = None
+        self.compiler = Compiler()  # each plan compiles from the last one's compile
 
     # ------------------------------------------------------------ reading
 
@@ -96,7 +98,7 @@ class Reconciler:
         ``previous``, the previous state is enforced again before the error
         is raised (a state refused by the plan wrote nothing: nothing to restore)."""
         p = plan(state, self.host(state) if host is None else host, self.applied(),
-                 self.kernel_view(), missing_ok)
+                 self.kernel_view(), missing_ok, self.compiler)
         try:
             applied = self.execute(p, state, attach)
         except Exception as exc:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 from controller import abi
-from controller.policy.compiler import Compiled, Policy, compile_state
+from controller.policy.compiler import Compiled, Policy
 from controller.policy.errors import EnforcementError
+from controller.policy.incremental import Compiler
 from controller.policy.model import State, Timeouts
 from controller.reconcile.applied import (
     Applied,
@@ -183,10 +184,13 @@ def devices_of(state: State, host: HostDevices, missing_ok: bool) -> Tuple[Dict[
 
 
 def plan(state: State, host: HostDevices, applied: Applied,
-         kernel: KernelView = KernelView(), missing_ok: bool = False) -> Plan:
-    """Everything that can fail on the input fails here, before any write."""
+         kernel: KernelView = KernelView(), missing_ok: bool = False,
+         compiler: Optional[Compiler] = None) -> Plan:
+    """Everything that can fail on the input fails here, before any write.
+    ``compiler``: the one that compiled the last plan (it starts from what
+    it found then); by default a fresh one."""
     rule_index, next_rule, reused = number_rules(applied, state)
-    compiled = compile_state(state, rule_index=rule_index)
+    compiled = (compiler or Compiler()).compile(state, rule_index=rule_index)
     ifindexes, pending = devices_of(state, host, missing_ok)
 
     # 1. policies: an unchanged group set keeps its ids; a changed one gets

@@ -20,9 +20,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import orjson
 
-from controller.policy.formats.keyspace import DEFAULT_PREFIX, KeyValues, decode, is_state_key
+from controller.policy.formats.keyspace import (
+    DEFAULT_PREFIX,
+    KeyValues,
+    decode,
+    is_state_key,
+    patch,
+)
 from controller.policy.model import State, validate
 from controller.service.etcdstore import (
+    GENERATION,
     NODES,
     Compacted,
     Conflict,
@@ -78,7 +85,12 @@ class Fleet:
         self.node = node
         self.on_state = on_state  # enforce this state (of this revision); called by one thread
         self.health = Health()
+        # what the watch has delivered: the state, its keys, the generation
+        # key's revision (a write's first attempt starts from it)
         self.kvs: KeyValues = {}
+        self.current: Optional[State] = None
+        self.gen_rev = 0
+        self.cache_lock = threading.Lock()
         self.applied = threading.Condition()
         self.lease: Optional[int] = None
 
@@ -91,7 +103,8 @@ class Fleet:
         except Unavailable as exc:
             self._unreachable(exc)
             return False
-        self.kvs = dict(snap.kvs)
+        with self.cache_lock:
+            self.kvs, self.current, self.gen_rev = dict(snap.kvs), snap.state, snap.generation_rev
         self._reachable()
         self._enforce(snap.state, snap.revision)
         return True
@@ -122,24 +135,35 @@ class Fleet:
             return False
 
     def _events(self, events: List[Event]) -> None:
-        changed = False
+        """One batch of the watch: only the changed keys are parsed
+        (``keyspace.patch``), the rest of the state is shared."""
+        changes: Dict[str, Optional[bytes]] = {}
         rev = self.health.revision
+        gen_rev = None
         for e in events:
             rev = max(rev, e.revision)
-            if not is_state_key(e.key, self.store.prefix):
-                continue
-            changed = True
-            if e.value is None:
-                self.kvs.pop(e.key, None)
-            else:
-                self.kvs[e.key] = e.value
-        if changed:
+            if e.key == self.store.prefix + GENERATION:
+                gen_rev = e.revision
+            elif is_state_key(e.key, self.store.prefix):
+                changes[e.key] = e.value
+        state = None
+        if changes:
             try:
-                state = decode(self.kvs, self.store.prefix)
+                base = self.current if self.current is not None else decode({}, self.store.prefix)
+                state = patch(base, changes, self.store.prefix)
             except ValueError as exc:  # (ValidationError) a writer bypassed sgctl: keep the last
                 log.error("fleet: revision %d is not a valid state, not enforced: %s", rev, exc)
-                self._advance(rev)
-                return
+        with self.cache_lock:  # the raw keys follow etcd even when the state is refused
+            for k, v in changes.items():
+                if v is None:
+                    self.kvs.pop(k, None)
+                else:
+                    self.kvs[k] = v
+            if gen_rev is not None:
+                self.gen_rev = gen_rev
+            if state is not None:
+                self.current = state
+        if state is not None:
             self._enforce(state, rev)
         else:
             self._advance(rev)
@@ -183,8 +207,10 @@ class Fleet:
         current state in one compare-and-swap transaction; on a concurrent
         write, again on the fresh state. Returns the answer and the revision
         written. Unavailable and Conflict say why nothing was written."""
-        for _ in range(WRITE_ATTEMPTS):
-            snap: Snapshot = self.store.read()
+        for attempt in range(WRITE_ATTEMPTS):
+            snap = self._cached() if attempt == 0 else None
+            if snap is None:
+                snap = self.store.read()
             new, answer = change(snap.state.copy())
             validate(new)
             try:
@@ -192,6 +218,14 @@ class Fleet:
             except Conflict:
                 continue
         raise Conflict(f"the state kept changing under this write ({WRITE_ATTEMPTS} attempts)")
+
+    def _cached(self) -> Optional[Snapshot]:
+        """What the watch delivered, as a base for a write (a stale one
+        loses the compare-and-swap and the write reads afresh)."""
+        with self.cache_lock:
+            if self.current is None or self.health.stale_since is not None:
+                return None
+            return Snapshot(self.current, self.health.revision, self.gen_rev, dict(self.kvs))
 
     # ------------------------------------------------------------ this node
 

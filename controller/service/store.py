@@ -35,6 +35,7 @@ class Store:
     def __init__(self, state_dir: str) -> None:
         self.dir = Path(state_dir)
         self.path = self.dir / "desired.json"
+        self.specs = native.SpecCache()
 
     def load(self) -> Optional[Stored]:
         """The last saved state, or None when nothing was ever saved."""
@@ -51,7 +52,8 @@ class Store:
             raise StoreError(f"{self.path}: stored state is unreadable: {exc}") from exc
 
     def save(self, generation: int, state: State) -> None:
-        doc = {"generation": generation, "state": native.dump(state)}
+        doc = {"generation": generation, "state": native.dump(state, self.specs)}
+        self.specs.done()
         write_atomic(self.path, orjson.dumps(doc))  # JSON; orjson: ~5x faster on big states
 
     def remove(self) -> None:

@@ -203,7 +203,8 @@ def test_incremental_writes_equal_a_fresh_write_and_leak_nothing(kernel, test_de
     import random
 
     from controller import abi
-    from controller.policy.compiler import class_segments, compile_state
+    from controller.policy.compiler import class_segments
+    from controller.policy.incremental import compile_state
 
     rnd = random.Random(20261127)
     nets = ["10.0.0.0/8", "10.1.0.0/16", "10.1.1.0/24", "10.1.1.0/28", "10.1.1.1/32",

@@ -7,18 +7,16 @@ import random
 
 import pytest
 
+from controller.abi import CHAIN_MAX, FLAG_WORLD, PROTO_ANY
 from controller.abi.reasons import Reason
 from controller.policy.compiler import (
-    CHAIN_MAX,
-    FLAG_WORLD,
-    PROTO_ANY,
     _segments,
     class_segments,
-    compile_state,
     open_all_bit,
     range_to_prefixes,
 )
 from controller.policy.evaluator import TCP_ACK, TCP_SYN, Evaluator, Packet, addr
+from controller.policy.incremental import compile_state
 from tests.states import one_interface
 
 L, R = addr("198.18.0.10"), addr("198.18.1.1")

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from controller.policy.errors import ValidationError
 from controller.policy.formats.fields import mapping, seq, tag_map, text
@@ -30,6 +30,7 @@ from controller.policy.model import (
     Peer,
     PrefixList,
     PrefixListEntry,
+    Rule,
     SecurityGroup,
     Settings,
     State,
@@ -202,8 +203,42 @@ def load(doc: Dict[str, Any]) -> State:
     return state
 
 
-def dump(state: State) -> Dict[str, Any]:
-    """State -> native document (used by ``sgctl status -o yaml`` and tests)."""
+def rule_spec(r: Rule) -> Dict[str, Any]:
+    """One rule in the native words."""
+    spec: Dict[str, Any] = {"proto": r.protocol, "id": r.rule_id}
+    if r.has_ports:
+        spec["ports"] = f"{r.from_port}-{r.to_port}"
+    elif r.has_type_code:
+        spec["type"], spec["code"] = r.from_port, r.to_port
+    spec["from" if r.direction == INGRESS else "to"] = r.peer.value
+    if r.description:
+        spec["description"] = r.description
+    return spec
+
+
+class SpecCache:
+    """``rule_spec`` remembered per rule object for the next dump (rules are
+    immutable and shared by copies of a state, so a dump after a change
+    builds only the changed rules' specs). The specs are shared: read only."""
+
+    def __init__(self) -> None:
+        self.last: Dict[int, Tuple[Rule, Dict[str, Any]]] = {}
+        self.now: Dict[int, Tuple[Rule, Dict[str, Any]]] = {}
+
+    def __call__(self, r: Rule) -> Dict[str, Any]:
+        hit = self.last.get(id(r))
+        if hit is None or hit[0] is not r:
+            hit = (r, rule_spec(r))
+        self.now[id(r)] = hit
+        return hit[1]
+
+    def done(self) -> None:
+        """The dump is over: what it used is what the next one starts from."""
+        self.last, self.now = self.now, {}
+
+
+def dump(state: State, spec: Callable[[Rule], Dict[str, Any]] = rule_spec) -> Dict[str, Any]:
+    """State -> native document (the store, ``sgctl status -o yaml``, tests)."""
     out: Dict[str, Any] = {"sgctl": 1, "groups": {}, "prefix_lists": {}, "interfaces": {}}
     for gid, g in state.groups.items():
         d: Dict[str, Any] = {"name": g.name, "description": g.description,
@@ -211,15 +246,7 @@ def dump(state: State) -> Dict[str, Any]:
         if g.tags:
             d["tags"] = dict(g.tags)
         for r in g.rules:
-            spec: Dict[str, Any] = {"proto": r.protocol, "id": r.rule_id}
-            if r.has_ports:
-                spec["ports"] = f"{r.from_port}-{r.to_port}"
-            elif r.has_type_code:
-                spec["type"], spec["code"] = r.from_port, r.to_port
-            spec["from" if r.direction == INGRESS else "to"] = r.peer.value
-            if r.description:
-                spec["description"] = r.description
-            d[r.direction].append(spec)
+            d[r.direction].append(spec(r))
         out["groups"][gid] = d
     for plid, p in state.prefix_lists.items():
         out["prefix_lists"][plid] = {"name": p.name, "family": f"ipv{p.family}",

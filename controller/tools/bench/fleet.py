@@ -22,6 +22,7 @@ from typing import Any, Dict, List
 
 from controller.policy.formats import load_document
 from controller.policy.formats.keyspace import encode
+from controller.policy.incremental import Compiler
 from controller.reconcile.applied import Applied
 from controller.reconcile.plan import plan
 from controller.service import api
@@ -160,13 +161,16 @@ def simulate(sizes: List[int]) -> List[Dict[str, Any]]:
 def sync_agent(endpoint: str, prefix: str, node: str) -> Dict[str, Any]:
     """The measured agent: full sync (read, decode, validate, plan its
     node's interfaces), then one member's address changed in etcd until it
-    has planned again. No kernel: what an agent computes."""
+    has planned again (patch, validate, plan). No kernel: what an agent
+    computes."""
     host, port = endpoint.rsplit(":", 1)
     planned = threading.Event()
     bound: List[int] = []
 
+    compiler = Compiler()  # as the reconciler's: each plan from the last one's compile
+
     def on_state(state: Any, revision: int) -> None:
-        p = plan(state.for_node(node), {}, Applied(), missing_ok=True)
+        p = plan(state.for_node(node), {}, Applied(), missing_ok=True, compiler=compiler)
         bound.append(len(p.pending))
         planned.set()
 
