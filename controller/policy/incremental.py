@@ -36,11 +36,22 @@ from controller.policy.compiler import (
     peer_hash,
     port_range,
 )
-from controller.policy.model import DIRECTIONS, PROTO_ALL, PROTO_TCP, PROTO_UDP, Peer, Rule, State, all_rules
+from controller.policy.model import (
+    DIRECTIONS,
+    PROTO_ALL,
+    PROTO_TCP,
+    PROTO_UDP,
+    NetworkInterface,
+    Peer,
+    Rule,
+    State,
+    all_rules,
+)
 
 Item = Tuple[int, int, int, int, bool]  # (rule index, protocol, first, last, world): one rule in a class
 Slot = Tuple[int, int]  # (dir index, family)
 Where = Tuple[Tuple[int, Prefix], ...]  # (family, prefix) a rule's peer stands for
+Addresses = Tuple[NetworkInterface, List[Tuple[int, Prefix]]]  # an interface's, as prefixes
 
 _serials = itertools.count(1)
 
@@ -56,8 +67,9 @@ class _Members:
     """Group id -> its members' addresses as (family, prefix): one pass over
     the interfaces, made only when a compile meets a group reference."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, known: Dict[str, Addresses]) -> None:
         self.state = state
+        self.known = known  # eni id -> (interface, its addresses) of the last compile
         self._by_group: Optional[Dict[str, List[Tuple[int, Prefix]]]] = None
 
     def where(self, peer: Peer) -> Where:
@@ -67,10 +79,16 @@ class _Members:
                                  for n in nets}))
         if self._by_group is None:
             self._by_group = {}
-            for eni in self.state.interfaces.values():
+            known, self.known = self.known, {}
+            for eid, eni in self.state.interfaces.items():
                 if not eni.groups:
                     continue
-                addrs = [_cidr_key(f"{a}/{a.max_prefixlen}") for a in eni.addresses()]
+                had = known.get(eid)
+                if had is not None and had[0] is eni:
+                    addrs = had[1]
+                else:
+                    addrs = [(a.version, (a.max_prefixlen, int(a))) for a in eni.addresses()]
+                self.known[eid] = (eni, addrs)
                 for gid in eni.groups:
                     self._by_group.setdefault(gid, []).extend(addrs)
         return tuple(sorted(set(self._by_group.get(peer.value, ()))))
@@ -82,7 +100,9 @@ class _SetCache:
 
     groups: Tuple[str, ...]
     rules: Dict[int, Tuple[Rule, Item, Where]] = field(default_factory=dict)  # id(rule) ->
-    resolved: Dict[Peer, Where] = field(default_factory=dict)  # group and prefix-list peers
+    numbers: Dict[str, int] = field(default_factory=dict)  # rule id -> the number compiled in
+    by_peer: Dict[Peer, Set[int]] = field(default_factory=dict)  # group/prefix-list peer -> rules
+    resolved: Dict[Peer, Where] = field(default_factory=dict)  # what those stood for
     own: Dict[Slot, Dict[Prefix, Set[Item]]] = field(default_factory=dict)
     chains: Dict[Slot, Chains] = field(default_factory=dict)
     world: Dict[Slot, Set[Item]] = field(default_factory=dict)
@@ -107,31 +127,45 @@ class _SetCache:
         self.peers_hash %= HASH_MOD
 
     def update(self, state: State, rule_index: Dict[str, int], members: _Members) -> Policy:
-        # 1. which rules came, went or changed (by identity, number, peer's addresses)
-        now: Dict[int, Rule] = {}
-        for g in self.groups:
-            for r in state.groups[g].rules:
-                now[id(r)] = r
-        resolved: Dict[Peer, Where] = {}
-        gone: List[int] = [i for i in self.rules if i not in now]
-        came: List[Rule] = []
-        for i, r in now.items():
+        # 1. which rules came, went or changed (by identity, number, peer's
+        #    addresses) -- in set operations, so that a group of 10k rules
+        #    of which one changed costs C loops, not Python ones
+        lists = [state.groups[g].rules for g in self.groups]
+        if len(lists) == 1:
+            now = dict(zip(map(id, lists[0]), lists[0]))
+        else:
+            now = {id(r): r for rules in lists for r in rules}
+        gone = list(self.rules.keys() - now.keys())
+        came_ids = now.keys() - self.rules.keys()
+        for i in gone:
+            self.numbers.pop(self.rules[i][0].rule_id, None)
+        if not self.numbers.items() <= rule_index.items():  # rules were numbered afresh
+            renumbered = [i for i, (r, item, _) in self.rules.items()
+                          if i in now and rule_index[r.rule_id] != item[0]]
+            gone += renumbered
+            came_ids |= set(renumbered)
+        resolved = {peer: members.where(peer) for peer in self.by_peer}
+        for peer, ids in self.by_peer.items():
+            if self.resolved.get(peer) != resolved[peer]:  # its addresses changed
+                moved = ids & now.keys()
+                gone += moved
+                came_ids |= moved
+        came = [now[i] for i in came_ids]
+        for r in came:
             if r.peer.kind != "cidr" and r.peer not in resolved:
                 resolved[r.peer] = members.where(r.peer)
-            had = self.rules.get(i)
-            if had is None:
-                came.append(r)
-            elif had[1][0] != rule_index[r.rule_id] or (
-                    r.peer.kind != "cidr" and self.resolved.get(r.peer) != resolved[r.peer]):
-                gone.append(i)
-                came.append(r)
         self.resolved = resolved
 
         # 2. the prefixes' own rules
         touched: Dict[Slot, Set[Prefix]] = {s: set() for s in self.own}
         where: Where
-        for i in gone:
+        for i in set(gone):
             r, item, where = self.rules.pop(i)
+            self.numbers.pop(r.rule_id, None)
+            if r.peer.kind != "cidr":
+                self.by_peer[r.peer].discard(i)
+                if not self.by_peer[r.peer]:
+                    del self.by_peer[r.peer]
             d = DIR_INDEX[r.direction]
             for fam, p in where:
                 own = self.own[(d, fam)]
@@ -148,6 +182,9 @@ class _SetCache:
             item = (rule_index[r.rule_id], r.protocol, lo, hi, is_world)
             where = (_cidr_key(r.peer.value),) if r.peer.kind == "cidr" else resolved[r.peer]
             self.rules[id(r)] = (r, item, where)
+            self.numbers[r.rule_id] = item[0]
+            if r.peer.kind != "cidr":
+                self.by_peer.setdefault(r.peer, set()).add(id(r))
             d = DIR_INDEX[r.direction]
             for fam, p in where:
                 self.own[(d, fam)].setdefault(p, set()).add(item)
@@ -222,6 +259,7 @@ class Compiler:
 
     def __init__(self) -> None:
         self.sets: Dict[Tuple[str, ...], _SetCache] = {}
+        self.addresses: Dict[str, Addresses] = {}
 
     def compile(self, state: State, only: Optional[Iterable[Tuple[str, ...]]] = None,
                 rule_index: Optional[Dict[str, int]] = None) -> Compiled:
@@ -234,11 +272,14 @@ class Compiler:
                           for i, rid in enumerate(sorted(r.rule_id for r in all_rules(state)))}
         wanted = set(only) if only is not None else {
             tuple(e.groups) for e in state.interfaces.values() if e.device}
-        members = _Members(state)
+        members = _Members(state, self.addresses)
         self.sets = {g: self.sets.get(g) or _SetCache(g) for g in sorted(wanted)}
         try:
-            return Compiled({g: c.update(state, rule_index, members)
-                             for g, c in self.sets.items()}, rule_index)
+            out = Compiled({g: c.update(state, rule_index, members)
+                            for g, c in self.sets.items()}, rule_index)
+            if members._by_group is not None:
+                self.addresses = members.known
+            return out
         except BaseException:
             self.sets = {}  # half-updated: the next compile starts afresh
             raise

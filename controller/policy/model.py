@@ -6,10 +6,13 @@ that is wrong: ``ValidationError("sg-123 ingress[2]", "FromPort", "...")``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import ipaddress
+import operator
 import re
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -442,6 +445,17 @@ class Settings:
     max_rules_per_interface: int = 100000
 
 
+_RULE_ID = operator.attrgetter("rule_id")
+
+
+def _unbound(eni: NetworkInterface) -> NetworkInterface:
+    """``eni`` as a member elsewhere (a shallow copy: ``replace`` costs ten
+    times more, and a fleet's states hold 100k interfaces)."""
+    out = copy.copy(eni)
+    out.device = None
+    return out
+
+
 @dataclass
 class State:
     """The whole desired state: what ``sgctl apply -f`` replaces."""
@@ -452,18 +466,42 @@ class State:
     settings: Settings = field(default_factory=Settings)
     stale_rules: List[Rule] = field(default_factory=list)  # filled by validate()
     warnings: List[str] = field(default_factory=list)  # where a loader departed from AWS
+    # for_node's answers (a state is not changed once validated and shared)
+    _localised: Dict[Optional[str], State] = field(default_factory=dict, repr=False,
+                                                   compare=False)
+    _base: Optional[weakref.ReferenceType] = field(default=None, repr=False, compare=False)
+
+    def patched_from(self, base: State) -> None:
+        """This state is ``base`` with a few objects replaced (keyspace.patch):
+        for_node reuses what it made of ``base`` for the objects they share."""
+        self._base = weakref.ref(base)
+
+    def _patched_from(self) -> Optional[State]:
+        return self._base() if self._base is not None else None
 
     def for_node(self, node: Optional[str]) -> State:
         """The state as the agent of ``node`` enforces it: an interface of
         another node is a member elsewhere (its device is not bound here).
         Interfaces that name no node are this host's. The result shares
         everything else with this state (copy it before changing it)."""
+        done = self._localised.get(node)
+        if done is not None:
+            return done
         foreign = {eid for eid, e in self.interfaces.items()
                    if e.device and e.node is not None and e.node != node}
-        if not foreign:
-            return self
-        return replace(self, interfaces={eid: replace(e, device=None) if eid in foreign else e
-                                         for eid, e in self.interfaces.items()})
+        base = self._patched_from() if foreign else None
+        was = base._localised.get(node) if base is not None else None
+        if was is not None and base is not None:  # unchanged interfaces keep their copies
+            old, old_local = base.interfaces, was.interfaces
+            ifaces = {eid: (old_local[eid] if old.get(eid) is e else _unbound(e))
+                      if eid in foreign else e for eid, e in self.interfaces.items()}
+        else:
+            ifaces = {eid: _unbound(e) if eid in foreign else e
+                      for eid, e in self.interfaces.items()}
+        out = self if not foreign else replace(self, interfaces=ifaces, _localised={},
+                                               _base=None)
+        self._localised[node] = out
+        return out
 
     def copy(self) -> State:
         """A copy whose objects can be changed without touching this one
@@ -530,8 +568,10 @@ def default_group(group_id: str = DEFAULT_GROUP_ID) -> SecurityGroup:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(state: State) -> State:
+def validate(state: State, since: Optional[State] = None) -> State:
     """Check cross-object consistency; raise ValidationError naming the culprit.
+    ``since``: a validated state whose interface objects ``state`` shares
+    (keyspace.patch): those are not checked on their own again.
 
     Adds the ``default`` group when absent, gives group-less interfaces the
     default group, and records stale group references in ``state.stale_rules``.
@@ -561,9 +601,13 @@ def validate(state: State) -> State:
             raise ValidationError(gid, "GroupName",
                                   f"{group.name!r} is already used by {names[group.name]}")
         names[group.name] = gid
+        n = len(group.rules)  # hot on every change: set sizes first, the loop only when wrong
+        if len(set(map(Rule.identity, group.rules))) == n and \
+                len(set(map(_RULE_ID, group.rules))) == n:
+            continue
         seen: Dict[tuple, str] = {}
         ids: Dict[str, Rule] = {}
-        for i, rule in enumerate(group.rules):  # hot on every change: no work unless wrong
+        for i, rule in enumerate(group.rules):
             ident = rule.identity()
             if ident in seen:
                 raise ValidationError(f"{gid} {rule.direction}[{i}]", "IpPermissions",
@@ -607,8 +651,10 @@ def validate(state: State) -> State:
             seen_cidrs.add(entry.cidr)
 
     devices: Dict[Tuple[Optional[str], str], str] = {}  # (node, device) -> eni
+    known = since.interfaces if since is not None else {}
     for eid, eni in state.interfaces.items():
-        check_id("eni", eid, eid, "NetworkInterfaceId")
+        if known.get(eid) is not eni:
+            _check_interface(eid, eni)
         if not eni.groups:
             eni.groups = [default_id]
         if len(eni.groups) > s.max_groups_per_interface:
@@ -620,28 +666,32 @@ def validate(state: State) -> State:
         for gid in eni.groups:
             if gid not in state.groups:
                 raise ValidationError(eid, "Groups", f"unknown group {gid}")
-        if eni.mode not in MODES:
-            raise ValidationError(eid, TAG_MODE,
-                                  f"{eni.mode!r} is not workload or host")
-        if eni.node is not None and not _NODE_RE.match(eni.node):
-            raise ValidationError(eid, TAG_NODE, f"{eni.node!r} is not a node name")
         if eni.device is not None:
-            if not _DEV_RE.match(eni.device):
-                raise ValidationError(eid, TAG_DEVICE, f"{eni.device!r} is not a device name")
             where = (eni.node, eni.device)  # device names repeat across hosts
             if where in devices:
                 raise ValidationError(eid, TAG_DEVICE,
                                       f"device {eni.device} is already bound to {devices[where]}")
             devices[where] = eid
-        if eni.mac_address is not None:
-            eni.mac_address = parse_mac(eni.mac_address, eid)
-        eni.timeouts.validate(eid)
         nrules = sum(len(state.groups[g].rules) for g in eni.groups)
         if nrules > s.max_rules_per_interface:
             raise ValidationError(eid, "Groups", f"{nrules} rules, at most "
                                   f"{s.max_rules_per_interface} per interface allowed",
                                   "RulesPerSecurityGroupLimitExceeded")
     return state
+
+
+def _check_interface(eid: str, eni: NetworkInterface) -> None:
+    """What an interface must be on its own (validate checks it against the rest)."""
+    check_id("eni", eid, eid, "NetworkInterfaceId")
+    if eni.mode not in MODES:
+        raise ValidationError(eid, TAG_MODE, f"{eni.mode!r} is not workload or host")
+    if eni.node is not None and not _NODE_RE.match(eni.node):
+        raise ValidationError(eid, TAG_NODE, f"{eni.node!r} is not a node name")
+    if eni.device is not None and not _DEV_RE.match(eni.device):
+        raise ValidationError(eid, TAG_DEVICE, f"{eni.device!r} is not a device name")
+    if eni.mac_address is not None:
+        eni.mac_address = parse_mac(eni.mac_address, eid)
+    eni.timeouts.validate(eid)
 
 
 def all_rules(state: State) -> Iterable[Rule]:

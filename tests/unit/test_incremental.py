@@ -15,7 +15,15 @@ from controller.policy.compiler import Policy
 from controller.policy.errors import ValidationError
 from controller.policy.formats import keyspace, native
 from controller.policy.incremental import Compiler, compile_state
-from controller.policy.model import INGRESS, Peer, SecurityGroup, State, make_rule, validate
+from controller.policy.model import (
+    INGRESS,
+    Peer,
+    PrefixListEntry,
+    SecurityGroup,
+    State,
+    make_rule,
+    validate,
+)
 from tests.states import one_interface
 
 # Nested prefixes (the fold's hard case: chains deeper than CHAIN_MAX) in
@@ -29,7 +37,7 @@ MEMBER_ADDRS = ["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.19.7.7", "2001:db
 
 Op = Tuple[str, int, int]
 ops = st.lists(st.tuples(st.sampled_from(["rule+", "rule-", "member+", "member-", "renumber",
-                                          "group+", "group-", "settings", "sg-b+", "sg-b-"]),
+                                          "group+", "group-", "settings", "sg-b+", "sg-b-", "pl"]),
                          st.integers(0, len(PEERS) - 1), st.integers(0, 40)),
                min_size=1, max_size=25)
 
@@ -37,7 +45,9 @@ ops = st.lists(st.tuples(st.sampled_from(["rule+", "rule-", "member+", "member-"
 def base() -> State:
     """A chain of nested prefixes deeper than CHAIN_MAX to start from."""
     return one_interface(
-        ingress=[{"proto": "tcp", "ports": 22, "from": c} for c in POOL[1:7]],
+        ingress=[*({"proto": "tcp", "ports": 22, "from": c} for c in POOL[1:7]),
+                 {"proto": "tcp", "ports": 80, "from": "sg-m"},
+                 {"proto": "udp", "ports": 53, "from": "pl-12345678"}],
         extra_groups={"sg-m": {"name": "m"}, "sg-b": {"name": "b"}},
         others={"eni-m": {"groups": ["sg-m"], "ipv4": ["198.18.0.1"]}},
         prefix_lists={"pl-12345678": {"name": "p", "family": "ipv4", "max_entries": 5,
@@ -53,6 +63,13 @@ def change(state: State, op: Op) -> State:
         return validate(new)
     if kind == "sg-b+" or "sg-b" not in new.groups:
         new.groups.setdefault("sg-b", SecurityGroup("sg-b", "b"))
+    if kind == "pl":
+        entries = new.prefix_lists["pl-12345678"].entries
+        net = ipaddress.ip_network(POOL[n % 7])
+        if any(e.cidr == net for e in entries):
+            entries[:] = [e for e in entries if e.cidr != net]
+        elif len(entries) < 5:
+            entries.append(PrefixListEntry(net))  # type: ignore[arg-type]
     if kind == "settings":
         new.settings.exempt_dhcp = not new.settings.exempt_dhcp
         new.settings.exempt = [] if new.settings.exempt else [ipaddress.ip_network("198.18.5.0/24")]
@@ -127,14 +144,16 @@ def test_a_change_reports_only_the_prefixes_it_touched() -> None:
 
     state = base()
     assert compile_one(state).since is None  # nothing to start from: everything is new
-    state = change(state, ("member+", 0, 1))  # 198.18.0.2 joins sg-m; nothing refers to sg-m yet
-    assert compile_one(state).changed == frozenset()
-    new = state.copy()
-    new.groups["sg-a"].rules.append(make_rule("sg-a", INGRESS, "tcp", 80, 80, Peer("sg", "sg-m")))
-    pol = compile_one(validate(new))
+    assert compile_one(state).changed == frozenset()  # the same state again
+    state = change(state, ("member+", 0, 1))  # 198.18.0.2 joins sg-m, which sg-a allows
+    pol = compile_one(state)
     assert pol.since is not None
-    assert pol.changed == {(0, 4, 32, int(ipaddress.ip_address(a))) for a in
-                           ("198.18.0.1", "198.18.0.2")}
+    assert pol.changed == {(0, 4, 32, int(ipaddress.ip_address("198.18.0.2")))}
+    new = state.copy()
+    new.groups["sg-a"].rules.append(make_rule("sg-a", INGRESS, "tcp", 443, 443,
+                                              Peer("cidr", "198.19.7.0/24")))
+    assert compile_one(validate(new)).changed == {
+        (0, 4, 24, int(ipaddress.ip_address("198.19.7.0")))}
 
 
 # --------------------------------------------------------------------------- key space

@@ -186,7 +186,8 @@ def patch(state: State, changes: Mapping[str, Optional[bytes]],
         meta = old if gid in only_rules else got
         assert meta is not None
         new.groups[gid] = replace(meta, tags=dict(meta.tags), rules=kept)
-    return validate(new)
+    new.patched_from(state)
+    return validate(new, since=state)
 
 
 def diff(old: Mapping[str, bytes], new: Mapping[str, bytes]) -> Tuple[KeyValues, List[str]]:

@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from controller.policy.errors import ValidationError
 from controller.policy.formats.fields import mapping, seq, tag_map, text
@@ -219,34 +219,45 @@ def rule_spec(r: Rule) -> Dict[str, Any]:
 class SpecCache:
     """``rule_spec`` remembered per rule object for the next dump (rules are
     immutable and shared by copies of a state, so a dump after a change
-    builds only the changed rules' specs). The specs are shared: read only."""
+    builds only the changed rules' specs). The specs are shared: read only.
+    A rule is known by ``id()``: the cache holds every rule it knows, so
+    no other object can have the id of one."""
 
     def __init__(self) -> None:
-        self.last: Dict[int, Tuple[Rule, Dict[str, Any]]] = {}
-        self.now: Dict[int, Tuple[Rule, Dict[str, Any]]] = {}
+        self.last: Dict[int, Tuple[Rule, str, Dict[str, Any]]] = {}
+        self.now: Dict[int, Tuple[Rule, str, Dict[str, Any]]] = {}
 
-    def __call__(self, r: Rule) -> Dict[str, Any]:
-        hit = self.last.get(id(r))
-        if hit is None or hit[0] is not r:
-            hit = (r, rule_spec(r))
-        self.now[id(r)] = hit
-        return hit[1]
+    def group(self, rules: List[Rule]) -> Dict[str, List[Dict[str, Any]]]:
+        ids = list(map(id, rules))
+        hits = list(map(self.last.get, ids))
+        for i, hit in enumerate(hits):
+            if hit is None:
+                r = rules[i]
+                hits[i] = (r, r.direction, rule_spec(r))
+        self.now.update(zip(ids, hits))  # type: ignore[arg-type]
+        return {d: [h[2] for h in hits if h[1] == d]  # type: ignore[index]
+                for d in DIRECTIONS}
 
     def done(self) -> None:
         """The dump is over: what it used is what the next one starts from."""
         self.last, self.now = self.now, {}
 
 
-def dump(state: State, spec: Callable[[Rule], Dict[str, Any]] = rule_spec) -> Dict[str, Any]:
+def _group_rules(rules: List[Rule]) -> Dict[str, List[Dict[str, Any]]]:
+    out: Dict[str, List[Dict[str, Any]]] = {d: [] for d in DIRECTIONS}
+    for r in rules:
+        out[r.direction].append(rule_spec(r))
+    return out
+
+
+def dump(state: State, cache: Optional[SpecCache] = None) -> Dict[str, Any]:
     """State -> native document (the store, ``sgctl status -o yaml``, tests)."""
     out: Dict[str, Any] = {"sgctl": 1, "groups": {}, "prefix_lists": {}, "interfaces": {}}
     for gid, g in state.groups.items():
         d: Dict[str, Any] = {"name": g.name, "description": g.description,
-                             "ingress": [], "egress": []}
+                             **(cache.group(g.rules) if cache else _group_rules(g.rules))}
         if g.tags:
             d["tags"] = dict(g.tags)
-        for r in g.rules:
-            d[r.direction].append(spec(r))
         out["groups"][gid] = d
     for plid, p in state.prefix_lists.items():
         out["prefix_lists"][plid] = {"name": p.name, "family": f"ipv{p.family}",
