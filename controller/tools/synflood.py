@@ -1,5 +1,6 @@
-"""A flood of TCP SYNs from forged sources into a bridge, for the
-conntrack-allowance test and bench.
+"""A flood of TCP SYNs from forged sources into a bridge, and the
+conntrack-allowance scenario the test and the bench run with it
+(``allowance_under_flood``).
 
 An XDP program run with live frames (``BPF_F_TEST_XDP_LIVE_FRAMES``) on
 one end of a veth pair sends every repeat of one SYN frame out into the
@@ -13,15 +14,23 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
+import tempfile
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from pyroute2 import IPRoute
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
+from controller import abi
 from controller.kernel import bpfsys
-from controller.tools.bench.rulesets import sh
+from controller.kernel.counters import ct_evicted
+from controller.kernel.dataplane import Dataplane
+from controller.policy.formats import load_document
+from controller.reconcile.converge import Reconciler
+from controller.tools.topology import Servers, Topology, echo_ok, sh
 
 SRC_BASE = "198.19.0.0"
 SRC_SPAN = 1 << 16
@@ -82,7 +91,7 @@ class SynFlood:
         from bcc import BPF  # compiled here: only the flood needs it
 
         base = int(ipaddress.ip_address(SRC_BASE))
-        self.bpf: Any = BPF(text=GENERATOR, cflags=[f"-DSRC_BASE={base}U",
+        self.bpf: Any = BPF(text=GENERATOR.encode(), cflags=[f"-DSRC_BASE={base}U",
                                                     f"-DSRC_SPAN={SRC_SPAN}"])
         self.gen = self.bpf.load_func(b"xdp_synflood", BPF.XDP)
         stub = self.bpf.load_func(b"xdp_pass", BPF.XDP)
@@ -127,3 +136,96 @@ class SynFlood:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _half_open(dp: Dataplane, ep_id: int) -> int:
+    """(Distinct keys: a batch walk of a table that changes under it can
+    return an entry twice.)"""
+    return len({bytes(k) for k, e in dp.map("sg_conntrack").batch_items()
+                if k.ep_id == ep_id and e.state == abi.CT_NEW})
+
+
+def allowance_under_flood(seconds: float, pps: int, ct_max: int, allowance: int,
+                          tag: str) -> Dict[str, Any]:
+    """Instances A and B (TCP servers on port 80, allowed from
+    198.18.0.0/15) and a client on one bridge, bound in workload mode with
+    ``allowance``. While forged SYNs flood A for ``seconds``: connections
+    held to A and B exchange data every 50 ms, and new connections to A and
+    B are opened and closed in turn; A's half-open connections are counted
+    twice a second. Everything is removed at the end."""
+    topo = Topology(tag, ["a", "b", "cli"])
+    servers = Servers()
+    tmp = tempfile.mkdtemp(prefix="sgctl-flood-")
+    dp = Dataplane(pin_dir=f"/sys/fs/bpf/sgfl{tag}", ct_max=ct_max)
+    rc = Reconciler(dp, tmp)
+    try:
+        inst = topo.instances
+        for name in ("a", "b"):
+            servers.tcp(inst[name], 80)
+        rc.converge(load_document({
+            "sgctl": 1,
+            "groups": {"sg-web": {"name": "web", "ingress": [
+                {"proto": "tcp", "ports": 80, "from": "198.18.0.0/15"}]},
+                "sg-cli": {"name": "cli"}},
+            "interfaces": {f"eni-{n}": {"groups": ["sg-cli" if n == "cli" else "sg-web"],
+                                        "ipv4": [i.ip4], "ipv6": [i.ip6], "device": i.host_dev}
+                           for n, i in inst.items()},
+            "settings": {"conntrack_allowance": allowance}}))
+        ep_a = rc.applied().endpoints["eni-a"].ep_id
+        a, b, cli = inst["a"], inst["b"], inst["cli"]
+        held = {"a": cli.tcp_connect(a.ip4, 80), "b": cli.tcp_connect(b.ip4, 80)}
+        if None in held.values():
+            raise RuntimeError("no connection before the flood")
+        stop = threading.Event()
+        lost: List[str] = []
+        tries: Dict[str, List[bool]] = {"a": [], "b": []}
+        peak = [0]
+
+        def keep_talking() -> None:
+            while not stop.is_set():
+                for name, s in held.items():
+                    if s is not None and not echo_ok(s):
+                        lost.append(name)
+                stop.wait(0.05)
+
+        def connect_new() -> None:
+            i = 0
+            while not stop.is_set():
+                name = "ab"[i % 2]
+                tries[name].append(cli.can_tcp(inst[name].ip4, 80))
+                i += 1
+                stop.wait(0.02)
+
+        def count() -> None:
+            while not stop.wait(0.5):
+                peak[0] = max(peak[0], _half_open(dp, ep_a))
+
+        workers = [threading.Thread(target=f, daemon=True)
+                   for f in (keep_talking, connect_new, count)]
+        for w in workers:
+            w.start()
+        try:
+            with SynFlood(topo.bridge, a.mac, a.ip4, 80) as flood:
+                start = time.monotonic()
+                sent = flood.run(seconds, pps)
+                took = time.monotonic() - start
+                peak[0] = max(peak[0], _half_open(dp, ep_a))
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(5)
+            for s in held.values():
+                if s is not None:
+                    s.close()
+        return {"seconds": took, "sent": sent, "pps": sent / took, "ct_max": ct_max,
+                "allowance": rc.applied().endpoints["eni-a"].ring[1],
+                "half_open_peak": peak[0], "evicted": ct_evicted(dp, ep_a), "lost": lost,
+                "new": {n: {"tries": len(t), "ok": sum(t)} for n, t in tries.items()}}
+    finally:
+        servers.close()
+        try:
+            rc.reset()
+        finally:
+            topo.close()
+            shutil.rmtree(dp.pin_dir, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)

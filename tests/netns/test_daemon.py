@@ -17,6 +17,7 @@ import pytest
 
 from controller.kernel import netlink
 from controller.kernel.dataplane import Dataplane
+from controller.tools.topology import Topology, sh
 from tests.daemonproc import (
     CT_MAX,
     DaemonProc,
@@ -30,7 +31,6 @@ from tests.daemonproc import (
     web_setup,
 )
 from tests.harness import unique
-from tests.topology import Topology, sh
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]

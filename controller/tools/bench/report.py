@@ -270,6 +270,8 @@ def write(res: Res, out: Path) -> None:
         lines.append("")
     if res.get("fleet"):
         lines += _fleet_lines(res["fleet"])
+    if res.get("flood"):
+        lines += _flood_lines(res["flood"])
     (out / "BENCHMARKS.md").write_text("\n".join(lines) + "\n")
 
 
@@ -291,6 +293,26 @@ def _fleet_lines(fl: Res) -> List[str]:
                      f"{r['rss_bytes'] / 2**20:.0f} | {r['change_s']:.2f} |")
     lines += ["", "![fleet](docs/bench/fleet.png)", ""]
     return lines
+
+
+def _flood_lines(fl: Res) -> List[str]:
+    new = fl["new"]
+    rate = {n: 100.0 * v["ok"] / max(1, v["tries"]) for n, v in new.items()}
+    return ["## A SYN flood on one interface (conntrack allowance)", "",
+            f"Forged SYNs (distinct sources, answered by the instance) into instance A for "
+            f"{fl['seconds']:.0f} s at {fl['pps'] / 1000:.0f} kpps ({fl['sent']} SYNs; table "
+            f"{fl['ct_max']} entries, A's allowance {fl['allowance']} by default), while "
+            "connections held to A and B exchange data every 50 ms and new connections to A "
+            "and B are opened in turn:", "",
+            "| figure | value | goal |", "|---|---|---|",
+            f"| A's half-open connections, peak | {fl['half_open_peak']} | <= "
+            f"{fl['allowance']} |",
+            f"| A's half-open connections reclaimed | {fl['evicted']} | |",
+            f"| held connections that lost an exchange | {len(fl['lost'])} | 0 |",
+            f"| new connections to A that succeeded | {rate['a']:.1f}% of {new['a']['tries']} "
+            "| >= 90% |",
+            f"| new connections to B that succeeded | {rate['b']:.1f}% of {new['b']['tries']} "
+            "| >= 99% |", ""]
 
 
 def _plot_fleet(fl: Res, path: Path) -> None:
