@@ -11,9 +11,9 @@ from typing import Iterator, List
 
 import pytest
 
+from controller.tools.topology import Servers, Topology
 from tests.daemonproc import DaemonProc
 from tests.harness import KERNEL_CT_MAX, KernelRunner, unique
-from tests.topology import Servers, Topology
 
 
 def _root_and_bpf() -> bool:

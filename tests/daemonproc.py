@@ -18,8 +18,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from controller.service import api
 from controller.service.api import Client
+from controller.tools.topology import Instance, Topology
 from tests.harness import unique
-from tests.topology import Instance, Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 CT_MAX = 65536

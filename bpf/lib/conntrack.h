@@ -1,5 +1,7 @@
-/* Connection tracking (1.4): one table for all endpoints, keyed per endpoint,
- * never evicting a live entry. */
+/* Connection tracking (1.4): one table for all endpoints, keyed per endpoint;
+ * a connection that has seen traffic both ways is never evicted, a
+ * half-open one only by a newer one of its own interface (types.h,
+ * sg_ct_quota). */
 #ifndef SG_CONNTRACK_H
 #define SG_CONNTRACK_H
 
@@ -100,8 +102,10 @@ static __always_inline void ct_update(struct sg_ct_entry *e, __u8 dir, struct sg
 				e->fin = fin;
 			if (fin == 3)
 				state = SG_CT_CLOSING;
-			else if (reply && state == SG_CT_NEW)
-				state = SG_CT_ESTABLISHED;
+			else if (state == SG_CT_NEW && reply && !(e->flags & SG_CT_F_REPLIED))
+				e->flags |= SG_CT_F_REPLIED;
+			else if (state == SG_CT_NEW && !reply && (e->flags & SG_CT_F_REPLIED))
+				state = SG_CT_ESTABLISHED;  /* the handshake's ACK */
 		}
 	} else if (reply && state == SG_CT_NEW) {
 		state = SG_CT_ESTABLISHED;
@@ -125,6 +129,33 @@ static __always_inline int ct_fresh_syn(struct sg_pkt *p, struct sg_ct_entry *e)
 	       (p->tcp_flags & (TCP_F_SYN | TCP_F_ACK)) == TCP_F_SYN;
 }
 
+/* Give a new connection the next slot of its interface's half-open range,
+ * deleting the slot's connection if it is still half-open there (types.h,
+ * sg_ct_quota). */
+static __always_inline void ct_claim_slot(struct sg_endpoint *ep, struct sg_ct_key *k,
+					  struct sg_ct_entry *e)
+{
+	__u32 size = ep->ring_size, idx = ep->ep_id;
+	if (!size)
+		return;
+	struct sg_ct_quota *q = sg_ct_quota.lookup(&idx);
+	if (!q)
+		return;
+	__u32 slot = ep->ring_base + (__u32)(__sync_fetch_and_add(&q->next, 1) % size);
+	struct sg_ct_key *held = sg_ct_ring.lookup(&slot);
+	if (!held)
+		return;
+	if (held->ep_id == k->ep_id) {
+		struct sg_ct_entry *old = sg_conntrack.lookup(held);
+		if (old && old->slot == slot + 1 && old->state == SG_CT_NEW) {
+			sg_conntrack.delete(held);
+			__sync_fetch_and_add(&q->evicted, 1);
+		}
+	}
+	__builtin_memcpy(held, k, sizeof(*k));
+	e->slot = slot + 1;
+}
+
 /* Create (or reuse an expired/closing) entry. Returns 0 or SG_DROP_CT_FULL. */
 static __always_inline int ct_create(struct sg_ct_key *k, int exists, __u8 dir, struct sg_pkt *p,
 				     struct sg_endpoint *ep, __u32 rule_index, __u64 now, __u8 flags)
@@ -145,6 +176,7 @@ static __always_inline int ct_create(struct sg_ct_key *k, int exists, __u8 dir, 
 	if (p->f.proto == SG_IPPROTO_TCP)
 		e.tcp_flags[dir & 1] = flow_tcp_flags(p->tcp_flags);
 	ct_update(&e, dir, p, now);
+	ct_claim_slot(ep, k, &e);
 	int err = exists ? sg_conntrack.update(k, &e) : sg_conntrack.insert(k, &e);
 	if (err && err != -17 /* EEXIST: another CPU created it first */)
 		return SG_DROP_CT_FULL;

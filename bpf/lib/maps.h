@@ -13,6 +13,9 @@
 #ifndef SG_CT_MAX
 #define SG_CT_MAX 1048576
 #endif
+#ifndef SG_CT_RING
+#define SG_CT_RING (SG_CT_MAX / 2) /* half-open slots shared out among the interfaces */
+#endif
 #ifndef SG_ENDPOINTS_MAX
 #define SG_ENDPOINTS_MAX 4096
 #endif
@@ -59,6 +62,12 @@ BPF_TABLE_PINNED("lpm_trie", struct sg_port_key, struct sg_port_val, sg_ports_lp
 /* tracked connections of every endpoint; never evicted while live (1.4) */
 BPF_TABLE_PINNED("hash", struct sg_ct_key, struct sg_ct_entry, sg_conntrack, SG_CT_MAX,
 		 SG_PIN_DIR "/sg_conntrack");
+/* the interfaces' half-open allowances (types.h, sg_ct_quota): slot -> key */
+BPF_TABLE_PINNED("array", __u32, struct sg_ct_key, sg_ct_ring, SG_CT_RING,
+		 SG_PIN_DIR "/sg_ct_ring");
+/* per endpoint slot: slots taken and connections evicted */
+BPF_TABLE_PINNED("array", __u32, struct sg_ct_quota, sg_ct_quota, SG_COUNTER_SLOTS,
+		 SG_PIN_DIR "/sg_ct_quota");
 /* first fragments that were allowed: (endpoint, addresses, proto, IP id) -> seconds */
 BPF_TABLE_PINNED("lru_hash", struct sg_frag_key, __u64, sg_frags, SG_FRAG_MAX,
 		 SG_PIN_DIR "/sg_frags");

@@ -34,13 +34,31 @@
 			    * not a flow-log record, never revalidated */
 #define SG_CT_F_DHCP   0x2 /* the DHCP client's pseudo-connection: looked up by
 			    * DHCP answers only, never by a packet's own key */
+#define SG_CT_F_REPLIED 0x4 /* TCP: the reply side answered (SYN-ACK); the
+			     * origin's next packet establishes the connection */
+
+/* A half-open (SG_CT_NEW) connection of an interface with an allowance
+ * holds a slot of that interface's range of sg_ct_ring. Each new
+ * connection takes the next slot of the range (sg_ct_quota.next, modulo the
+ * range's size); if the slot's connection is still half-open, it is the
+ * interface's oldest one and is deleted first. So an interface never holds
+ * more half-open connections than its allowance, a flood of forged SYNs
+ * reclaims only its own interface's oldest half-open entries, and a
+ * connection that has seen traffic both ways (SG_CT_ESTABLISHED or later;
+ * for TCP: the origin spoke after the reply, the handshake's ACK) is never
+ * evicted. Two CPUs taking slots at once may each evict; the bound holds
+ * per slot. */
+struct sg_ct_quota {
+	__u64 next;           /* slots taken so far (atomic) */
+	__u64 evicted;        /* half-open connections deleted to make room (atomic) */
+};
 
 /* sg_ct_entry.fin for UDP: the origin spoke again after the reply (the
  * second transaction's request; its reply makes the flow a stream) */
 #define SG_CT_UDP_ASKED 0x1
 
 /* conntrack states */
-#define SG_CT_NEW         1 /* one direction seen */
+#define SG_CT_NEW         1 /* one direction seen (TCP: until the handshake's ACK) */
 #define SG_CT_ESTABLISHED 2 /* reply seen */
 #define SG_CT_STREAM      3 /* UDP: traffic after the reply (stream timeout) */
 #define SG_CT_CLOSING     4 /* TCP: RST, or FIN both ways */
@@ -72,6 +90,8 @@ struct sg_endpoint {
 			       * the real interface's) */
 	__u8  mac[6];         /* the instance's MAC, when declared (SG_EP_MAC) */
 	__u16 pad;
+	__u32 ring_base;      /* its half-open allowance: slots ring_base .. */
+	__u32 ring_size;      /* ... + ring_size - 1 of sg_ct_ring (0: none) */
 };
 
 /* sg_local_addrs key (1.6): an address of an endpoint's interface (primary
@@ -200,6 +220,8 @@ struct sg_ct_entry {
 	__u8  tcp_flags[2];   /* flow-log TCP flags seen (SG_FL_TCP_*), OR'd */
 	__u8  icmp_type;      /* ICMP: the opening packet's type and code (revalidate */
 	__u8  icmp_code;      /* judges a connection by what opened it) */
+	__u32 slot;           /* 1 + its sg_ct_ring slot while half-open, 0 = none */
+	__u32 pad;
 	__u64 packets[2];
 	__u64 bytes[2];       /* IP bytes (header included) */
 };

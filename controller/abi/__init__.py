@@ -16,7 +16,7 @@ FLAG_WORLD = 0x1
 CFG_EXEMPT_DHCP, CFG_FLOW_LOG, CFG_DHCP_SERVERS = 0x1, 0x2, 0x4  # SG_CFG_*: sg_config.flags
 EXEMPT_SERVICE, EXEMPT_DHCP_SERVER = 0x1, 0x2  # SG_EXEMPT_*: sg_exempt_lpm values
 LOCAL_ADDR, LOCAL_ONLINK64 = 0, 1  # SG_LOCAL_*: sg_local_key.kind
-CT_F_EXEMPT, CT_F_DHCP = 0x1, 0x2  # SG_CT_F_*: sg_ct_entry.flags
+CT_F_EXEMPT, CT_F_DHCP, CT_F_REPLIED = 0x1, 0x2, 0x4  # SG_CT_F_*: sg_ct_entry.flags
 PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout
@@ -42,7 +42,8 @@ Addr = ct.c_uint32 * 4  # __be32[4]
 class Endpoint(ct.Structure):
     _fields_ = [("ep_id", u32), ("policy_id", u32), ("mode", u8), ("flags", u8),
                 ("open_all", u16), ("world_class", u32 * 4), ("timeouts", u32 * 7),
-                ("addr_id", u32), ("mac", u8 * 6), ("pad", u16)]
+                ("addr_id", u32), ("mac", u8 * 6), ("pad", u16), ("ring_base", u32),
+                ("ring_size", u32)]
 
 
 class LocalKey(ct.Structure):
@@ -97,8 +98,12 @@ class CtKey(ct.Structure):
 class CtEntry(ct.Structure):
     _fields_ = [("last_seen", u64), ("rule_index", u32), ("policy_id", u32), ("state", u8),
                 ("origin", u8), ("fin", u8), ("flags", u8), ("tcp_flags", u8 * 2),
-                ("icmp_type", u8), ("icmp_code", u8),
+                ("icmp_type", u8), ("icmp_code", u8), ("slot", u32), ("pad", u32),
                 ("packets", u64 * 2), ("bytes", u64 * 2)]
+
+
+class CtQuota(ct.Structure):
+    _fields_ = [("next", u64), ("evicted", u64)]
 
 
 class FragKey(ct.Structure):
@@ -138,6 +143,8 @@ MAPS = {
     "sg_ports": (PortsKey, Ports),
     "sg_ports_lpm": (PortKey, PortVal),
     "sg_conntrack": (CtKey, CtEntry),
+    "sg_ct_ring": (u32, CtKey),
+    "sg_ct_quota": (u32, CtQuota),
     "sg_frags": (FragKey, u64),
     "sg_exempt_lpm": (ExemptKey, u8),
     "sg_local_addrs": (LocalKey, u8),

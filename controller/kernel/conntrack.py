@@ -13,12 +13,13 @@ import ctypes as ct
 import ipaddress
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from controller import abi
 from controller.abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM
 from controller.abi.reasons import Reason
+from controller.kernel.counters import ct_evicted
 from controller.kernel.dataplane import Dataplane
 from controller.policy.evaluator import Evaluator
 from controller.policy.model import (
@@ -127,6 +128,7 @@ class GcResult:
     removed: int
     live: Dict[int, int]  # ep_id -> live entries
     seconds: float
+    half_open: Dict[int, int] = field(default_factory=dict)  # ep_id -> live entries still new
 
 
 def gc(dp: Dataplane) -> GcResult:
@@ -142,6 +144,7 @@ def gc(dp: Dataplane) -> GcResult:
     eps = endpoint_timeouts(dp)
     now = datapath_now(dp)
     live: Dict[int, int] = {}
+    half: Dict[int, int] = {}
     doomed = []
     scanned = 0
     for k, e in m.batch_items():
@@ -149,6 +152,8 @@ def gc(dp: Dataplane) -> GcResult:
         ep = eps.get(k.ep_id)
         if ep is not None and not _expired(ep[1], k, e, now):
             live[k.ep_id] = live.get(k.ep_id, 0) + 1
+            if e.state == abi.CT_NEW:
+                half[k.ep_id] = half.get(k.ep_id, 0) + 1
         else:
             doomed.append(k)
     if doomed:
@@ -163,7 +168,7 @@ def gc(dp: Dataplane) -> GcResult:
             live[k.ep_id] = live.get(k.ep_id, 0) + 1
             continue
         dead.append((k, e))
-    return GcResult(scanned, _delete(dp, dead), live, time.monotonic() - start)
+    return GcResult(scanned, _delete(dp, dead), live, time.monotonic() - start, half)
 
 
 def revalidate(dp: Dataplane, state: State, bound: Dict[int, str]) -> int:
@@ -205,13 +210,22 @@ def _expired(t: Timeouts, k: abi.CtKey, e: abi.CtEntry, now: int) -> bool:
     return now > e.last_seen and now - e.last_seen > t.of(k.proto, e.state)
 
 
-def allowance(dp: Dataplane, live: Dict[int, int], ep_id: int,
-              counters: Dict[Tuple[str, str], Tuple[int, int]]) -> Dict[str, int]:
-    """AWS-named figures for one interface. The table is shared by all
-    interfaces of the host, so ``available`` is what is left of it;
-    ``exceeded`` counts this interface's packets dropped because it was full
-    (``counters``: its endpoint_counters, already read by the caller)."""
+def allowance(dp: Dataplane, live: Dict[int, int], half_open: Dict[int, int], ep_id: int,
+              ring: Tuple[int, int], counters: Dict[Tuple[str, str], Tuple[int, int]]
+              ) -> Dict[str, int]:
+    """AWS-named figures for one interface (at the last GC). Its allowance
+    bounds its half-open connections (``ring``: its slots); ``available``
+    is what it can still open without reclaiming one, within what is left
+    of the shared table. ``exceeded`` counts its packets dropped because
+    the table was full (``counters``: its endpoint_counters, already read by
+    the caller); ``evicted``, its half-open connections deleted to make room
+    for newer ones."""
     exceeded = sum(p for (_, r), (p, _) in counters.items() if r == Reason.DROP_CT_FULL.label)
+    left = max(0, dp.ct_max - sum(live.values()))
+    size = ring[1]
     return {"conntrack_entries": live.get(ep_id, 0),
-            "conntrack_allowance_available": max(0, dp.ct_max - sum(live.values())),
-            "conntrack_allowance_exceeded": exceeded}
+            "conntrack_allowance": size,
+            "conntrack_allowance_available":
+                min(left, max(0, size - half_open.get(ep_id, 0))) if size else left,
+            "conntrack_allowance_exceeded": exceeded,
+            "conntrack_half_open_evicted": ct_evicted(dp, ep_id)}

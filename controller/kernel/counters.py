@@ -34,6 +34,15 @@ def reset_counters(dp: Dataplane, ep_id: int) -> None:
     for i in range(verdict_index(ep_id, 0, 0), verdict_index(ep_id, 1, abi.REASON_MAX - 1) + 1):
         verdicts.update(ct.c_uint32(i), (abi.Counter * verdicts.ncpu)())
     skips.update(ct.c_uint32(ep_id), (ct.c_uint64 * skips.ncpu)())
+    dp.map("sg_ct_quota").update(ct.c_uint32(ep_id), abi.CtQuota())
+
+
+def ct_evicted(dp: Dataplane, ep_id: int) -> int:
+    """Half-open connections of the endpoint deleted to stay within its allowance."""
+    if not 0 < ep_id < abi.COUNTER_SLOTS:
+        return 0
+    q = dp.map("sg_ct_quota").lookup(ct.c_uint32(ep_id))
+    return int(q.evicted) if q is not None else 0
 
 
 def reset_rule_hits(dp: Dataplane, numbers: Iterable[int]) -> None:

@@ -73,6 +73,7 @@ class Dataplane:
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, ct_max: int = 1 << 20) -> None:
         self.pin_dir = pin_dir
         self.ct_max = ct_max
+        self.ct_ring = max(1, ct_max // 2)  # half-open slots shared out (sg_ct_ring)
         self._maps: Dict[str, bpfsys.Map] = {}
         self._progs: Optional[Programs] = None
         self.written = Written(PolicyMaps(self.map))  # what this process wrote
@@ -90,6 +91,7 @@ class Dataplane:
         # SGCTL_EXTRA_CFLAGS: for developers and the upgrade test (a different
         # build of the same code, replaced on the hooks while the maps stay)
         return [f'-DSG_PIN_DIR="{self.pin_dir}"', f"-DSG_CT_MAX={self.ct_max}",
+                f"-DSG_CT_RING={self.ct_ring}",
                 "-Wno-unused-function", *os.environ.get("SGCTL_EXTRA_CFLAGS", "").split()]
 
     def source_tag(self) -> str:

@@ -181,6 +181,8 @@ class Tracked:
     dhcp: bool = False  # the DHCP client's pseudo-connection (answers only look it up)
     icmp_type: int = 0  # ICMP: what opened it
     icmp_code: int = 0
+    replied: bool = False  # TCP: the reply side answered; the origin's next packet establishes
+    slot: int = 0  # 1 + its slot in its interface's half-open ring while new (0: none)
 
 
 UDP_ASKED = 0x1  # Tracked.fin of UDP: the origin spoke again after the reply
@@ -226,6 +228,11 @@ class Evaluator:
         self.ct_max = ct_max
         self.ct: Dict[TrackKey, Tracked] = {}
         self.frags: Dict[tuple, int] = {}
+        # each interface's half-open ring (bpf/lib/types.h, sg_ct_quota):
+        # slot -> key, slots taken, connections evicted
+        self.rings: Dict[str, Dict[int, TrackKey]] = {}
+        self.taken: Dict[str, int] = {}
+        self.evicted: Dict[str, int] = {}
 
     def set_state(self, state: State) -> None:
         """A policy change: conntrack survives (1.4), except on interfaces with
@@ -333,8 +340,10 @@ class Evaluator:
                     entry.fin |= 2 if reply else 1
                 if entry.fin == 3:
                     entry.state = CT_CLOSING
-                elif reply and entry.state == CT_NEW:
-                    entry.state = CT_ESTABLISHED
+                elif entry.state == CT_NEW and reply:
+                    entry.replied = True
+                elif entry.state == CT_NEW and entry.replied:
+                    entry.state = CT_ESTABLISHED  # the handshake's ACK
         elif reply and entry.state == CT_NEW:
             entry.state = CT_ESTABLISHED
         elif entry.state == CT_ESTABLISHED and pkt.proto == PROTO_UDP:
@@ -464,16 +473,43 @@ class Evaluator:
 
     def _open(self, key: TrackKey, direction: str, pkt: Packet, exempt: bool,
               dhcp: bool = False) -> bool:
-        """Start tracking (False: the table is full)."""
+        """Start tracking (False: the table is full). The connection first
+        takes the next slot of its interface's half-open ring, deleting the
+        slot's connection if that is still half-open."""
+        slot = self._claim_slot(key)
         if key not in self.ct and len(self.ct) >= self.ct_max:
             return False
         entry = Tracked(origin=direction, state=CT_NEW, last_seen=self.clock(), exempt=exempt,
-                        dhcp=dhcp)
+                        dhcp=dhcp, slot=slot)
         if pkt.is_icmp:
             entry.icmp_type, entry.icmp_code = pkt.icmp_type, pkt.icmp_code
         self.ct[key] = entry
         self.ct_update(entry, direction, pkt)
         return True
+
+    def allowance(self) -> int:
+        """Half-open connections each interface may hold: an equal share of
+        half the table (``conntrack_allowance`` may ask for less)."""
+        share = (self.ct_max // 2) // max(1, len(self.state.bound_interfaces()))
+        asked = self.state.settings.conntrack_allowance
+        return min(asked, share) if asked else share
+
+    def _claim_slot(self, key: TrackKey) -> int:
+        size = self.allowance()
+        if not size:
+            return 0
+        eni_id = key[0]
+        taken = self.taken.get(eni_id, 0)
+        self.taken[eni_id] = taken + 1
+        slot = taken % size
+        ring = self.rings.setdefault(eni_id, {})
+        held = ring.get(slot)
+        old = self.ct.get(held) if held is not None else None
+        if held is not None and old is not None and old.slot == slot + 1 and old.state == CT_NEW:
+            del self.ct[held]
+            self.evicted[eni_id] = self.evicted.get(eni_id, 0) + 1
+        ring[slot] = key
+        return slot + 1
 
     def _decide(self, eni: NetworkInterface, direction: str, pkt: Packet) -> Verdict:
         # 1. a tracked connection of this interface, either direction

@@ -443,6 +443,9 @@ class Settings:
     exempt_force: bool = False  # allow exempt entries wider than EXEMPT_WIDEST
     max_groups_per_interface: int = 16
     max_rules_per_interface: int = 100000
+    # half-open connections each interface may hold (0: the host's half-open
+    # share of the table divided among the bound interfaces)
+    conntrack_allowance: int = 0
 
 
 _RULE_ID = operator.attrgetter("rule_id")

@@ -20,6 +20,7 @@ class EndpointRecord:
     own: List[str]  # the interface's own addresses when bound
     check: bool  # source/destination check
     xdp_mode: Optional[str] = None  # "drv" or "skb", once attached here
+    ring: Tuple[int, int] = (0, 0)  # its half-open allowance: (first slot, slots)
 
     def as_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -101,7 +102,8 @@ class Applied:
         (the caller then starts from nothing). Policies of the oldest format
         (one id, no "active") are left out: they are rewritten."""
         return cls(
-            endpoints={e: EndpointRecord(**r) for e, r in raw.get("endpoints", {}).items()},
+            endpoints={e: EndpointRecord(**{**r, "ring": tuple(r.get("ring", (0, 0)))})
+                       for e, r in raw.get("endpoints", {}).items()},
             policies={p: PolicyRecord.from_json(r) for p, r in raw.get("policies", {}).items()
                       if "active" in r},
             next_policy_id=int(raw.get("next_policy_id", 1)),

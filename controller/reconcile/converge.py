@@ -86,6 +86,7 @@ class Reconciler:
     def kernel_view(self) -> KernelView:
         eps = kernel_endpoints(self.dp)
         return KernelView(images=frozenset(self.dp.written.policies.images),
+                          ct_ring=self.dp.ct_ring,
                           ep_ids=frozenset(int(v.ep_id) for v in eps.values()),
                           max_policy_id=max((int(v.policy_id) for v in eps.values()), default=0))
 
@@ -147,7 +148,7 @@ class Reconciler:
             rec = policies[ep.record.policy]
             values[ep.record.ifindex] = endpoint_value(
                 ep.record.ep_id, rec.active, ep.record.mode, rec.open_all, rec.world,
-                ep.timeouts, ep.record.check, ep.mac)
+                ep.timeouts, ep.record.check, ep.mac, ep.record.ring)
         add_local(dp, p.local)
         switched = False
         try:

@@ -48,6 +48,7 @@ class KernelView:
     images: FrozenSet[int] = frozenset()  # policy ids whose image this process wrote
     ep_ids: FrozenSet[int] = frozenset()  # endpoint ids the kernel's endpoints hold
     max_policy_id: int = 0  # the highest policy id a kernel endpoint names
+    ct_ring: int = 0  # half-open slots to share out among the interfaces (sg_ct_ring)
 
 
 @dataclass
@@ -160,6 +161,19 @@ def free_ep_id(used: Set[int]) -> int:
     return n
 
 
+def rings(ep_ids: List[int], slots: int, allowance: int) -> Dict[int, Tuple[int, int]]:
+    """Each endpoint's range of the half-open ring: ``allowance`` slots
+    (0: an equal share), never more than an equal share, so that all fit.
+    Ranges follow endpoint-id order, so they move only when interfaces come
+    or go (a moved range forgets which connections it held: they stay
+    until they end or expire, outside the bound)."""
+    if not ep_ids or slots <= 0:
+        return {}
+    share = slots // len(ep_ids)
+    size = min(allowance, share) if allowance else share
+    return {ep: (i * size, size) for i, ep in enumerate(sorted(ep_ids))}
+
+
 def devices_of(state: State, host: HostDevices, missing_ok: bool) -> Tuple[Dict[str, int], List[str]]:
     """eni id -> ifindex of every bound interface whose device exists, and
     the pending ones; an absent device is an error unless ``missing_ok``."""
@@ -250,6 +264,11 @@ def plan(state: State, host: HostDevices, applied: Applied,
         if old_ep and not new_id and eni.source_dest_check and (
                 not old_ep.check or not set(old_ep.own) <= set(own)):
             cut[ep_id] = {a.packed for a in addrs}  # connections on lost addresses go
+
+    ring = rings([ep.record.ep_id for ep in endpoints], kernel.ct_ring,
+                 state.settings.conntrack_allowance)
+    for ep in endpoints:
+        ep.record.ring = ring.get(ep.record.ep_id, (0, 0))
 
     # 3. endpoints that went away; 4. policy ids nobody uses any more
     now = {p.eni_id: p.record for p in endpoints}

@@ -350,7 +350,8 @@ class Daemon:
 
     def act_status(self, params: Dict[str, Any]) -> Dict[str, Any]:
         live = self.gc_last.live if self.gc_last else None
-        out = report(self.dp, self.rc.applied(), live)
+        out = report(self.dp, self.rc.applied(), live,
+                     self.gc_last.half_open if self.gc_last else None)
         if params.get("Maps"):
             out["maps"] = map_fill(self.dp, sum(live.values()) if live is not None else None)
         if self.server is not None:  # (not in the one-shot CLI's process)
@@ -442,7 +443,9 @@ class Daemon:
                             rules=[(g.group_id, r.rule_id) for g in self.state.groups.values()
                                    for r in g.rules],
                             generation=self.generation,
-                            live=self.gc_last.live if self.gc_last else None, flows=self.flows)
+                            live=self.gc_last.live if self.gc_last else None,
+                            half_open=self.gc_last.half_open if self.gc_last else {},
+                            flows=self.flows)
 
     def health(self) -> Dict[str, Any]:
         return {"ok": True, "generation": self.generation, "pid": os.getpid()}

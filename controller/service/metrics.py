@@ -6,9 +6,11 @@ custom collector), so there is no second bookkeeping to drift:
 - sgctl_packets_total / sgctl_bytes_total {interface, device, direction,
   verdict, reason}: every packet of a bound interface, by the named reason
   the datapath gave it (verdict ACCEPT or REJECT);
-- sgctl_conntrack_entries {interface}, sgctl_conntrack_allowance_available
-  {interface}, sgctl_conntrack_allowance_exceeded_total {interface}: from the
-  last conntrack GC pass and the drop_ct_full counters;
+- sgctl_conntrack_entries {interface}, sgctl_conntrack_allowance {interface},
+  sgctl_conntrack_allowance_available {interface},
+  sgctl_conntrack_allowance_exceeded_total {interface},
+  sgctl_conntrack_half_open_evicted_total {interface}: from the last
+  conntrack GC pass, the drop_ct_full counters and sg_ct_quota;
 - sgctl_policy_generation; sgctl_apply_duration_seconds (histogram of the
   time to enforce a change);
 - sgctl_map_entries / sgctl_map_capacity / sgctl_map_fill_ratio {map} for
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -60,6 +62,7 @@ class Snapshot:
     generation: int
     live: Optional[Dict[int, int]]  # ep id -> conntrack entries at the last GC (None: no GC yet)
     flows: Optional[FlowLogger]
+    half_open: Dict[int, int] = field(default_factory=dict)  # ep id -> of them still new
 
 
 class SgctlCollector(Collector):
@@ -101,21 +104,30 @@ class SgctlCollector(Collector):
 
         entries = GaugeMetricFamily("sgctl_conntrack_entries", "Tracked connections (last GC "
                                     "pass)", labels=["interface"])
-        avail = GaugeMetricFamily("sgctl_conntrack_allowance_available", "Connections that can "
-                                  "still be tracked (the table is shared by the host)",
-                                  labels=["interface"])
+        allowed = GaugeMetricFamily("sgctl_conntrack_allowance", "Half-open connections the "
+                                    "interface may hold", labels=["interface"])
+        avail = GaugeMetricFamily("sgctl_conntrack_allowance_available", "Connections the "
+                                  "interface can still open without reclaiming a half-open "
+                                  "one (within the host's shared table)", labels=["interface"])
+        evicted = CounterMetricFamily("sgctl_conntrack_half_open_evicted", "Half-open "
+                                      "connections deleted to make room for newer ones of the "
+                                      "same interface", labels=["interface"])
         exceeded = CounterMetricFamily("sgctl_conntrack_allowance_exceeded", "Packets of new "
                                        "flows dropped because the table was full",
                                        labels=["interface"])
         live = snap.live or {}
         for eni, ep in sorted(endpoints.items()):
-            fig = allowance(dp, live, ep.ep_id, counters[eni])
+            fig = allowance(dp, live, snap.half_open, ep.ep_id, ep.ring, counters[eni])
             entries.add_metric([eni], fig["conntrack_entries"])
+            allowed.add_metric([eni], fig["conntrack_allowance"])
+            evicted.add_metric([eni], fig["conntrack_half_open_evicted"])
             avail.add_metric([eni], fig["conntrack_allowance_available"])
             exceeded.add_metric([eni], fig["conntrack_allowance_exceeded"])
         yield entries
+        yield allowed
         yield avail
         yield exceeded
+        yield evicted
 
         hits = CounterMetricFamily("sgctl_rule_hits", "Packets of the connections (and untracked "
                                    "flows) each rule allowed", labels=["group_id", "rule_id"])

@@ -12,9 +12,11 @@ from controller.kernel.dataplane import Dataplane
 from controller.reconcile.applied import Applied
 
 
-def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = None) -> Dict[str, Any]:
-    """Bindings, attachment, counters (and allowance figures when ``live``,
-    the per-endpoint conntrack counts of the last GC, is known)."""
+def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = None,
+           half_open: Optional[Dict[int, int]] = None) -> Dict[str, Any]:
+    """Bindings, attachment, counters (and allowance figures when ``live``
+    and ``half_open``, the per-endpoint conntrack counts of the last GC, are
+    known)."""
 
     rows = []
     for eni_id, s in sorted(applied.summary.items()):
@@ -27,7 +29,7 @@ def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = Non
                "counters": {f"{d}/{r}": {"packets": p, "bytes": b}
                             for (d, r), (p, b) in sorted(counters.items())}}
         if live is not None and ep:
-            row.update(allowance(dp, live, ep.ep_id, counters))
+            row.update(allowance(dp, live, half_open or {}, ep.ep_id, ep.ring, counters))
         rows.append(row)
     desired = applied.desired or {}
     return {"interfaces": rows,

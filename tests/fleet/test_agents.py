@@ -13,9 +13,9 @@ import pytest
 
 from controller.policy.errors import ApiError
 from controller.tools.etcd import EtcdProc
+from controller.tools.topology import Topology
 from tests.daemonproc import DaemonProc, Prober, Stream, tcp_perm, udp_perm, wait_for, web_setup
 from tests.harness import unique
-from tests.topology import Topology
 
 pytestmark = pytest.mark.netns
 

@@ -6,6 +6,9 @@ cannot disagree silently."""
 
 from __future__ import annotations
 
+import ctypes as ct
+import ipaddress
+import socket
 from typing import Any, Dict, List
 
 import pytest
@@ -16,9 +19,10 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import Dot1Q, Ether
 
+from controller import abi
 from controller.abi.reasons import Reason as R
 from controller.kernel.frames import DST_MAC, SRC_MAC, frame, l3
-from controller.policy.evaluator import TCP_ACK, Evaluator, addr
+from controller.policy.evaluator import TCP_ACK, TCP_SYN, Evaluator, addr
 from controller.policy.evaluator import Packet as P
 from controller.policy.formats import load_document
 from controller.policy.model import State
@@ -95,19 +99,67 @@ def test_truncated_at_every_offset(kernel, test_devs) -> None:
 
 
 def test_conntrack_table_full(kernel, test_devs) -> None:
-    """A full table drops new flows (counted), never evicts live ones."""
+    """A table full of connections that saw traffic both ways drops new
+    flows (counted) and evicts none of them."""
     from tests.harness import KERNEL_CT_MAX
 
     kernel.apply(one_interface(device=test_devs[0], ingress=[], egress=[
         {"proto": "udp", "ports": "1-65535", "to": "198.18.1.0/24"}]))
     for port in range(1, KERNEL_CT_MAX + 1):
         assert kernel.run("eni-a", "egress", uout(10000, port)) == R.ALLOW_NEW
+        assert kernel.run("eni-a", "ingress", uin(port, 10000)) == R.ALLOW_ESTABLISHED
     assert kernel.run("eni-a", "egress", uout(10000, KERNEL_CT_MAX + 1)) == R.DROP_CT_FULL
     assert kernel.run("eni-a", "ingress", uin(1, 10000)) == R.ALLOW_ESTABLISHED
     # once expired, an entry's own key may be reused, others still cannot enter
-    kernel.set_clock(1000 + 31)
+    kernel.set_clock(1000 + 181)
     assert kernel.run("eni-a", "egress", uout(10000, 2)) == R.ALLOW_NEW
     assert kernel.run("eni-a", "egress", uout(10000, KERNEL_CT_MAX + 2)) == R.DROP_CT_FULL
+
+
+def half_open(kernel: object, ep_id: int) -> List[int]:
+    """The remote ports of an endpoint's half-open (new) connections."""
+    return sorted(socket.ntohs(k.rport) for k, e in kernel.dp.map("sg_conntrack").batch_items()
+                  if k.ep_id == ep_id and e.state == abi.CT_NEW)
+
+
+def test_allowance_reclaims_the_oldest_half_open_of_the_same_interface(kernel, test_devs) -> None:
+    """1.4 allowance: an interface holds at most its allowance of half-open
+    connections; a new one reclaims the interface's oldest; connections that
+    saw traffic both ways, and other interfaces' connections, are never
+    touched; a forged-SYN flood's SYN-ACKs do not make its entries two-way."""
+    allow = 8
+    state = one_interface(device=test_devs[0], ingress=[
+        {"proto": "tcp", "ports": 80, "from": "198.18.0.0/15"}], egress=[
+        {"proto": "udp", "ports": "1-65535", "to": "198.18.1.0/24"}],
+        others={"eni-b": {"groups": ["sg-a"], "ipv4": ["198.18.0.11"], "device": test_devs[1]}},
+        settings={"conntrack_allowance": allow})
+    kernel.apply(state)
+    ep_a, ep_b = kernel.endpoints["eni-a"].ep_id, kernel.endpoints["eni-b"].ep_id
+    b_local = ipaddress.ip_address("198.18.0.11")
+    quota = kernel.dp.map("sg_ct_quota")
+    before = quota.lookup(ct.c_uint32(ep_a))
+    # two-way connections: a completed handshake on A, a UDP exchange on B
+    assert kernel.run("eni-a", "ingress", tin(5000, 80)) == R.ALLOW_NEW
+    assert kernel.run("eni-a", "egress", tout(80, 5000, TCP_SYN | TCP_ACK)) == \
+        R.ALLOW_ESTABLISHED
+    assert kernel.run("eni-a", "ingress", tin(5000, 80, TCP_ACK)) == R.ALLOW_ESTABLISHED
+    assert kernel.run("eni-b", "egress", uout(7, 7, src=b_local)) == R.ALLOW_NEW
+    assert kernel.run("eni-b", "ingress", uin(7, 7, dst=b_local)) == R.ALLOW_ESTABLISHED
+    assert kernel.run("eni-b", "egress", uout(8, 8, src=b_local)) == R.ALLOW_NEW  # half-open
+    # a flood of SYNs on A from forged sources, each answered by A
+    for i in range(3 * allow):
+        src = ipaddress.ip_address(f"198.19.{i // 250}.{i % 250 + 1}")
+        assert kernel.run("eni-a", "ingress", tin(10000 + i, 80, src=src)) == R.ALLOW_NEW
+        assert kernel.run("eni-a", "egress", tout(80, 10000 + i, TCP_SYN | TCP_ACK, dst=src)) \
+            == R.ALLOW_ESTABLISHED
+    flood = half_open(kernel, ep_a)
+    assert len(flood) == allow  # the bound
+    assert flood == list(range(10000 + 2 * allow, 10000 + 3 * allow))  # the newest kept
+    assert kernel.run("eni-a", "egress", tout(80, 5000, TCP_ACK)) == R.ALLOW_ESTABLISHED
+    assert kernel.run("eni-b", "ingress", uin(7, 7, dst=b_local)) == R.ALLOW_ESTABLISHED
+    assert half_open(kernel, ep_b) == [8]  # B's own half-open one is B's
+    q = quota.lookup(ct.c_uint32(ep_a))
+    assert (q.next - before.next, q.evicted - before.evicted) == (1 + 3 * allow, 2 * allow)
 
 
 def test_policy_change_keeps_tracked_cuts_untracked(kernel, test_devs) -> None:

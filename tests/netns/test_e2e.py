@@ -16,8 +16,8 @@ from typing import Any, Dict, Iterator, Optional
 import pytest
 import yaml
 
+from controller.tools.topology import Servers, Topology, echo_ok
 from tests.harness import unique
-from tests.topology import Servers, Topology, echo_ok
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[2]
@@ -274,7 +274,7 @@ def test_host_mode(topo: Topology, sgctl: Sgctl) -> None:
     """The root namespace as the instance, on its own veth end (host mode)."""
     tag = unique("")[-5:]
     host_if, peer_ns = f"sgH{tag}", f"sgnH{tag}"
-    from tests.topology import Instance, Servers, sh
+    from controller.tools.topology import Instance, Servers, sh
 
     sh("ip", "netns", "add", peer_ns)
     servers = Servers()
@@ -462,7 +462,7 @@ def test_forged_member_source_is_dropped_unless_the_check_is_off(topo: Topology,
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
 
-    from tests.topology import sh
+    from controller.tools.topology import sh
 
     web, app, cli = (topo.instances[n] for n in ("web", "app", "cli"))
     rx = Receiver(web, socket.AF_INET, socket.SOCK_DGRAM, port=7777)
@@ -556,7 +556,7 @@ def test_forged_arp_does_not_poison_a_neighbour(topo: Topology, checked: Sgctl) 
     for app keeps app's MAC (and takes cli's once cli's check is off)."""
     from scapy.layers.l2 import ARP, Ether
 
-    from tests.topology import sh
+    from controller.tools.topology import sh
 
     web, app, cli = (topo.instances[n] for n in ("web", "app", "cli"))
     ex = ("ip", "netns", "exec", web.ns)
@@ -588,7 +588,7 @@ def test_forged_arp_does_not_poison_a_neighbour(topo: Topology, checked: Sgctl) 
 def test_traffic_to_an_address_the_interface_does_not_have(topo: Topology, checked: Sgctl) -> None:
     """web gives itself 198.18.0.99 (not declared): nothing reaches it there,
     while its declared address still answers."""
-    from tests.topology import sh
+    from controller.tools.topology import sh
 
     web, cli = topo.instances["web"], topo.instances["cli"]
     undeclared = "198.18.0.99"

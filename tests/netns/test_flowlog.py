@@ -25,9 +25,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.service.flowformat import FlowLogError, parse_format
+from controller.tools.topology import Instance, Topology, echo_ok, sh
 from tests.daemonproc import ROOT, DaemonProc, free_port, tcp_perm, udp_exchanges, udp_perm, web_setup
 from tests.harness import unique
-from tests.topology import Instance, Topology, echo_ok, sh
 
 pytestmark = pytest.mark.netns
 V2 = ["version", "account-id", "interface-id", "srcaddr", "dstaddr", "srcport", "dstport",

@@ -129,11 +129,20 @@ def test_evaluator_tracked_flow_and_timeouts() -> None:
     assert ev.packet("eni-a", "ingress", Packet(R, L, 6, 5, 80)).reason == Reason.ALLOW_NEW
     assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 5, tcp_flags=TCP_SYN | TCP_ACK)).reason \
         == Reason.ALLOW_ESTABLISHED
-    now["t"] = 432000
+    now["t"] = 61  # a handshake the origin never completed is half-open: 60 s
     assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 5, tcp_flags=TCP_ACK)).reason \
+        == Reason.DROP_NO_RULE
+    now["t"] = 0
+    assert ev.packet("eni-a", "ingress", Packet(R, L, 6, 6, 80)).reason == Reason.ALLOW_NEW
+    assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 6, tcp_flags=TCP_SYN | TCP_ACK)).reason \
+        == Reason.ALLOW_ESTABLISHED
+    assert ev.packet("eni-a", "ingress", Packet(R, L, 6, 6, 80, tcp_flags=TCP_ACK)).reason \
+        == Reason.ALLOW_ESTABLISHED  # the handshake's ACK: established
+    now["t"] = 432000
+    assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 6, tcp_flags=TCP_ACK)).reason \
         == Reason.ALLOW_ESTABLISHED
     now["t"] += 432001
-    assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 5, tcp_flags=TCP_ACK)).reason \
+    assert ev.packet("eni-a", "egress", Packet(L, R, 6, 80, 6, tcp_flags=TCP_ACK)).reason \
         == Reason.DROP_NO_RULE
 
 

@@ -97,7 +97,8 @@ def load(doc: Dict[str, Any]) -> State:
     state = State()
     sets = mapping(doc.get("settings"), "settings", "settings")
     _check_keys(sets, ("exempt", "exempt_dhcp", "dhcp_servers", "exempt_force",
-                       "max_groups_per_interface", "max_rules_per_interface"), "settings")
+                       "max_groups_per_interface", "max_rules_per_interface",
+                       "conntrack_allowance"), "settings")
     settings = Settings()
     if "exempt" in sets:
         settings.exempt = [parse_cidr(c, "settings", f"exempt[{i}]")
@@ -117,6 +118,12 @@ def load(doc: Dict[str, Any]) -> State:
             if not isinstance(sets[k], int) or isinstance(sets[k], bool) or sets[k] < 1:
                 raise ValidationError("settings", k, f"{sets[k]!r} must be a positive integer")
             setattr(settings, k, sets[k])
+    if "conntrack_allowance" in sets:
+        settings.conntrack_allowance = parse_int(sets["conntrack_allowance"], "settings",
+                                                 "conntrack_allowance")
+        if settings.conntrack_allowance < 0:
+            raise ValidationError("settings", "conntrack_allowance",
+                                  f"{settings.conntrack_allowance} must be 0 (automatic) or more")
     state.settings = settings
 
     for plid, p in mapping(doc.get("prefix_lists"), "document", "prefix_lists").items():
@@ -280,6 +287,7 @@ def dump(state: State, cache: Optional[SpecCache] = None) -> Dict[str, Any]:
                        "dhcp_servers": [str(c) for c in state.settings.dhcp_servers],
                        "exempt_force": state.settings.exempt_force,
                        "max_groups_per_interface": state.settings.max_groups_per_interface,
-                       "max_rules_per_interface": state.settings.max_rules_per_interface}
+                       "max_rules_per_interface": state.settings.max_rules_per_interface,
+                       "conntrack_allowance": state.settings.conntrack_allowance}
     return out
 

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Dict
 
 from controller.tools.bench import control, device, fleet, on_sigterm, packet, report, tcp
+from controller.tools.synflood import allowance_under_flood
+
+FLOOD_CT_MAX = 1 << 16  # the SYN flood scenario's table: the flood sends many times this
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -22,16 +25,17 @@ ROOT = Path(__file__).resolve().parents[3]
 #  iperf seconds and rounds, control sizes, control samples)
 PROFILES: Dict[str, Dict[str, Any]] = {
     "smoke": dict(sizes=[10, 100], ct=[1000], repeat=2000, runs=2, new=50,
-                  dev_packets=20000, dev_sizes=[10], tcp_s=1, tcp_rounds=1, tcp_flood=False,
-                  ctl_sizes=[10], ctl_samples=4, fleet_samples=5, fleet_sizes=[1000]),
+                  dev_packets=20000, dev_sizes=[10], dev_s=1, tcp_s=1, tcp_rounds=1, tcp_flood=False,
+                  ctl_sizes=[10], ctl_samples=4, fleet_samples=5, fleet_sizes=[1000],
+                  flood_s=5),
     "quick": dict(sizes=[10, 100, 1000, 10000], ct=[1000, 1000000], repeat=100000, runs=5,
-                  new=2000, dev_packets=2000000, dev_sizes=[10, 10000], tcp_s=3, tcp_rounds=3,
+                  new=2000, dev_packets=2000000, dev_sizes=[10, 10000], dev_s=4, tcp_s=3, tcp_rounds=3,
                   tcp_flood=True, ctl_sizes=[10, 1000, 10000], ctl_samples=20,
-                  fleet_samples=50, fleet_sizes=[1000, 10000, 100000]),
+                  fleet_samples=50, fleet_sizes=[1000, 10000, 100000], flood_s=30),
     "full": dict(sizes=[10, 100, 1000, 10000], ct=[1000, 1000000], repeat=1000000, runs=7,
-                 new=10000, dev_packets=10000000, dev_sizes=[10, 1000, 10000], tcp_s=10,
+                 new=10000, dev_packets=10000000, dev_sizes=[10, 1000, 10000], dev_s=10, tcp_s=10,
                  tcp_rounds=3, tcp_flood=True, ctl_sizes=[10, 1000, 10000], ctl_samples=100,
-                 fleet_samples=200, fleet_sizes=[1000, 10000, 100000]),
+                 fleet_samples=200, fleet_sizes=[1000, 10000, 100000], flood_s=60),
 }
 
 
@@ -39,7 +43,17 @@ def machine() -> Dict[str, Any]:
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "kernel": platform.release(), "cpus": os.cpu_count(),
             "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                         if ln.startswith("model name")), "?")}
+                         if ln.startswith("model name")), "?"),
+            "mitigations": mitigations()}
+
+
+def mitigations() -> str:
+    """The kernel's speculative-execution mitigations (what test runs pay for)."""
+    base = Path("/sys/devices/system/cpu/vulnerabilities")
+    try:
+        return "; ".join(f"{f.name}: {f.read_text().strip()}" for f in sorted(base.iterdir()))
+    except OSError:
+        return "unknown"
 
 
 def main() -> int:
@@ -52,10 +66,12 @@ def main() -> int:
     res: Dict[str, Any] = {"machine": machine(), "profile": args.profile}
     steps = [
         ("per_packet", lambda: packet.run(p["sizes"], p["ct"], p["repeat"], p["runs"], p["new"])),
-        ("device", lambda: device.run(p["dev_packets"], p["dev_sizes"])),
+        ("device", lambda: device.run(p["dev_packets"], p["dev_sizes"], p["dev_s"])),
         ("tcp", lambda: tcp.run(p["tcp_s"], 10, p["tcp_flood"], p["tcp_rounds"])),
         ("control", lambda: control.run(p["ctl_sizes"], p["ctl_samples"])),
         ("fleet", lambda: fleet.run(p["fleet_samples"], p["fleet_sizes"])),
+        ("flood", lambda: allowance_under_flood(p["flood_s"], 0, FLOOD_CT_MAX, 0,
+                                                f"{os.getpid() % 100000}")),
     ]
     for name, fn in steps:
         start = time.monotonic()

@@ -11,6 +11,10 @@ N ingress rules (bench.control.rules: mixed CIDRs and port ranges). Cases:
 - ``new``: SYNs of distinct connections allowed by a rule (each run once, so
   each is a new flow: classification + conntrack insert), against ``empty``
   run the same way.
+- ``lookup``: the unit that travels between machines -- a program that does
+  one lookup of a 44-byte key (a conntrack key's size) in a hash map of 1M
+  entries, and nothing else (``lookup_once``: distinct keys, each run once).
+  A path costs (path - empty) / (lookup - empty) lookups.
 
 ``repeat`` runs give the mean of many runs of one packet; the median of
 several repeats is reported.
@@ -37,6 +41,20 @@ from controller.tools.bench.rulesets import rules
 
 LOCAL = "198.18.0.10"
 EMPTY_XDP = "int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }"
+LOOKUP_ENTRIES = 1 << 20
+LOOKUP_XDP = """
+struct ref_key { u8 b[44]; };
+BPF_HASH(ref, struct ref_key, u64, LOOKUP_ENTRIES);
+int xdp_lookup(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ref_key k = {};
+	if (data + 30 > end)
+		return XDP_ABORTED;
+	__builtin_memcpy(k.b, data + 26, 4);  /* the IPv4 source: a key the map holds */
+	return ref.lookup(&k) ? XDP_PASS : XDP_DROP;
+}
+"""
 
 
 def empty_program() -> int:
@@ -52,6 +70,30 @@ def _median_ns(fd: int, data: bytes, idx: int, repeat: int, runs: int) -> float:
                              for _ in range(runs))
 
 
+class LookupProgram:
+    """The reference: one hash lookup (module docstring). Keys are the 4-byte
+    big-endian numbers 0 .. LOOKUP_ENTRIES - 1 followed by 40 zero bytes, so
+    a packet from 10.x.y.z (as a number below LOOKUP_ENTRIES) hits."""
+
+    def __init__(self) -> None:
+        from bcc import BPF
+
+        self.bpf = BPF(text=LOOKUP_XDP.encode(), cflags=[f"-DLOOKUP_ENTRIES={LOOKUP_ENTRIES}"])
+        self.fd = self.bpf.load_func(b"xdp_lookup", BPF.XDP).fd
+        t = self.bpf[b"ref"]
+        chunk = 1 << 16
+        for start in range(0, LOOKUP_ENTRIES, chunk):
+            keys = (t.Key * chunk)()
+            for i in range(chunk):
+                keys[i].b[:4] = list((start + i).to_bytes(4, "big"))
+            t.items_update_batch(keys, (t.Leaf * chunk)())
+
+    @staticmethod
+    def frame(i: int) -> bytes:
+        """A packet whose key is entry ``i``."""
+        return frame(Packet(ipaddress.ip_address(i), addr(LOCAL), 6, 1, 1))
+
+
 class PacketBench:
     def __init__(self, ct_max: int = 1 << 20) -> None:
         tag = f"{os.getpid() % 100000}"
@@ -64,6 +106,7 @@ class PacketBench:
         self.rc = Reconciler(self.dp, self.tmp)
         self.progs = self.dp.programs()
         self.empty = empty_program()
+        self.lookup = LookupProgram()
         self.rules: List[Dict[str, Any]] = []
 
     def apply(self, n: int, nested: bool = False, check: bool = True) -> None:
@@ -91,6 +134,9 @@ class PacketBench:
         out: Dict[str, float] = {}
         out["empty"] = _median_ns(self.empty, frame(Packet(addr("198.19.0.1"), addr(LOCAL), 6, 1,
                                                             1)), self.idx, repeat, runs)
+        hit = self.lookup.frame(LOOKUP_ENTRIES // 2 + 12345)
+        assert bpfsys.test_run(self.lookup.fd, hit, self.idx, True)[0] == 2, "reference missed"
+        out["lookup"] = _median_ns(self.lookup.fd, hit, self.idx, repeat, runs)
         syn = self.allowed_packet(40000)
         assert bpfsys.test_run(xdp, syn, self.idx, True)[0] == 2, "allowed SYN was dropped"
         ack = self.allowed_packet(40000, TCP_ACK)
@@ -105,8 +151,12 @@ class PacketBench:
         frames = [self.allowed_packet(1024 + i) for i in range(new_flows)]
         empties = [bpfsys.test_run(self.empty, f, self.idx, True)[1] for f in frames]
         news = [bpfsys.test_run(xdp, f, self.idx, True)[1] for f in frames]
+        step = LOOKUP_ENTRIES // (new_flows + 1)
+        once = [bpfsys.test_run(self.lookup.fd, self.lookup.frame(i * step), self.idx, True)[1]
+                for i in range(new_flows)]
         out["empty_once"] = statistics.median(empties)
         out["new"] = statistics.median(news)
+        out["lookup_once"] = statistics.median(once)
         return out
 
     def measure_source_check(self, n: int, repeat: int, runs: int,
