@@ -5,8 +5,9 @@ conntrack-allowance scenario the test and the bench run with it
 An XDP program run with live frames (``BPF_F_TEST_XDP_LIVE_FRAMES``) on
 one end of a veth pair sends every repeat of one SYN frame out into the
 peer, which sits on the bridge; each repeat gets the next source address of
-``SRC_SPAN`` in 198.19.0.0/16 (both checksums fixed, so that the target's
-TCP stack answers). The rate is bounded by sending in batches of ``BATCH``
+``SRC_SPAN`` in 198.19.0.0/16, and every ``SRC_SPAN`` frames the next
+source port, so that every frame is a new flow (both checksums fixed, so
+that the target's TCP stack answers). The rate is bounded by sending in batches of ``BATCH``
 frames, paced to ``pps``; a run stops by itself after its seconds.
 """
 
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from pyroute2 import IPRoute
 from scapy.layers.inet import IP, TCP
@@ -71,11 +72,26 @@ int xdp_synflood(struct xdp_md *ctx)
 	ip->saddr = to;
 	ip->check = csum_swap4(ip->check, from, to);
 	tcp->check = csum_swap4(tcp->check, from, to);
+	/* past SRC_SPAN frames, the next source port: every frame a new flow */
+	__u32 port_from = tcp->source;
+	__u32 port_to = bpf_htons(1024 + (__u32)((i / SRC_SPAN) % 60000));
+	tcp->source = port_to;
+	tcp->check = csum_swap4(tcp->check, port_from, port_to);
 	return XDP_TX;
 }
 
 int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }
 """
+
+
+def generator(src_base: str, span: int = SRC_SPAN) -> Tuple[Any, Any, Any]:
+    """The compiled generator (sources from ``src_base`` on), its
+    xdp_synflood function and an XDP_PASS stub (for the veth peer)."""
+    from bcc import BPF  # compiled here: only floods need it
+
+    base = int(ipaddress.ip_address(src_base))
+    bpf = BPF(text=GENERATOR.encode(), cflags=[f"-DSRC_BASE={base}U", f"-DSRC_SPAN={span}"])
+    return bpf, bpf.load_func(b"xdp_synflood", BPF.XDP), bpf.load_func(b"xdp_pass", BPF.XDP)
 
 
 def _xdp(dev: str, fd: int) -> None:
@@ -88,13 +104,7 @@ class SynFlood:
     """``with SynFlood(bridge, mac, ip, port) as f: f.run(seconds, pps)``"""
 
     def __init__(self, bridge: str, dst_mac: str, dst_ip: str, dport: int) -> None:
-        from bcc import BPF  # compiled here: only the flood needs it
-
-        base = int(ipaddress.ip_address(SRC_BASE))
-        self.bpf: Any = BPF(text=GENERATOR.encode(), cflags=[f"-DSRC_BASE={base}U",
-                                                    f"-DSRC_SPAN={SRC_SPAN}"])
-        self.gen = self.bpf.load_func(b"xdp_synflood", BPF.XDP)
-        stub = self.bpf.load_func(b"xdp_pass", BPF.XDP)
+        self.bpf, self.gen, stub = generator(SRC_BASE)
         tag = f"{os.getpid() % 100000}"
         self.tx, self.peer = f"sgfa{tag}", f"sgfb{tag}"
         sh("ip", "link", "add", self.tx, "type", "veth", "peer", "name", self.peer)

@@ -12,8 +12,11 @@ the device under test. B carries one of:
 - ``nftables``: the same stub, then an inet table with conntrack, the N
   rules as one interval set of (address . port range), drop.
 
-The processed rate is what B's filter counted divided by the generator's
-wall time. Everything lives in its own namespace, veth pair and pins, and is
+Traffic: ``denied`` (a SYN no rule allows), ``allowed`` (replies of a flow
+B opened) and ``new`` (SYNs each of a new flow, allowed by a rule: the
+generator of tools/synflood.py rewrites every frame's source; each filter
+tracks them in its conntrack). The processed rate is what B's filter counted
+divided by the generator's wall time. Everything lives in its own namespace, veth pair and pins, and is
 removed at the end; no address outside 198.18.0.0/15 is used.
 """
 
@@ -39,9 +42,12 @@ from controller.policy.formats import load_document
 from controller.reconcile.converge import Reconciler
 from controller.reconcile.plan import Device
 from controller.tools.bench.rulesets import iptables_rules, nft_elements, nft_rules, rules, sh
+from controller.tools.synflood import generator
 
 RX_IP, TX_IP = "198.18.5.2", "198.18.5.1"
 FLOOD_SRC = "198.19.200.1"  # no rule mentions it
+NEW_SRC, NEW_PORT = "10.200.0.0", 80  # new flows: sources in this /16, one rule allows them
+NEW_RULE = {"proto": "tcp", "ports": NEW_PORT, "from": f"{NEW_SRC}/16"}
 XDP_DRV = 4
 BATCH = 50_000  # frames per generator run (a run is one syscall; the clock is read between)
 
@@ -80,6 +86,7 @@ class DeviceBench:
         self.bare = BPF(text=BARE)
         self.fns = {n: self.bare.load_func(n.encode(), BPF.XDP)
                     for n in ("xdp_drop", "xdp_pass", "xdp_tx")}
+        self.gen_bpf, self.fns["new"], _ = generator(NEW_SRC)
         self.dp = Dataplane(pin_dir=f"/sys/fs/bpf/sgdv{tag}", ct_max=1 << 16)
         self.rc = Reconciler(self.dp, self.tmp)
         self.rules: List[Dict[str, Any]] = []
@@ -101,7 +108,7 @@ class DeviceBench:
     def use(self, kind: str, n_rules: int = 10) -> float:
         """Install filter ``kind`` on B; returns seconds it took to load the rules."""
         self.clear_filters()
-        self.rules = rules(n_rules)
+        self.rules = rules(n_rules) + [NEW_RULE]
         start = time.monotonic()
         if kind in ("xdp_drop", "xdp_pass"):
             self._zero_bare()
@@ -145,25 +152,27 @@ class DeviceBench:
             t = self.bare["cnt"]
             return int(sum(t[t.Key(0)]))  # type: ignore[arg-type]
         if kind == "sgctl":
-
             c = endpoint_counters(self.dp, 1)
-            key = "drop_no_rule" if what == "denied" else "allow_established"
+            key = {"denied": "drop_no_rule", "allowed": "allow_established",
+                   "new": "allow_new"}[what]
             return c.get(("ingress", key), (0, 0))[0]
         if kind == "iptables":
             out = sh("ip", "netns", "exec", self.ns, "iptables", "-L", "INPUT", "-v", "-x", "-n").stdout
-            rows = [ln.split() for ln in out.splitlines()[2:] if ln.strip()]
-            row = rows[-1] if what == "denied" else rows[0]
-            return int(row[0])
-        out = sh("ip", "netns", "exec", self.ns, "nft", "list", "chain", "inet", "sgbench",
-                 "input").stdout
+            rows = [int(ln.split()[0]) for ln in out.splitlines()[2:] if ln.strip()]
+            return rows[-1] if what == "denied" else rows[0] if what == "allowed" \
+                else sum(rows[1:-1])  # new: accepted by a rule
+        out = sh("ip", "netns", "exec", self.ns, "nft", "list", "table", "inet", "sgbench").stdout
         counts = [int(ln.split("packets")[1].split()[0]) for ln in out.splitlines()
-                  if "counter packets" in ln]
-        return counts[-1] if what == "denied" else counts[0]
+                  if "counter packets" in ln]  # extra's rules, then input's: est, set, drop
+        return counts[-1] if what == "denied" else counts[-3] if what == "allowed" \
+            else sum(counts) - counts[-1] - counts[-3]
 
     # ------------------------------------------------------------ traffic
 
     def frame(self, what: str) -> bytes:
-        if what == "denied":
+        if what == "new":  # the generator gives each frame its own source address and port
+            pkt = IP(src=NEW_SRC, dst=RX_IP) / TCP(sport=1024, dport=NEW_PORT, flags="S")
+        elif what == "denied":
             pkt = IP(src=FLOOD_SRC, dst=RX_IP) / TCP(sport=40000, dport=5, flags="S")
         else:  # a UDP reply of a flow B opened (tracked by whichever filter is on)
             pkt = IP(src=TX_IP, dst=RX_IP) / UDP(sport=7, dport=33333)
@@ -198,8 +207,8 @@ class DeviceBench:
         sent = 0
         while sent < packets and time.monotonic() - start < seconds:
             n = min(BATCH, packets - sent)
-            bpfsys.test_run(self.fns["xdp_tx"].fd, self.frame(what), self.a_idx, True,
-                            repeat=n, live=True)
+            gen = self.fns["new" if what == "new" else "xdp_tx"]
+            bpfsys.test_run(gen.fd, self.frame(what), self.a_idx, True, repeat=n, live=True)
             sent += n
         elapsed = time.monotonic() - start
         time.sleep(0.05)
@@ -227,7 +236,7 @@ def run(packets: int, sizes: List[int], seconds: float = 5.0) -> Dict[str, Any]:
         for n in sizes:
             for kind in ("sgctl", "iptables", "nftables"):
                 b.use(kind, n)
-                for what in ("denied", "allowed"):
+                for what in ("denied", "allowed", "new"):
                     out["rates"].append({"filter": kind, "rules": n, "traffic": what,
                                          "pps": b.rate(kind, what, packets, seconds)})
     finally:

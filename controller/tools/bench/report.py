@@ -74,6 +74,13 @@ def targets(res: Res) -> List[Tuple[str, str, str, bool]]:
                 out.append((f"denied flood at {big} rules >= 10x {other}",
                             f"{sg['pps'] / 1e6:.2f} vs {o['pps'] / 1e6:.3f} Mpps", f"{ratio:.1f}x",
                             ratio >= 10))
+    sg_new = _find(rates, filter="sgctl", rules=big, traffic="new")
+    nft_new = _find(rates, filter="nftables", rules=big, traffic="new")
+    if sg_new and nft_new:
+        ratio = sg_new["pps"] / max(nft_new["pps"], 1.0)
+        out.append((f"new connections/s through the device at {big} rules >= 3x nftables",
+                    f"{sg_new['pps'] / 1e6:.2f} vs {nft_new['pps'] / 1e6:.3f} M/s",
+                    f"{ratio:.1f}x", ratio >= 3))
     tp = res["tcp"]["throughput"]
     none, sgt = _find(tp, filter="none"), _find(tp, filter="sgctl")
     if none and sgt:
@@ -259,7 +266,9 @@ def write(res: Res, out: Path) -> None:
               "A generator (XDP_TX with BPF_F_TEST_XDP_LIVE_FRAMES) sends "
               f"up to {res['device']['packets']:,} frames, for at most "
               f"{res['device'].get('seconds', 0):.0f} s, from veth A into B (in a namespace); B's "
-              "filter counts what it handled. `allowed` = replies of a UDP flow B opened.", "",
+              "filter counts what it handled. `allowed` = replies of a UDP flow B opened; `new` = "
+              "SYNs each of a new flow allowed by a rule (every frame another source address "
+              "and port; each filter tracks them).", "",
               "![device](docs/bench/device.png)", "",
               "| filter | rules | traffic | Mpps |", "|---|---|---|---|"]
     for r in rates:

@@ -67,7 +67,8 @@ def nft_elements(rs: List[Dict[str, Any]], dev: str) -> List[str]:
         around = [net.supernet(new_prefix=p) for p in plens if p < net.prefixlen] + [net]
         inside = below.get((net.prefixlen, net), [])
         if any(a <= hi and lo <= b for n in around + inside for a, b in placed.get(n, [])):
-            plain.append(f"add rule inet sgbench extra ip saddr {net} tcp dport {lo}-{hi} accept")
+            plain.append(f"add rule inet sgbench extra ip saddr {net} tcp dport {lo}-{hi} "
+                         "counter accept")
             continue
         placed.setdefault(net, []).append((lo, hi))
         for p in plens:
