@@ -49,7 +49,8 @@ FLOOD_SRC = "198.19.200.1"  # no rule mentions it
 NEW_SRC, NEW_PORT = "10.200.0.0", 80  # new flows: sources in this /16, one rule allows them
 NEW_RULE = {"proto": "tcp", "ports": NEW_PORT, "from": f"{NEW_SRC}/16"}
 XDP_DRV = 4
-BATCH = 50_000  # frames per generator run (a run is one syscall; the clock is read between)
+BATCH = 500_000  # frames per generator run: a run has a set-up cost (1.5 Mpps in runs of
+# 50k frames against 4.4 in one run of 2M, bare XDP_DROP here); the clock is read between runs
 
 BARE = """
 BPF_PERCPU_ARRAY(cnt, u64, 1);
