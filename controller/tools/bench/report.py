@@ -104,6 +104,20 @@ def targets(res: Res) -> List[Tuple[str, str, str, bool]]:
 
 # Known reasons for missed targets (kept next to the code that measures them).
 WHY = {
+    "established at": "an established packet needs the endpoint lookup (hash) and the "
+                      "conntrack lookup (44-byte key in a large table), plus parsing and the "
+                      "per-CPU counters: 2 lookups are the floor, the rest is parsing and "
+                      "counting. Next: a 16-byte IPv4 conntrack key in its own map.",
+    "denied at": "a denied packet pays the conntrack miss (every SYN could belong to a "
+                 "tracked connection), the endpoint, the local-address check and the policy's "
+                 "prefix-length entry with its top-16-bit bitmap. Next (issue 14, item 5): a "
+                 "per-endpoint bitmap of the remotes it tracks, so that a packet from "
+                 "elsewhere skips the conntrack miss.",
+    "new connections/s": "every allowed SYN goes on to the instance's own TCP stack, which "
+                         "answers it (request socket, SYN-ACK): that work is the same "
+                         "behind every filter and bounds all three (~0.3 M/s here). "
+                         "Measuring the filter alone would need the instance to drop the "
+                         "SYN after the filter.",
     "established": "the empty program costs ~5 ns here, one hash lookup ~15 ns; an "
                    "established packet needs at least the endpoint lookup and the conntrack "
                    "lookup (44-byte key) plus parsing and a per-CPU counter, ~45 ns. 5x would "
@@ -117,20 +131,20 @@ WHY = {
                    "program. Skipping the exempt lookup (a top-16-bit bitmap of the exempt "
                    "prefixes) was tried: 121 ns before and after, so it was not kept.",
     "denied flood >= 90%": "the bare XDP_DROP program costs nothing beyond the generator and "
-                           "veth (~54 ns/frame); sgctl's denied path adds ~45 ns (conntrack miss, "
-                           "endpoint, prefix bitmap), so it processes about half the frames. "
-                           "90% would need the whole decision in ~5 ns.",
-    "denied flood at": "nftables with an interval set is fast (~1.1 Mpps at 10k rules here); "
-                       "sgctl reaches ~9-10 Mpps, 8-9x. The remaining cost is the conntrack "
-                       "lookup every packet needs (a SYN could belong to a tracked connection).",
-    "TCP throughput": "94-96% across runs on this 2-core VM (noise is a few %). The likely "
+                           "veth; sgctl's denied path (conntrack miss, endpoint, prefix bitmap: "
+                           "about 5 lookups, see the table in lookups) is most of the rest.",
+    "denied flood at": "nftables with an interval set is fast on a denied packet. sgctl's "
+                       "remaining cost is the conntrack lookup every packet needs (a SYN "
+                       "could belong to a tracked connection); issue 14 item 5 (a "
+                       "per-endpoint bitmap of tracked remotes) is the next step.",
+    "TCP throughput": "94-96% across most runs on this 2-core VM, but unfiltered runs vary "
+                      "by up to 50% between runs here. The likely "
                       "cost: the tc hook pulls up to 256 bytes of every GSO skb into its "
                       "linear part (bpf_skb_pull_data) so that headers are readable, copying "
                       "payload. Next: pull only when the headers are not already linear.",
-    "one change": "the daemon recompiles the whole group set (~70 ms for 10k rules in Python), "
-                  "validates the whole state (~25 ms) and rewrites the store (~25 ms) on every "
-                  "change; the kernel side writes only the difference (A/B images). Next: "
-                  "incremental compile per changed prefix and an append-only store.",
+    "one change": "the compile is incremental (policy/incremental.py); what is left is "
+                  "validating the whole state and rewriting the store (~10 ms each at 10k "
+                  "rules), and this VM's run-to-run noise (+-20%).",
 }
 
 
