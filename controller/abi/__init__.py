@@ -28,6 +28,12 @@ REASON_MAX = 32
 
 
 
+def ct_ring_slots(ct_max: int) -> int:
+    """sg_ct_ring's size (SG_CT_RING): the half of the conntrack table that
+    the interfaces' half-open allowances share."""
+    return max(1, ct_max // 2)
+
+
 def hook_is_xdp(mode: int, direction: int) -> bool:
     """Which program sees a direction (sgctl.c's entry points): XDP is the
     device's receive side -- a host interface's ingress, an instance's

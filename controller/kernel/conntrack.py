@@ -145,29 +145,30 @@ def gc(dp: Dataplane) -> GcResult:
     now = datapath_now(dp)
     live: Dict[int, int] = {}
     half: Dict[int, int] = {}
+
+    def alive(k: abi.CtKey, e: abi.CtEntry) -> bool:
+        """Counted when its endpoint exists and it has not expired."""
+        ep = eps.get(k.ep_id)
+        if ep is None or _expired(ep[1], k, e, now):
+            return False
+        live[k.ep_id] = live.get(k.ep_id, 0) + 1
+        if e.state == abi.CT_NEW:
+            half[k.ep_id] = half.get(k.ep_id, 0) + 1
+        return True
+
     doomed = []
     scanned = 0
     for k, e in m.batch_items():
         scanned += 1
-        ep = eps.get(k.ep_id)
-        if ep is not None and not _expired(ep[1], k, e, now):
-            live[k.ep_id] = live.get(k.ep_id, 0) + 1
-            if e.state == abi.CT_NEW:
-                half[k.ep_id] = half.get(k.ep_id, 0) + 1
-        else:
+        if not alive(k, e):
             doomed.append(k)
     if doomed:
         eps = endpoint_timeouts(dp)  # after the scan: bound since it started count too
     dead = []
     for k in doomed:
         e = m.lookup(k)
-        if e is None:
-            continue
-        ep = eps.get(k.ep_id)
-        if ep is not None and not _expired(ep[1], k, e, now):
-            live[k.ep_id] = live.get(k.ep_id, 0) + 1
-            continue
-        dead.append((k, e))
+        if e is not None and not alive(k, e):
+            dead.append((k, e))
     return GcResult(scanned, _delete(dp, dead), live, time.monotonic() - start, half)
 
 

@@ -73,7 +73,7 @@ class Dataplane:
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, ct_max: int = 1 << 20) -> None:
         self.pin_dir = pin_dir
         self.ct_max = ct_max
-        self.ct_ring = max(1, ct_max // 2)  # half-open slots shared out (sg_ct_ring)
+        self.ct_ring = abi.ct_ring_slots(ct_max)
         self._maps: Dict[str, bpfsys.Map] = {}
         self._progs: Optional[Programs] = None
         self.written = Written(PolicyMaps(self.map))  # what this process wrote

@@ -116,8 +116,8 @@ class PolicyMaps:
         self.images: Dict[int, Image] = {}
         self.foreign: Optional[Set[int]] = None  # class ids found at start
         self.next_class = 1
-        # group set -> (serial, image, policy) of its last compile's image
-        self.built: Dict[Tuple[str, ...], Tuple[int, Image, Policy]] = {}
+        # group set -> (serial, image, exempt entries) of its last compile's image
+        self.built: Dict[Tuple[str, ...], Tuple[int, Image, Tuple[Tuple[int, int, int], ...]]] = {}
 
     def start(self, next_class: int) -> None:
         """Once per process: learn which class ids the maps already use."""
@@ -172,10 +172,11 @@ class PolicyMaps:
             img = Image(peers={k: self.intern(c) for k, c in pol.peers.items()},
                         plens=dict(pol.plens), top16=top16_bitmaps(pol, cover),
                         world={k: self.intern(c) for k, c in pol.world.items()}, cover=cover)
-        self.built[pol.groups] = (pol.serial, img, pol)
+        self.built[pol.groups] = (pol.serial, img, pol.exempt)
         return img
 
-    def _patched(self, pol: Policy, old: Image, prev: Policy) -> Image:
+    def _patched(self, pol: Policy, old: Image, old_exempt: Tuple[Tuple[int, int, int], ...]
+                 ) -> Image:
         peers = dict(old.peers)
         cover = {k: dict(v) for k, v in old.cover.items()}
         cleared = False
@@ -198,7 +199,7 @@ class PolicyMaps:
                 cleared = True
         img = Image(peers=peers, plens=dict(pol.plens),
                     world={k: self.intern(c) for k, c in pol.world.items()}, cover=cover)
-        if cleared or pol.exempt != prev.exempt or pol.plens.keys() != old.plens.keys() or any(
+        if cleared or pol.exempt != old_exempt or pol.plens.keys() != old.plens.keys() or any(
                 k[2] < 16 for k in pol.changed):
             img.top16 = top16_bitmaps(pol, cover)
         else:  # bits are only added

@@ -74,17 +74,8 @@ class Chains:
         ordered = sorted(prefixes)  # shortest first: a parent is known before its children
         for p in ordered:
             self._count(p[0], 1)
-        lens = sorted(self.per_plen, reverse=True)
-        known: Set[Prefix] = set()
         for p in ordered:
-            par: Optional[Prefix] = None
-            for plen in lens:
-                if plen < p[0]:
-                    sup = (plen, p[1] & self._mask(plen))
-                    if sup in known:
-                        par = sup
-                        break
-            known.add(p)
+            par = self._find_parent(p)
             self.parent[p] = par
             self.children.setdefault(par, set()).add(p)
             self.height[p] = 0

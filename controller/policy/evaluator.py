@@ -30,7 +30,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
-from controller.abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM
+from controller.abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM, ct_ring_slots
 from controller.abi.reasons import Reason
 from controller.policy.model import (
     EGRESS,
@@ -488,11 +488,9 @@ class Evaluator:
         return True
 
     def allowance(self) -> int:
-        """Half-open connections each interface may hold: an equal share of
-        half the table (``conntrack_allowance`` may ask for less)."""
-        share = (self.ct_max // 2) // max(1, len(self.state.bound_interfaces()))
-        asked = self.state.settings.conntrack_allowance
-        return min(asked, share) if asked else share
+        """Half-open connections each interface may hold (as plan.rings gives them)."""
+        return self.state.settings.half_open_allowance(ct_ring_slots(self.ct_max),
+                                                       len(self.state.bound_interfaces()))
 
     def _claim_slot(self, key: TrackKey) -> int:
         size = self.allowance()

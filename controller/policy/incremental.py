@@ -271,7 +271,7 @@ class Compiler:
             rule_index = {rid: i + 1
                           for i, rid in enumerate(sorted(r.rule_id for r in all_rules(state)))}
         wanted = set(only) if only is not None else {
-            tuple(e.groups) for e in state.interfaces.values() if e.device}
+            tuple(e.groups) for e in state.bound_interfaces()}
         members = _Members(state, self.addresses)
         self.sets = {g: self.sets.get(g) or _SetCache(g) for g in sorted(wanted)}
         try:

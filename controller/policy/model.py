@@ -447,6 +447,13 @@ class Settings:
     # share of the table divided among the bound interfaces)
     conntrack_allowance: int = 0
 
+    def half_open_allowance(self, slots: int, interfaces: int) -> int:
+        """Each of ``interfaces`` bound interfaces' share of ``slots``
+        half-open slots, or ``conntrack_allowance`` when that asks for less
+        (never more: all must fit)."""
+        share = slots // max(1, interfaces)
+        return min(self.conntrack_allowance, share) if self.conntrack_allowance else share
+
 
 _RULE_ID = operator.attrgetter("rule_id")
 

@@ -16,7 +16,7 @@ from controller import abi
 from controller.policy.compiler import Compiled, Policy
 from controller.policy.errors import EnforcementError
 from controller.policy.incremental import Compiler
-from controller.policy.model import State, Timeouts
+from controller.policy.model import Settings, State, Timeouts
 from controller.reconcile.applied import (
     Applied,
     EndpointRecord,
@@ -161,16 +161,15 @@ def free_ep_id(used: Set[int]) -> int:
     return n
 
 
-def rings(ep_ids: List[int], slots: int, allowance: int) -> Dict[int, Tuple[int, int]]:
-    """Each endpoint's range of the half-open ring: ``allowance`` slots
-    (0: an equal share), never more than an equal share, so that all fit.
-    Ranges follow endpoint-id order, so they move only when interfaces come
-    or go (a moved range forgets which connections it held: they stay
-    until they end or expire, outside the bound)."""
+def rings(ep_ids: List[int], slots: int, settings: Settings) -> Dict[int, Tuple[int, int]]:
+    """Each endpoint's range of the half-open ring, of its allowance's size
+    (``Settings.half_open_allowance``). Ranges follow endpoint-id order, so
+    they move only when interfaces come or go (a moved range forgets which
+    connections it held: they stay until they end or expire, outside the
+    bound)."""
     if not ep_ids or slots <= 0:
         return {}
-    share = slots // len(ep_ids)
-    size = min(allowance, share) if allowance else share
+    size = settings.half_open_allowance(slots, len(ep_ids))
     return {ep: (i * size, size) for i, ep in enumerate(sorted(ep_ids))}
 
 
@@ -265,8 +264,7 @@ def plan(state: State, host: HostDevices, applied: Applied,
                 not old_ep.check or not set(old_ep.own) <= set(own)):
             cut[ep_id] = {a.packed for a in addrs}  # connections on lost addresses go
 
-    ring = rings([ep.record.ep_id for ep in endpoints], kernel.ct_ring,
-                 state.settings.conntrack_allowance)
+    ring = rings([ep.record.ep_id for ep in endpoints], kernel.ct_ring, state.settings)
     for ep in endpoints:
         ep.record.ring = ring.get(ep.record.ep_id, (0, 0))
 

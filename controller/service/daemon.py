@@ -235,8 +235,9 @@ class Daemon:
 
     def fleet_write(self, action: str, params: Dict[str, Any]) -> Dict[str, Any]:
         """A change through the fleet: one compare-and-swap transaction in
-        etcd (on a fresh read; retried when another write won), answered once
-        this agent enforces it. Every agent converges through its watch."""
+        etcd (on the state the watch delivered; on a fresh read when another
+        write won), answered once this agent enforces it. Every agent
+        converges through its watch."""
         assert self.fleet is not None
         if action == "CreateNetworkInterface" and params.get("Node") is None:
             params = {**params, "Node": self.cfg.node}  # by default, an interface of this node

@@ -23,7 +23,6 @@ import orjson
 from controller.policy.formats.keyspace import (
     DEFAULT_PREFIX,
     KeyValues,
-    decode,
     is_state_key,
     patch,
 )
@@ -149,7 +148,7 @@ class Fleet:
         state = None
         if changes:
             try:
-                base = self.current if self.current is not None else decode({}, self.store.prefix)
+                base = self.current if self.current is not None else State()
                 state = patch(base, changes, self.store.prefix)
             except ValueError as exc:  # (ValidationError) a writer bypassed sgctl: keep the last
                 log.error("fleet: revision %d is not a valid state, not enforced: %s", rev, exc)

@@ -21,7 +21,6 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from pyroute2 import IPRoute
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
@@ -31,12 +30,11 @@ from controller.kernel.counters import ct_evicted
 from controller.kernel.dataplane import Dataplane
 from controller.policy.formats import load_document
 from controller.reconcile.converge import Reconciler
-from controller.tools.topology import Servers, Topology, echo_ok, sh
+from controller.tools.topology import Servers, Topology, attach_xdp, echo_ok, sh
 
 SRC_BASE = "198.19.0.0"
 SRC_SPAN = 1 << 16
 BATCH = 4096
-XDP_DRV = 4
 
 GENERATOR = r"""
 #include <uapi/linux/if_ether.h>
@@ -94,12 +92,6 @@ def generator(src_base: str, span: int = SRC_SPAN) -> Tuple[Any, Any, Any]:
     return bpf, bpf.load_func(b"xdp_synflood", BPF.XDP), bpf.load_func(b"xdp_pass", BPF.XDP)
 
 
-def _xdp(dev: str, fd: int) -> None:
-    with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=dev)[0]
-        ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", XDP_DRV)]})
-
-
 class SynFlood:
     """``with SynFlood(bridge, mac, ip, port) as f: f.run(seconds, pps)``"""
 
@@ -113,7 +105,7 @@ class SynFlood:
             sh("ip", "link", "set", self.peer, "master", bridge)
             for d in (self.tx, self.peer):
                 sh("ip", "link", "set", d, "up")
-            _xdp(self.peer, stub.fd)  # a veth takes XDP frames only with a program on the peer
+            attach_xdp(self.peer, stub.fd)  # a veth takes XDP frames only with a program on the peer
             self.ifindex = int(open(f"/sys/class/net/{self.tx}/ifindex").read())
         except Exception:
             self.close()

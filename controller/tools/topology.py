@@ -11,11 +11,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
+from pyroute2 import IPRoute
 from pyroute2.netns import popns, pushns
+
+XDP_DRV = 4  # XDP_FLAGS_DRV_MODE
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def attach_xdp(dev: str, fd: int) -> None:
+    """Program ``fd`` on device ``dev`` (of this namespace) in driver mode;
+    a veth takes XDP frames only with a program on its peer."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=dev)[0]
+        ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", XDP_DRV)]})
 
 
 @dataclass

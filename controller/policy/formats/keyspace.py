@@ -73,35 +73,9 @@ def _value(raw: bytes, key: str) -> Dict[str, Any]:
 
 def decode(kvs: Mapping[str, bytes], prefix: str = DEFAULT_PREFIX) -> State:
     """{key: value} -> a validated State; keys that are not desired state are
-    ignored, a malformed one is an error naming its key."""
-    doc: Dict[str, Any] = {"sgctl": 1, "groups": {}, "prefix_lists": {}, "interfaces": {}}
-    rules: List[Tuple[str, str, Dict[str, Any]]] = []
-    for key in sorted(kvs):
-        if not is_state_key(key, prefix):
-            continue
-        rest, val = key[len(prefix):], _value(kvs[key], key)
-        if rest == SETTINGS:
-            doc["settings"] = val
-        elif rest.startswith(GROUPS):
-            doc["groups"][rest[len(GROUPS):]] = {**val, "ingress": [], "egress": []}
-        elif rest.startswith(RULES):
-            gid, sep, rid = rest[len(RULES):].partition("/")
-            if not sep or val.get("id") != rid:
-                raise ValidationError(key, "id", "a rule's key is rules/<group>/<its id>")
-            rules.append((gid, key, val))
-        elif rest.startswith(PREFIX_LISTS):
-            doc["prefix_lists"][rest[len(PREFIX_LISTS):]] = val
-        else:
-            doc["interfaces"][rest[len(INTERFACES):]] = val
-    for gid, key, val in rules:
-        group = doc["groups"].get(gid)
-        direction = val.pop("direction", None)
-        if group is None:
-            raise ValidationError(key, "group", f"rule of {gid}, which has no key")
-        if direction not in DIRECTIONS:
-            raise ValidationError(key, "direction", f"{direction!r} is not ingress or egress")
-        group[direction].append(val)
-    return validate(native.load(doc))
+    ignored, a malformed one is an error naming its key. (A patch of the
+    empty state: one reader of the key space.)"""
+    return patch(State(), kvs, prefix)
 
 
 def _order(r: Rule) -> Tuple[int, str]:
@@ -147,13 +121,13 @@ def patch(state: State, changes: Mapping[str, Optional[bytes]],
                     else val
     # the rules' groups, so that native.load parses the rules (and only them)
     for gid, key, val in rules_new:
-        direction = val.pop("direction", None)
-        if direction not in DIRECTIONS:
-            raise ValidationError(key, "direction", f"{direction!r} is not ingress or egress")
         if gid not in doc["groups"]:
             if gid not in state.groups or gid in gone["groups"]:
                 raise ValidationError(key, "group", f"rule of {gid}, which has no key")
             doc["groups"][gid] = {"name": gid, "ingress": [], "egress": [], "_rules_only": True}
+        direction = val.pop("direction", None)
+        if direction not in DIRECTIONS:
+            raise ValidationError(key, "direction", f"{direction!r} is not ingress or egress")
         doc["groups"][gid][direction].append(val)
     only_rules = {gid for gid, g in doc["groups"].items() if g.pop("_rules_only", False)}
     parsed = native.load(doc)

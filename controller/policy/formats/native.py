@@ -113,17 +113,13 @@ def load(doc: Dict[str, Any]) -> State:
                                  for i, c in enumerate(servers)]
     if "exempt_force" in sets:
         settings.exempt_force = parse_bool(sets["exempt_force"], "settings", "exempt_force")
-    for k in ("max_groups_per_interface", "max_rules_per_interface"):
+    for k, least in (("max_groups_per_interface", 1), ("max_rules_per_interface", 1),
+                     ("conntrack_allowance", 0)):  # (conntrack_allowance 0: automatic)
         if k in sets:
-            if not isinstance(sets[k], int) or isinstance(sets[k], bool) or sets[k] < 1:
-                raise ValidationError("settings", k, f"{sets[k]!r} must be a positive integer")
+            if not isinstance(sets[k], int) or isinstance(sets[k], bool) or sets[k] < least:
+                raise ValidationError("settings", k, f"{sets[k]!r} must be a positive integer"
+                                      + (" or 0 (automatic)" if least == 0 else ""))
             setattr(settings, k, sets[k])
-    if "conntrack_allowance" in sets:
-        settings.conntrack_allowance = parse_int(sets["conntrack_allowance"], "settings",
-                                                 "conntrack_allowance")
-        if settings.conntrack_allowance < 0:
-            raise ValidationError("settings", "conntrack_allowance",
-                                  f"{settings.conntrack_allowance} must be 0 (automatic) or more")
     state.settings = settings
 
     for plid, p in mapping(doc.get("prefix_lists"), "document", "prefix_lists").items():
@@ -250,19 +246,13 @@ class SpecCache:
         self.last, self.now = self.now, {}
 
 
-def _group_rules(rules: List[Rule]) -> Dict[str, List[Dict[str, Any]]]:
-    out: Dict[str, List[Dict[str, Any]]] = {d: [] for d in DIRECTIONS}
-    for r in rules:
-        out[r.direction].append(rule_spec(r))
-    return out
-
-
 def dump(state: State, cache: Optional[SpecCache] = None) -> Dict[str, Any]:
     """State -> native document (the store, ``sgctl status -o yaml``, tests)."""
     out: Dict[str, Any] = {"sgctl": 1, "groups": {}, "prefix_lists": {}, "interfaces": {}}
+    specs = cache or SpecCache()  # (a fresh one: every spec built once)
     for gid, g in state.groups.items():
         d: Dict[str, Any] = {"name": g.name, "description": g.description,
-                             **(cache.group(g.rules) if cache else _group_rules(g.rules))}
+                             **specs.group(g.rules)}
         if g.tags:
             d["tags"] = dict(g.tags)
         out["groups"][gid] = d

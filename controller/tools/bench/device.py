@@ -43,12 +43,12 @@ from controller.reconcile.converge import Reconciler
 from controller.reconcile.plan import Device
 from controller.tools.bench.rulesets import iptables_rules, nft_elements, nft_rules, rules, sh
 from controller.tools.synflood import generator
+from controller.tools.topology import XDP_DRV
 
 RX_IP, TX_IP = "198.18.5.2", "198.18.5.1"
 FLOOD_SRC = "198.19.200.1"  # no rule mentions it
 NEW_SRC, NEW_PORT = "10.200.0.0", 80  # new flows: sources in this /16, one rule allows them
 NEW_RULE = {"proto": "tcp", "ports": NEW_PORT, "from": f"{NEW_SRC}/16"}
-XDP_DRV = 4
 BATCH = 500_000  # frames per generator run: a run has a set-up cost (1.5 Mpps in runs of
 # 50k frames against 4.4 in one run of 2M, bare XDP_DROP here); the clock is read between runs
 

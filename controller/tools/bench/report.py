@@ -20,7 +20,7 @@ def _find(rows: List[Res], **kw: Any) -> Optional[Res]:
 def lookups(r: Res, path: str) -> float:
     """A path's cost in reference lookups (packet.py): (path - empty) /
     (lookup - empty); single-run paths against the single-run reference."""
-    once = path in ("new",)
+    once = path == "new"
     base = r["empty_once"] if once else r["empty"]
     unit = (r["lookup_once"] if once else r["lookup"]) - base
     return (r[path] - base) / unit if unit > 0 else float("nan")

@@ -17,7 +17,6 @@ import threading
 import time
 from typing import Any, Dict
 
-from pyroute2 import IPRoute
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
@@ -28,6 +27,7 @@ from controller.policy.formats import load_document
 from controller.reconcile.converge import Reconciler
 from controller.tools.bench.device import BARE
 from controller.tools.bench.rulesets import iptables_rules, nft_elements, nft_rules, rules, sh
+from controller.tools.topology import attach_xdp
 
 SRV, CLI = "198.18.6.2", "198.18.6.3"
 
@@ -105,7 +105,7 @@ class TcpBench:
             for d in (fa, fb):
                 sh("ip", "link", "set", d, "up")
             stub = gen.load_func(b"xdp_pass", BPF.XDP)
-            self._xdp(fb, stub.fd)  # veth takes XDP frames only with a program on the peer
+            attach_xdp(fb, stub.fd)  # veth takes XDP frames only with a program on the peer
             idx = int(open(f"/sys/class/net/{fa}/ifindex").read())
             mac = sh("ip", "netns", "exec", self.srv_ns, "cat", "/sys/class/net/eth0/address").stdout
 
@@ -126,12 +126,6 @@ class TcpBench:
             return result["gbps"]
         finally:
             sh("ip", "link", "del", fa, check=False)
-
-    @staticmethod
-    def _xdp(dev: str, fd: int) -> None:
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=dev)[0]
-            ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", 4)]})
 
     def close(self) -> None:
         self.server.terminate()
