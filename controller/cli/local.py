@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 from controller.kernel.dataplane import Dataplane
 from controller.reconcile.converge import Reconciler
 from controller.service.daemon import Daemon, DaemonConfig
+from controller.service.ec2.server import Ec2Config
 from controller.service.fleet import parse_datastore
 from controller.service.flowformat import DEFAULT_FORMAT
 from controller.service.flowlog import FlowLogConfig
@@ -62,6 +63,7 @@ def reset(args: argparse.Namespace) -> int:
 
 def daemon(args: argparse.Namespace) -> int:
     flow_log = None
+    ec2: Optional[Ec2Config] = None
     try:
         metrics = parse_address(args.metrics_address)
         datastore = parse_datastore(args.datastore)
@@ -79,6 +81,12 @@ def daemon(args: argparse.Namespace) -> int:
                 max_bytes=args.flow_log_max_bytes, backups=args.flow_log_backups,
                 account_id=args.flow_log_account_id)
             flow_log.check()
+        if args.ec2_endpoint:
+            if not args.ec2_credentials:
+                raise ValueError("--ec2-endpoint needs --ec2-credentials (who may sign requests)")
+            ec2 = Ec2Config(args.ec2_endpoint, args.ec2_credentials, args.ec2_tls_cert,
+                            args.ec2_tls_key)
+            ec2.check()
     except ValueError as exc:
         print(f"sgctl: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -86,5 +94,5 @@ def daemon(args: argparse.Namespace) -> int:
     Daemon(config(args, socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
                   watch_addresses=args.watch_addresses, gc_interval=args.gc_interval,
                   node=args.node, datastore=datastore,
-                  metrics=metrics, flow_log=flow_log)).run()
+                  metrics=metrics, flow_log=flow_log, ec2=ec2)).run()
     return EXIT_OK

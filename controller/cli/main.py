@@ -237,6 +237,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--etcd-cacert", help="CA bundle of etcd's TLS endpoints")
     d.add_argument("--etcd-cert", help="client certificate for etcd")
     d.add_argument("--etcd-key", help="client key for etcd")
+    ec2 = d.add_argument_group("EC2 endpoint (the AWS CLI and SDKs; off unless --ec2-endpoint)")
+    ec2.add_argument("--ec2-endpoint", metavar="HOST:PORT",
+                     help="serve EC2's Query protocol here, e.g. 127.0.0.1:9650")
+    ec2.add_argument("--ec2-credentials", metavar="FILE",
+                     help="access keys that may sign requests: the AWS CLI's credentials "
+                          "format, mode 0600")
+    ec2.add_argument("--ec2-tls-cert", metavar="FILE", help="serve HTTPS with this certificate")
+    ec2.add_argument("--ec2-tls-key", metavar="FILE", help="... and this key")
     d.add_argument("--metrics-address", default="127.0.0.1:9640",
                    help="host:port of the Prometheus endpoint, or none")
     fl = d.add_argument_group("flow logs (AWS VPC Flow Logs records; off unless --flow-log)")

@@ -9,6 +9,10 @@ API's JSON names (``GroupId``, ``IpPermissions``, ``SecurityGroupRules``...).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import fnmatch
+import json
 import secrets
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -18,6 +22,7 @@ from controller.policy.model import (
     DEFAULT_GROUP_NAME,
     EGRESS,
     INGRESS,
+    MODE_WORKLOAD,
     PROTO_ALL,
     NetworkInterface,
     Peer,
@@ -32,11 +37,15 @@ from controller.policy.model import (
     parse_address,
     parse_bool,
     parse_cidr,
+    parse_mac,
     protocol_label,
+    validate,
 )
 from controller.policy.vocabulary import (
+    SETTING_TAGS,
     TAG_ADDRESSES,
     TAG_DEVICE,
+    TAG_MAC,
     TAG_MODE,
     TAG_NODE,
     TAG_REVALIDATE,
@@ -114,6 +123,83 @@ def _filters(p: Params) -> Dict[str, List[str]]:
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise ApiError("InvalidParameterValue", f"filter {f['Name']}: Values must be strings")
         out[f["Name"]] = values
+    return out
+
+
+# what a Describe* filter reads of one object: filter name -> the object's values
+Fields = Dict[str, Callable[[Any], Iterable[Any]]]
+
+
+def _filtered(p: Params, objects: Iterable[Any], fields: Fields,
+              tags: Optional[Callable[[Any], Dict[str, str]]] = None) -> List[Any]:
+    """EC2's ``Filters``: an object passes when, for every filter, one of its
+    values matches one of the filter's (``*`` and ``?`` are wildcards).
+    ``tag:<key>`` and ``tag-key``/``tag-value`` need ``tags``; any other
+    name is refused, as EC2 does."""
+    checks: List[Callable[[Any], Iterable[Any]]] = []
+    wanted: List[List[str]] = []
+
+    def tag(key: str) -> Callable[[Any], Iterable[Any]]:
+        assert tags is not None
+        return lambda o: [v for k, v in tags(o).items() if k == key]
+    for name, values in _filters(p).items():
+        if name in fields:
+            checks.append(fields[name])
+        elif tags is not None and name.startswith("tag:"):
+            checks.append(tag(name[4:]))
+        elif tags is not None and name == "tag-key":
+            checks.append(lambda o: list(tags(o)))  # type: ignore[misc]
+        elif tags is not None and name == "tag-value":
+            checks.append(lambda o: list(tags(o).values()))  # type: ignore[misc]
+        else:
+            raise ApiError("InvalidParameterValue", f"The filter '{name}' is invalid")
+        wanted.append(values)
+
+    def match(obj: Any) -> bool:
+        for get, values in zip(checks, wanted):
+            have = [_filter_text(v) for v in get(obj)]
+            if not any(fnmatch.fnmatchcase(h, w.replace("[", "[[]")) for h in have
+                       for w in values):
+                return False
+        return True
+    return [o for o in objects if match(o)]
+
+
+def _filter_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+MAX_RESULTS = 1000
+
+
+def _page(p: Params, items: List[Result], id_key: Any, list_key: str,
+          least: int = 5) -> Result:
+    """``MaxResults``/``NextToken``: items in id order, a page at a time; the
+    token names the last id given (opaque to the caller)."""
+    size, token = p.get("MaxResults"), p.get("NextToken")
+    if size is None and token is None:
+        return {list_key: items}
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                             or not least <= size <= MAX_RESULTS):
+        raise ApiError("InvalidParameterValue",
+                       f"MaxResults {size!r} is outside {least}-{MAX_RESULTS}")
+    id_of: Callable[[Result], str] = id_key if callable(id_key) else \
+        (lambda it: str(it[id_key]))
+    items = sorted(items, key=id_of)
+    if token is not None:
+        try:
+            after = json.loads(base64.urlsafe_b64decode(_key(token, "NextToken")))["after"]
+            assert isinstance(after, str)
+        except (ValueError, KeyError, TypeError, AssertionError, binascii.Error):
+            raise ApiError("InvalidNextToken", "The token is not valid") from None
+        items = [it for it in items if id_of(it) > after]
+    size = size or MAX_RESULTS
+    out: Result = {list_key: items[:size]}
+    if len(items) > size:
+        last = id_of(items[size - 1])
+        out["NextToken"] = base64.urlsafe_b64encode(json.dumps({"after": last}).encode()).decode()
     return out
 
 
@@ -229,7 +315,8 @@ def prefix_list_shape(p: PrefixList) -> Result:
             "Version": p.version, "State": "create-complete"}
 
 
-def interface_shape(e: NetworkInterface) -> Result:
+def interface_tags(e: NetworkInterface) -> Dict[str, str]:
+    """The user's tags and the settings carried as tags (vocabulary)."""
     tags = dict(e.tags)
     if e.device:
         tags[TAG_DEVICE] = e.device
@@ -240,6 +327,11 @@ def interface_shape(e: NetworkInterface) -> Result:
         tags[TAG_REVALIDATE] = "true"
     if e.node is not None:
         tags[TAG_NODE] = e.node
+    return tags
+
+
+def interface_shape(e: NetworkInterface) -> Result:
+    tags = interface_tags(e)
     t = e.timeouts
     ll = e.link_local()
     return {"NetworkInterfaceId": e.eni_id, "Description": e.description,
@@ -357,6 +449,36 @@ def _revoke(direction: str) -> Callable[[State, Params], Result]:
     return action
 
 
+def _peer_values(rules: Iterable[Rule], kind: str, version: int = 0) -> List[str]:
+    return [r.peer.value for r in rules if r.peer.kind == kind
+            and (not version or r.peer.network.version == version)]
+
+
+def _permission_fields(prefix: str, direction: str) -> Fields:
+    """``ip-permission.*`` (ingress) and ``egress.ip-permission.*`` filters."""
+    def rules(g: SecurityGroup) -> List[Rule]:
+        return g.rules_in(direction)
+    return {
+        f"{prefix}.protocol": lambda g: ["-1" if r.protocol == PROTO_ALL
+                                         else protocol_label(r.protocol) for r in rules(g)],
+        f"{prefix}.from-port": lambda g: [r.from_port for r in rules(g)],
+        f"{prefix}.to-port": lambda g: [r.to_port for r in rules(g)],
+        f"{prefix}.cidr": lambda g: _peer_values(rules(g), "cidr", 4),
+        f"{prefix}.ipv6-cidr": lambda g: _peer_values(rules(g), "cidr", 6),
+        f"{prefix}.group-id": lambda g: _peer_values(rules(g), "sg"),
+        f"{prefix}.prefix-list-id": lambda g: _peer_values(rules(g), "pl"),
+    }
+
+
+GROUP_FIELDS: Fields = {
+    "group-id": lambda g: [g.group_id],
+    "group-name": lambda g: [g.name],
+    "description": lambda g: [g.description],
+    **_permission_fields("ip-permission", INGRESS),
+    **_permission_fields("egress.ip-permission", EGRESS),
+}
+
+
 def describe_security_groups(state: State, p: Params) -> Result:
     groups = list(state.groups.values())
     for gid in _names(p, "GroupIds"):
@@ -366,16 +488,18 @@ def describe_security_groups(state: State, p: Params) -> Result:
     if p.get("GroupIds") or p.get("GroupNames"):
         ids, names = set(_names(p, "GroupIds")), set(_names(p, "GroupNames"))
         groups = [g for g in groups if g.group_id in ids or g.name in names]
-    f = _filters(p)
-    if "group-id" in f:
-        groups = [g for g in groups if g.group_id in f["group-id"]]
-    if "group-name" in f:
-        groups = [g for g in groups if g.name in f["group-name"]]
-    return {"SecurityGroups": [group_shape(g) for g in groups]}
+    groups = _filtered(p, groups, GROUP_FIELDS, lambda g: g.tags)
+    return _page(p, [group_shape(g) for g in groups], "GroupId", "SecurityGroups")
 
 
 def _all_rules(state: State) -> List[Rule]:
     return [r for g in state.groups.values() for r in g.rules]
+
+
+RULE_FIELDS: Fields = {
+    "group-id": lambda r: [r.group_id],
+    "security-group-rule-id": lambda r: [r.rule_id],
+}
 
 
 def describe_security_group_rules(state: State, p: Params) -> Result:
@@ -388,14 +512,11 @@ def describe_security_group_rules(state: State, p: Params) -> Result:
                 raise ApiError("InvalidSecurityGroupRuleId.NotFound",
                                f"The security group rule ID '{rid}' does not exist")
         rules = [r for r in rules if r.rule_id in ids]
-    f = _filters(p)
-    if "group-id" in f:
-        for gid in f["group-id"]:
+    for gid in _filters(p).get("group-id", []):
+        if not any(c in gid for c in "*?"):
             find_group(state, {"GroupId": gid})
-        rules = [r for r in rules if r.group_id in f["group-id"]]
-    if "security-group-rule-id" in f:
-        rules = [r for r in rules if r.rule_id in f["security-group-rule-id"]]
-    return {"SecurityGroupRules": [rule_shape(r) for r in rules]}
+    rules = _filtered(p, rules, RULE_FIELDS)
+    return _page(p, [rule_shape(r) for r in rules], "SecurityGroupRuleId", "SecurityGroupRules")
 
 
 def modify_security_group_rules(state: State, p: Params) -> Result:
@@ -518,24 +639,32 @@ def delete_managed_prefix_list(state: State, p: Params) -> Result:
 
 
 def _described(p: Params, key: str, objects: Dict[str, Any],
-               find: Callable[[str], Any], shape: Callable[[Any], Result]) -> List[Result]:
+               find: Callable[[str], Any]) -> List[Any]:
     """The objects a Describe* call names in ``key`` (each must exist), or all."""
     ids = _names(p, key)
     for i in ids:
         find(i)
-    return [shape(o) for i, o in objects.items() if not ids or i in ids]
+    return [o for i, o in objects.items() if not ids or i in ids]
+
+
+PREFIX_LIST_FIELDS: Fields = {
+    "prefix-list-id": lambda pl: [pl.prefix_list_id],
+    "prefix-list-name": lambda pl: [pl.name],
+    "address-family": lambda pl: [family_name(pl.family)],
+}
 
 
 def describe_managed_prefix_lists(state: State, p: Params) -> Result:
-    return {"PrefixLists": _described(p, "PrefixListIds", state.prefix_lists,
-                                      lambda i: find_prefix_list(state, i), prefix_list_shape)}
+    pls = _described(p, "PrefixListIds", state.prefix_lists, lambda i: find_prefix_list(state, i))
+    pls = _filtered(p, pls, PREFIX_LIST_FIELDS)
+    return _page(p, [prefix_list_shape(pl) for pl in pls], "PrefixListId", "PrefixLists", 1)
 
 
 def get_managed_prefix_list_entries(state: State, p: Params) -> Result:
     pl = find_prefix_list(state, _required(p, "PrefixListId"))
-    return {"Entries": [{"Cidr": str(e.cidr), **({"Description": e.description}
-                                                  if e.description else {})}
-                        for e in pl.entries]}
+    return _page(p, [{"Cidr": str(e.cidr), **({"Description": e.description}
+                                               if e.description else {})}
+                     for e in pl.entries], "Cidr", "Entries", 1)
 
 
 # --------------------------------------------------------------------------- interfaces
@@ -591,9 +720,24 @@ def delete_network_interface(state: State, p: Params) -> Result:
     return {"Return": True}
 
 
+INTERFACE_FIELDS: Fields = {
+    "network-interface-id": lambda e: [e.eni_id],
+    "group-id": lambda e: e.groups,
+    "description": lambda e: [e.description],
+    "private-ip-address": lambda e: [str(a) for a in e.ipv4],
+    "addresses.private-ip-address": lambda e: [str(a) for a in e.ipv4],
+    "ipv6-addresses.ipv6-address": lambda e: [str(a) for a in e.ipv6],
+    "mac-address": lambda e: [e.mac_address] if e.mac_address else [],
+    "source-dest-check": lambda e: [e.source_dest_check],
+}
+
+
 def describe_network_interfaces(state: State, p: Params) -> Result:
-    return {"NetworkInterfaces": _described(p, "NetworkInterfaceIds", state.interfaces,
-                                            lambda i: find_interface(state, i), interface_shape)}
+    enis = _described(p, "NetworkInterfaceIds", state.interfaces,
+                      lambda i: find_interface(state, i))
+    enis = _filtered(p, enis, INTERFACE_FIELDS, lambda e: interface_tags(e))
+    return _page(p, [interface_shape(e) for e in enis], "NetworkInterfaceId",
+                 "NetworkInterfaces")
 
 
 def _assign(unassign: bool) -> Callable[[State, Params], Result]:
@@ -621,6 +765,100 @@ def _assign(unassign: bool) -> Callable[[State, Params], Result]:
 # --------------------------------------------------------------------------- table
 
 # name -> (function, mutates)
+# --------------------------------------------------------------------------- tags
+
+TAGGED = {"sg-": "security-group", "eni-": "network-interface"}
+UNTAGGED = {"pl-": "prefix-list", "sgr-": "security-group-rule"}
+
+
+def _tag_target(state: State, rid: Any) -> Any:
+    rid = _key(rid, "Resources")
+    if rid.startswith("sg-"):
+        return find_group(state, {"GroupId": rid})
+    if rid.startswith("eni-"):
+        return find_interface(state, rid)
+    for prefix, kind in UNTAGGED.items():
+        if rid.startswith(prefix):
+            raise ApiError("InvalidParameterValue",
+                           f"{rid}: sgctl keeps no tags on a {kind} (only on security groups "
+                           "and network interfaces)")
+    raise ApiError("InvalidID", f"The ID '{rid}' is not valid")
+
+
+def _retag(obj: Any, tags: Dict[str, str]) -> None:
+    """Give a group or an interface these tags; an interface's setting tags
+    (vocabulary: device, mode, node, ...) set what they name."""
+    if isinstance(obj, SecurityGroup):
+        obj.tags = tags
+        return
+    obj.device = tags.get(TAG_DEVICE)
+    obj.mode = tags.get(TAG_MODE, MODE_WORKLOAD)
+    obj.watch_addresses = tags.get(TAG_ADDRESSES) == "watch"
+    obj.revalidate = tags.get(TAG_REVALIDATE) == "true"
+    obj.node = tags.get(TAG_NODE)
+    if TAG_MAC in tags:
+        obj.mac_address = parse_mac(tags[TAG_MAC], obj.eni_id, TAG_MAC)
+    obj.tags = user_tags(tags)
+
+
+def _all_tags(obj: Any) -> Dict[str, str]:
+    return dict(obj.tags) if isinstance(obj, SecurityGroup) else interface_tags(obj)
+
+
+def _resources(state: State, p: Params) -> List[Any]:
+    ids = _names(p, "Resources")
+    if not ids:
+        raise ApiError("MissingParameter", "The request must contain the parameter Resources")
+    return [_tag_target(state, rid) for rid in ids]
+
+
+def create_tags(state: State, p: Params) -> Result:
+    objs = _resources(state, p)
+    tags = aws.tags_of(_required(p, "Tags"), "CreateTags")
+    for obj in objs:
+        _retag(obj, {**_all_tags(obj), **tags})
+    return {"Return": True}
+
+
+def delete_tags(state: State, p: Params) -> Result:
+    """EC2: a tag given with a value goes only if the value matches; without
+    ``Tags``, every user tag goes (settings carried as tags stay)."""
+    objs = _resources(state, p)
+    given = p.get("Tags")
+    for obj in objs:
+        tags = _all_tags(obj)
+        if given is None:
+            tags = {k: v for k, v in tags.items() if k in SETTING_TAGS}
+        for i, t in enumerate(_list_param(p, "Tags")):
+            if not isinstance(t, dict) or not isinstance(t.get("Key"), str) \
+                    or not isinstance(t.get("Value", ""), str):
+                raise ApiError("InvalidParameterValue", f"Tags[{i}] is not a {{Key, Value}}")
+            if t["Key"] in tags and ("Value" not in t or tags[t["Key"]] == t["Value"]):
+                del tags[t["Key"]]
+        _retag(obj, tags)
+    return {"Return": True}
+
+
+TAG_FIELDS: Fields = {
+    "resource-id": lambda t: [t["ResourceId"]],
+    "resource-type": lambda t: [t["ResourceType"]],
+    "key": lambda t: [t["Key"]],
+    "value": lambda t: [t["Value"]],
+}
+
+
+def describe_tags(state: State, p: Params) -> Result:
+    found: List[Result] = []
+    for kind, objs in (("security-group", list(state.groups.values())),
+                       ("network-interface", list(state.interfaces.values()))):
+        for obj in objs:
+            rid = obj.group_id if isinstance(obj, SecurityGroup) else obj.eni_id
+            found += [{"Key": k, "ResourceId": rid, "ResourceType": kind, "Value": v}
+                      for k, v in sorted(_all_tags(obj).items())]
+    found = _filtered(p, found, TAG_FIELDS)
+    return _page(p, found, lambda t: f"{t['ResourceId']}\0{t['Key']}", "Tags")
+
+
 ACTIONS: Dict[str, Tuple[Callable[[State, Params], Result], bool]] = {
     "CreateSecurityGroup": (create_security_group, True),
     "DeleteSecurityGroup": (delete_security_group, True),
@@ -642,18 +880,29 @@ ACTIONS: Dict[str, Tuple[Callable[[State, Params], Result], bool]] = {
     "DescribeNetworkInterfaces": (describe_network_interfaces, False),
     "AssignPrivateIpAddresses": (_assign(False), True),
     "UnassignPrivateIpAddresses": (_assign(True), True),
+    "CreateTags": (create_tags, True),
+    "DeleteTags": (delete_tags, True),
+    "DescribeTags": (describe_tags, False),
 }
 
 
 def run(state: State, action: str, params: Optional[Params]) -> Result:
-    """Run one action on ``state`` (a copy, for mutating actions).
-    ValidationError from the formats becomes ``InvalidParameterValue``."""
+    """Run one action on ``state`` (a copy, for mutating actions: a DryRun,
+    or any error, leaves the copy to be dropped). ValidationError from the
+    formats becomes ``InvalidParameterValue``."""
     if action not in ACTIONS:
         raise ApiError("InvalidAction", f"The action {action} is not valid for this web service")
     if params is not None and not isinstance(params, dict):
         raise ApiError("InvalidParameterValue", "the request body must be a JSON object")
-    fn, _ = ACTIONS[action]
+    fn, mutates = ACTIONS[action]
+    p = params or {}
     try:
-        return fn(state, params or {})
+        result = fn(state, p)
+        if p.get("DryRun") is not None and parse_bool(p["DryRun"], action, "DryRun"):
+            if mutates:  # the change would have to pass as a whole
+                validate(state)
+            raise ApiError("DryRunOperation",
+                           "Request would have succeeded, but DryRun flag is set.", 412)
+        return result
     except ValidationError as exc:
         raise ApiError(exc.code, str(exc)) from None

@@ -339,12 +339,15 @@ class PrefixList:
     version: int = 1
 
 
+TIMEOUT_MAX = 432000  # seconds: the longest idle timeout any setting allows (5 days, as AWS)
+
+
 @dataclass
 class Timeouts:
     """Idle timeouts in seconds (1.4). The first three are the AWS
     ConnectionTrackingConfiguration; the rest are ours and documented."""
 
-    tcp_established: int = 432000
+    tcp_established: int = TIMEOUT_MAX
     udp_stream: int = 180
     udp_other: int = 30
     tcp_syn: int = 60
@@ -352,7 +355,7 @@ class Timeouts:
     icmp: int = 30
     other: int = 600
 
-    RANGES = {"tcp_established": (60, 432000), "udp_stream": (60, 180), "udp_other": (30, 60)}
+    RANGES = {"tcp_established": (60, TIMEOUT_MAX), "udp_stream": (60, 180), "udp_other": (30, 60)}
 
     def validate(self, obj: str) -> None:
         for name, (lo, hi) in self.RANGES.items():
@@ -361,8 +364,8 @@ class Timeouts:
                 raise ValidationError(obj, name, f"{val!r} is outside {lo}-{hi} seconds")
         for name in ("tcp_syn", "tcp_closing", "icmp", "other"):
             val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 432000:
-                raise ValidationError(obj, name, f"{val!r} is outside 1-432000 seconds")
+            if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= TIMEOUT_MAX:
+                raise ValidationError(obj, name, f"{val!r} is outside 1-{TIMEOUT_MAX} seconds")
 
     def of(self, proto: int, state: int) -> int:
         """The idle timeout of a connection of ``proto`` in ``state``

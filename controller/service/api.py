@@ -36,24 +36,23 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
          b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """One thread per connection, at most MAX_CONNECTIONS of them."""
+class BoundedThreads(socketserver.ThreadingMixIn):
+    """One thread per connection, at most MAX_CONNECTIONS of them; one more
+    is answered ``busy`` (a whole HTTP response) and closed."""
     daemon_threads = True
-    handle_action: Handler
-    health: Callable[[], Dict[str, Any]]
+    busy = _BUSY
 
-    def __init__(self, path: str, handler: Any) -> None:
-        super().__init__(path, handler)
+    def init_slots(self) -> None:
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
             try:
                 request.settimeout(1.0)
-                request.sendall(_BUSY)
+                request.sendall(self.busy)
             except OSError:
                 pass
-            self.shutdown_request(request)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
             return
         super().process_request(request, client_address)
 
@@ -62,6 +61,36 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+
+
+class _Server(BoundedThreads, socketserver.UnixStreamServer):
+    handle_action: Handler
+    health: Callable[[], Dict[str, Any]]
+
+    def __init__(self, path: str, handler: Any) -> None:
+        super().__init__(path, handler)
+        self.init_slots()
+
+
+def read_body(handler: http.server.BaseHTTPRequestHandler, limit: int) -> bytes:
+    """A request body, by an exact, bounded Content-Length (no chunked: a
+    body whose end two parsers could see differently is refused)."""
+    if handler.headers.get("Transfer-Encoding") is not None:
+        raise ApiError("InvalidRequest", "Transfer-Encoding is not accepted; send "
+                       "Content-Length", 411)
+    values = handler.headers.get_all("Content-Length") or []
+    if len(values) > 1:
+        raise ApiError("InvalidRequest", "Content-Length is given more than once")
+    text = values[0].strip() if values else "0"
+    if not text.isdigit() or not text.isascii() or len(text) > 12:
+        raise ApiError("InvalidRequest", f"Content-Length {text!r} is not a byte count")
+    length = int(text)
+    if length > limit:
+        raise ApiError("RequestTooLarge", f"body of {length} bytes exceeds {limit}", 413)
+    raw = handler.rfile.read(length) if length else b""
+    if len(raw) != length:
+        raise ApiError("InvalidRequest", f"body ended after {len(raw)} of {length} bytes")
+    return raw
 
 
 class _RequestHandler(http.server.BaseHTTPRequestHandler):
@@ -86,25 +115,6 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _body(self) -> bytes:
-        """The request body, by an exact, bounded Content-Length (no chunked)."""
-        if self.headers.get("Transfer-Encoding") is not None:
-            raise ApiError("InvalidRequest", "Transfer-Encoding is not accepted; send "
-                           "Content-Length", 411)
-        values = self.headers.get_all("Content-Length") or []
-        if len(values) > 1:
-            raise ApiError("InvalidRequest", "Content-Length is given more than once")
-        text = values[0].strip() if values else "0"
-        if not text.isdigit() or not text.isascii() or len(text) > 12:
-            raise ApiError("InvalidRequest", f"Content-Length {text!r} is not a byte count")
-        length = int(text)
-        if length > MAX_BODY:
-            raise ApiError("RequestTooLarge", f"body of {length} bytes exceeds {MAX_BODY}", 413)
-        raw = self.rfile.read(length) if length else b""
-        if len(raw) != length:
-            raise ApiError("InvalidRequest", f"body ended after {len(raw)} of {length} bytes")
-        return raw
-
     def do_GET(self) -> None:  # noqa: N802 (http.server naming)
         if self.path == "/healthz":
             self._reply(200, self.server.health())
@@ -114,7 +124,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         rid = str(uuid.uuid4())
         try:
-            raw = self._body()
+            raw = read_body(self, MAX_BODY)
             try:
                 params = json.loads(raw or b"{}")
             except RecursionError:

@@ -41,6 +41,8 @@ from controller.policy.model import State, validate
 from controller.reconcile.converge import Reconciler
 from controller.reconcile.plan import Device, HostDevices, PlanError
 from controller.service import api
+from controller.service.ec2 import server as ec2server
+from controller.service.ec2.server import Ec2Config
 from controller.service.etcdstore import Conflict, Refused, Unavailable
 from controller.service.fleet import EtcdConfig, Fleet
 from controller.service.flowlog import FlowLogConfig, FlowLogger, Names
@@ -69,6 +71,7 @@ class DaemonConfig:
     flow_log: Optional[FlowLogConfig] = None  # None: flow logs off
     node: Optional[str] = None  # this host's name in a fleet (None: the host name)
     datastore: Optional[EtcdConfig] = None  # the fleet's etcd (None: this host's own store)
+    ec2: Optional[Ec2Config] = None  # the EC2 Query endpoint (None: off)
     # a bound interface whose device is absent is pending (bound when it
     # appears); the one-shot CLI, which nobody follows, refuses it instead
     pending_ok: bool = True
@@ -123,6 +126,7 @@ class Daemon:
         self.gc_last: Optional[conntrack.GcResult] = None
         self.threads: List[threading.Thread] = []
         self.server: Optional[Any] = None
+        self.ec2: Optional[ec2server.Ec2Server] = None
         self.started = time.time()
 
         self.metrics = Metrics(self.dp, self.metrics_snapshot)
@@ -588,6 +592,12 @@ class Daemon:
             self._spawn("fleet", lambda: fleet.run(self.stopping))
             self._spawn("heartbeat", lambda: fleet.heartbeat(self.stopping, self.bound_here))
         log.info("serving on %s", self.cfg.socket)
+        if self.cfg.ec2 is not None:
+            ec2 = ec2server.serve(self.cfg.ec2, self.handle)
+            self.ec2 = ec2
+            self._spawn("ec2", ec2.serve_forever)
+            log.info("EC2 endpoint on %s://%s", "https" if self.cfg.ec2.tls_cert else "http",
+                     self.cfg.ec2.address)
         # ready only now: the stored policy is enforced on every device there is
         sd_notify(f"READY=1\nSTATUS=generation {self.generation} enforced on "
                   f"{len(self.rc.applied().endpoints)} devices")
@@ -612,6 +622,9 @@ class Daemon:
         sd_notify("STOPPING=1")
         self.stopping.set()
         self.metrics.stop()
+        if self.ec2 is not None:
+            self.ec2.shutdown()
+            self.ec2.server_close()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

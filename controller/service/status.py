@@ -40,7 +40,8 @@ def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = Non
             "policies": {name: p.as_json() for name, p in applied.policies.items()}}
 
 
-ARRAY_MAPS = {"sg_config", "sg_verdicts", "sg_rule_hits", "sg_flow_skips"}  # arrays are always "full"
+ARRAY_MAPS = {"sg_config", "sg_verdicts", "sg_rule_hits", "sg_flow_skips", "sg_ct_ring",
+              "sg_ct_quota"}  # arrays are always "full"
 
 
 def map_fill(dp: Dataplane, conntrack_live: Optional[int] = None) -> List[Dict[str, Any]]:

@@ -22,20 +22,21 @@ FLOOD_CT_MAX = 1 << 16  # the SYN flood scenario's table: the flood sends many t
 ROOT = Path(__file__).resolve().parents[3]
 
 # (per-packet sizes, conntrack sizes, repeat, runs, new flows, device packets,
-#  iperf seconds and rounds, control sizes, control samples)
+#  iperf seconds and rounds, control sizes, control samples, YAML document sizes)
 PROFILES: Dict[str, Dict[str, Any]] = {
     "smoke": dict(sizes=[10, 100], ct=[1000], repeat=2000, runs=2, new=50,
                   dev_packets=20000, dev_sizes=[10], dev_s=1, tcp_s=1, tcp_rounds=1, tcp_flood=False,
-                  ctl_sizes=[10], ctl_samples=4, fleet_samples=5, fleet_sizes=[1000],
-                  flood_s=5),
+                  ctl_sizes=[10], ctl_samples=4, yaml_sizes=[1000], fleet_samples=5,
+                  fleet_sizes=[1000], flood_s=5),
     "quick": dict(sizes=[10, 100, 1000, 10000], ct=[1000, 1000000], repeat=100000, runs=5,
-                  new=2000, dev_packets=2000000, dev_sizes=[10, 10000], dev_s=4, tcp_s=3, tcp_rounds=3,
-                  tcp_flood=True, ctl_sizes=[10, 1000, 10000], ctl_samples=20,
+                  new=2000, dev_packets=2000000, dev_sizes=[10000], dev_s=3, tcp_s=3, tcp_rounds=1,
+                  tcp_flood=True, ctl_sizes=[10, 1000, 10000], ctl_samples=20, yaml_sizes=[10000],
                   fleet_samples=50, fleet_sizes=[1000, 10000, 100000], flood_s=30),
     "full": dict(sizes=[10, 100, 1000, 10000], ct=[1000, 1000000], repeat=1000000, runs=7,
                  new=10000, dev_packets=10000000, dev_sizes=[10, 1000, 10000], dev_s=10, tcp_s=10,
                  tcp_rounds=3, tcp_flood=True, ctl_sizes=[10, 1000, 10000], ctl_samples=100,
-                 fleet_samples=200, fleet_sizes=[1000, 10000, 100000], flood_s=60),
+                 yaml_sizes=[10000, 100000], fleet_samples=200,
+                 fleet_sizes=[1000, 10000, 100000], flood_s=60),
 }
 
 
@@ -68,7 +69,7 @@ def main() -> int:
         ("per_packet", lambda: packet.run(p["sizes"], p["ct"], p["repeat"], p["runs"], p["new"])),
         ("device", lambda: device.run(p["dev_packets"], p["dev_sizes"], p["dev_s"])),
         ("tcp", lambda: tcp.run(p["tcp_s"], 10, p["tcp_flood"], p["tcp_rounds"])),
-        ("control", lambda: control.run(p["ctl_sizes"], p["ctl_samples"])),
+        ("control", lambda: control.run(p["ctl_sizes"], p["ctl_samples"], p["yaml_sizes"])),
         ("fleet", lambda: fleet.run(p["fleet_samples"], p["fleet_sizes"])),
         ("flood", lambda: allowance_under_flood(p["flood_s"], 0, FLOOD_CT_MAX, 0,
                                                 f"{os.getpid() % 100000}")),

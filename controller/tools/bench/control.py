@@ -263,7 +263,7 @@ def yaml_load(sizes: List[int]) -> List[Dict[str, Any]]:
     return out
 
 
-def run(sizes: List[int], samples: int) -> Dict[str, Any]:
+def run(sizes: List[int], samples: int, yaml_sizes: List[int]) -> Dict[str, Any]:
     b = Bench()
     out: Dict[str, Any] = {"rule_change": [], "apply": []}
     try:
@@ -275,7 +275,7 @@ def run(sizes: List[int], samples: int) -> Dict[str, Any]:
         out["membership"] = b.membership(max(5, samples // 2))
     finally:
         b.close()
-    out["yaml_load"] = yaml_load([10000, 100000] if max(sizes) >= 10000 else [1000])
+    out["yaml_load"] = yaml_load(yaml_sizes)
     out["netfilter"] = netfilter_times(sizes, max(5, samples // 4))
     out["startup"] = startup()
     return out
