@@ -14,7 +14,7 @@ fi
 # 1. system packages ---------------------------------------------------------
 # the benchmark suite (and its smoke test) compares with iptables, nftables and iperf3
 # etcd-server: the fleet datastore (sgctl daemon --datastore etcd://...) and its tests
-PKGS="python3-bpfcc libbpfcc libbpf1 bpftool iproute2 iputils-ping iptables nftables conntrack iperf3 etcd-server"
+PKGS="python3-bpfcc libbpfcc libbpf1 bpftool iproute2 iputils-ping iptables nftables conntrack iperf3 etcd-server openssl"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

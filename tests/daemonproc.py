@@ -4,6 +4,7 @@ groups and drive traffic through it."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -16,9 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import boto3
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+
 from controller.service import api
 from controller.service.api import Client
-from controller.tools.topology import Instance, Topology
+from controller.tools.topology import Instance, Topology, sh
 from tests.harness import unique
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +79,67 @@ class DaemonProc:
         self.cli("reset")
         self.log.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+KEY, SECRET = "AKIDSGCTLTESTKEY", "test/secret+key"
+REGION = "us-east-1"
+
+
+class Ec2Daemon:
+    """A daemon with its EC2 endpoint, and clients for it."""
+
+    def __init__(self, daemon: DaemonProc, tls: bool = False, *extra: str) -> None:
+        self.daemon = daemon
+        self.creds = os.path.join(daemon.state_dir, "credentials")
+        with open(self.creds, "w") as f:
+            f.write(f"[default]\naws_access_key_id = {KEY}\naws_secret_access_key = {SECRET}\n")
+        os.chmod(self.creds, 0o600)
+        self.port = free_port()
+        flags = ["--ec2-endpoint", f"127.0.0.1:{self.port}", "--ec2-credentials", self.creds]
+        self.scheme = "http"
+        if tls:
+            cert, key = (os.path.join(daemon.state_dir, n) for n in ("cert.pem", "key.pem"))
+            sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+               "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+               "-keyout", key, "-out", cert)
+            flags += ["--ec2-tls-cert", cert, "--ec2-tls-key", key]
+            self.scheme, self.ca = "https", cert
+        daemon.start(*flags, *extra)
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def client(self, secret: str = SECRET, key: str = KEY) -> Any:
+        return boto3.client("ec2", endpoint_url=self.url, region_name=REGION,
+                            aws_access_key_id=key, aws_secret_access_key=secret,
+                            verify=getattr(self, "ca", None),
+                            config=Config(retries={"max_attempts": 1}))
+
+    def raw(self, method: str, body: bytes = b"", query: str = "",
+            headers: Dict[str, str] | None = None, sign: bool = True) -> tuple:
+        """One request by hand: (status, XML text)."""
+        hdrs = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8",
+                **(headers or {})}
+        path = "/" + (f"?{query}" if query else "")
+        if sign:
+            req = AWSRequest(method=method, url=f"http://127.0.0.1:{self.port}{path}",
+                             data=body, headers=hdrs)
+            SigV4Auth(Credentials(KEY, SECRET), "ec2", REGION).add_auth(req)
+            hdrs = dict(req.headers.items())
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body or None, headers=hdrs)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    def aws(self, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "AWS_SHARED_CREDENTIALS_FILE": self.creds,
+               "AWS_CONFIG_FILE": os.devnull, "AWS_DEFAULT_REGION": REGION,
+               "AWS_MAX_ATTEMPTS": "1"}
+        env.pop("AWS_PROFILE", None)
+        return subprocess.run([sys.executable, "-m", "awscli", "ec2", *args, "--endpoint-url",
+                               self.url, "--output", "json"], capture_output=True, text=True,
+                              env=env, timeout=60)
+
 
 def wait_for(cond: Callable[[], bool], seconds: float = 5.0) -> float:
     """Seconds until ``cond()`` held; fails after ``seconds``."""

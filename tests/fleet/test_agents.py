@@ -14,7 +14,16 @@ import pytest
 from controller.policy.errors import ApiError
 from controller.tools.etcd import EtcdProc
 from controller.tools.topology import Topology
-from tests.daemonproc import DaemonProc, Prober, Stream, tcp_perm, udp_perm, wait_for, web_setup
+from tests.daemonproc import (
+    DaemonProc,
+    Ec2Daemon,
+    Prober,
+    Stream,
+    tcp_perm,
+    udp_perm,
+    wait_for,
+    web_setup,
+)
 from tests.harness import unique
 
 pytestmark = pytest.mark.netns
@@ -72,6 +81,30 @@ def test_a_change_on_one_agent_reaches_every_agent(fleet: Dict[str, DaemonProc])
         status = api.call("DescribeStatus")["fleet"]
     assert status["node"] == "n2" and status["stale_since"] is None
     assert set(status["nodes"]) == {"n1", "n2", "n3"}, "every agent registered"
+
+
+def test_any_agents_ec2_endpoint_serves_the_whole_fleet(fleet: Dict[str, DaemonProc]) -> None:
+    """An agent with the EC2 endpoint reads and writes the fleet's state:
+    what another agent wrote is there, what it writes reaches the others."""
+    a, b = fleet["n1"], fleet["n2"]
+    d = DaemonProc()
+    try:
+        ec2 = Ec2Daemon(d, False, "--datastore", f"etcd://{fleet['etcd'].endpoint}",  # type: ignore[attr-defined]
+                        "--etcd-prefix", str(fleet["prefix"]), "--node", "n4")
+        c = ec2.client()
+        gid = create_group(a, unique("from-json"))
+        wait_for(lambda: gid in {g["GroupId"] for g in c.describe_security_groups()[
+            "SecurityGroups"]}, 5)
+        other = c.create_security_group(GroupName=unique("from-ec2"), Description="x")["GroupId"]
+        c.authorize_security_group_ingress(GroupId=other, IpPermissions=[tcp_perm(443,
+                                                                                  "198.18.0.0/24")])
+        wait_for(lambda: other in groups(b), 5)
+        with b.client() as api:
+            rules = api.call("DescribeSecurityGroupRules", {"Filters": [
+                {"Name": "group-id", "Values": [other]}]})["SecurityGroupRules"]
+        assert any(r.get("FromPort") == 443 for r in rules)
+    finally:
+        d.close()
 
 
 def test_an_interface_is_bound_by_its_node_only(fleet: Dict[str, DaemonProc]) -> None:
