@@ -38,6 +38,7 @@ def test_bench_smoke_profile_produces_a_report(tmp_path: Path) -> None:
         "none", "sgctl", "sgctl+flowlogs", "iptables", "nftables"}
     assert all(r["gbps"] > 0 for r in data["tcp"]["throughput"])
     assert data["control"]["rule_change"][0]["samples"] == 4
+    assert data["control"]["ec2_rule_change"]["median_ms"] > 0  # boto3 through the endpoint
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Targets" in text and "| established <= 5x empty program |" in text
     assert "### With flow logs on (100 rules)" in text

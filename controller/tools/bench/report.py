@@ -310,6 +310,13 @@ def write(res: Res, out: Path) -> None:
         lines.append(f"| {a['rules']} | {a['seconds']:.3f} | {ch.get('median_ms', 0):.1f} | "
                      f"{nf.get('iptables_s', 0):.3f} | {nf.get('iptables_change_ms', 0):.1f} | "
                      f"{nf.get('nft_s', 0):.3f} | {nf.get('nft_change_ms', 0):.1f} |")
+    e2 = ctl.get("ec2_rule_change")
+    if e2:
+        lines += ["", f"The same change through the EC2 endpoint (boto3 "
+                  "`authorize_security_group_ingress` / `revoke_...`: SigV4, Query encoding, "
+                  f"XML answer; the answer comes once the kernel enforces), {e2['rules']} rules: "
+                  f"median {e2['median_ms']:.1f} ms, max {e2['max_ms']:.1f} ms "
+                  f"({e2['samples']} samples)."]
     mem = ctl["membership"]
     su = ctl["startup"]
     lines += ["", f"Address added to a watched member device -> kernel verdict changes: median "
