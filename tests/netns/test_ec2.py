@@ -251,9 +251,8 @@ def test_the_json_api_and_the_ec2_endpoint_reach_the_same_state(ec2: Ec2Daemon) 
     assert out["json"] == out["ec2"]
 
 
-def test_the_aws_cli_changes_what_traffic_passes(topo: Topology, daemon: DaemonProc) -> None:
+def test_the_aws_cli_changes_what_traffic_passes(topo: Topology, ec2: Ec2Daemon) -> None:
     web, cli = topo.instances["web"], topo.instances["cli"]
-    ec2 = Ec2Daemon(daemon)
 
     def aws(*args: str) -> Dict[str, Any]:
         res = ec2.aws(*args)
@@ -262,9 +261,10 @@ def test_the_aws_cli_changes_what_traffic_passes(topo: Topology, daemon: DaemonP
 
     gid = aws("create-security-group", "--group-name", unique("web"), "--description",
               "HTTP and HTTPS")["GroupId"]
-    aws("create-network-interface", "--subnet-id", "subnet-local", "--groups", gid,
-        "--private-ip-address", web.ip4, "--tag-specifications",
-        f"ResourceType=network-interface,Tags=[{{Key=host-interface,Value={web.host_dev}}}]")
+    eid = aws("create-network-interface", "--subnet-id", "subnet-local", "--groups", gid,
+              "--private-ip-address", web.ip4, "--tag-specifications",
+              "ResourceType=network-interface,Tags=[{Key=host-interface,"
+              f"Value={web.host_dev}}}]")["NetworkInterface"]["NetworkInterfaceId"]
     assert not cli.can_tcp(web.ip4, 80)
     start = time.monotonic()
     aws("authorize-security-group-ingress", "--group-id", gid, "--protocol", "tcp",
@@ -279,6 +279,9 @@ def test_the_aws_cli_changes_what_traffic_passes(topo: Topology, daemon: DaemonP
     aws("revoke-security-group-ingress", "--group-id", gid, "--protocol", "tcp", "--port", "80",
         "--cidr", f"{cli.ip4}/32")
     assert not cli.can_tcp(web.ip4, 80)
+    aws("delete-network-interface", "--network-interface-id", eid)  # the device is unbound
+    aws("delete-security-group", "--group-id", gid)
+    assert cli.can_tcp(web.ip4, 80)
 
 
 def test_https_and_a_private_credentials_file(daemon: DaemonProc) -> None:

@@ -24,7 +24,9 @@ import tempfile
 import time
 from typing import Any, Dict, List
 
+import boto3
 import yaml
+from botocore.config import Config
 from pyroute2 import IPRoute
 
 from controller.kernel import bpfsys, netlink
@@ -100,9 +102,6 @@ class Bench:
     def ec2_rule_change(self, n_rules: int, samples: int) -> Dict[str, float]:
         """The same change through the EC2 endpoint with boto3 (SigV4 signing,
         Query encoding, XML answer included), on a group of ``n_rules``."""
-        import boto3
-        from botocore.config import Config
-
         self.apply(rules(n_rules), {})
         c = boto3.client("ec2", endpoint_url=f"http://127.0.0.1:{self.ec2_port}",
                          region_name="us-east-1", aws_access_key_id=EC2_KEY,
