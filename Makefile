@@ -15,7 +15,7 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check controller tests
 	$(VENV)/bin/mypy -p controller
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 # By what they need: tests/unit (nothing), tests/kernel (root, bcc), tests/netns (root, links).
 test-unit: setup

@@ -74,6 +74,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: Ec2Server
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK wait
 
     def setup(self) -> None:
         super().setup()
