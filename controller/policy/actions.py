@@ -303,10 +303,13 @@ def _tag_list(tags: Dict[str, str]) -> List[Result]:
 
 
 def group_shape(g: SecurityGroup) -> Result:
-    return {"GroupId": g.group_id, "GroupName": g.name, "Description": g.description,
-            "IpPermissions": permissions_shape(g.rules_in(INGRESS)),
-            "IpPermissionsEgress": permissions_shape(g.rules_in(EGRESS)),
-            "Tags": _tag_list(g.tags)}
+    out = {"GroupId": g.group_id, "GroupName": g.name, "Description": g.description,
+           "IpPermissions": permissions_shape(g.rules_in(INGRESS)),
+           "IpPermissionsEgress": permissions_shape(g.rules_in(EGRESS)),
+           "Tags": _tag_list(g.tags)}
+    if g.vpc_id:
+        out["VpcId"] = g.vpc_id
+    return out
 
 
 def prefix_list_shape(p: PrefixList) -> Result:
@@ -366,9 +369,12 @@ def create_security_group(state: State, p: Params) -> Result:
         raise ApiError("MissingParameter", "The request must contain the parameter Description")
     if any(g.name == name for g in state.groups.values()):
         raise ApiError("InvalidGroup.Duplicate", f"The security group '{name}' already exists")
+    vpc = _str_param(p, "VpcId")
+    if len(vpc) > 255:
+        raise ApiError("InvalidParameterValue", "VpcId: at most 255 characters")
     gid = new_id("sg")
     state.groups[gid] = SecurityGroup(gid, name, desc, _tags(p, "security-group"),
-                                      default_egress(gid, state.uses_ipv6()))
+                                      default_egress(gid, state.uses_ipv6()), vpc_id=vpc)
     return {"GroupId": gid}
 
 
@@ -474,6 +480,7 @@ GROUP_FIELDS: Fields = {
     "group-id": lambda g: [g.group_id],
     "group-name": lambda g: [g.name],
     "description": lambda g: [g.description],
+    "vpc-id": lambda g: [g.vpc_id] if g.vpc_id else [],
     **_permission_fields("ip-permission", INGRESS),
     **_permission_fields("egress.ip-permission", EGRESS),
 }

@@ -318,6 +318,7 @@ class SecurityGroup:
     description: str = ""
     tags: Dict[str, str] = field(default_factory=dict)
     rules: List[Rule] = field(default_factory=list)
+    vpc_id: str = ""  # as given (EC2's VpcId); sgctl has no VPCs, tools read it back
 
     def rules_in(self, direction: str) -> List[Rule]:
         return [r for r in self.rules if r.direction == direction]

@@ -167,6 +167,10 @@ def test_errors_filters_pages_and_dry_run(ec2: Ec2Daemon) -> None:
         return sorted(g["GroupName"] for g in c.describe_security_groups(**kw)["SecurityGroups"])
 
     assert names(Filters=[{"Name": "tag:tier", "Values": ["t1"]}]) == ["g01", "g04", "g07", "g10"]
+    vpc = c.create_security_group(GroupName="in-vpc", Description="d", VpcId="vpc-0abc")["GroupId"]
+    assert c.describe_security_groups(GroupIds=[vpc])["SecurityGroups"][0]["VpcId"] == "vpc-0abc"
+    assert names(Filters=[{"Name": "vpc-id", "Values": ["vpc-0abc"]}]) == ["in-vpc"]
+    c.delete_security_group(GroupId=vpc)
     assert names(Filters=[{"Name": "tag-key", "Values": ["tier"]},
                           {"Name": "group-name", "Values": ["g0*"]}]) == [
         f"g0{i}" for i in range(10)]

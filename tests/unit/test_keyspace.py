@@ -17,7 +17,7 @@ P = "/t/"
 
 def doc(port: int = 22, addr: str = "198.18.0.20") -> Dict[str, Any]:
     return {"sgctl": 1, "groups": {
-        "sg-a": {"name": "a", "tags": {"team": "web"},
+        "sg-a": {"name": "a", "tags": {"team": "web"}, "vpc_id": "vpc-0abc",
                  "ingress": [{"proto": "tcp", "ports": port, "from": "sg-b", "id": "sgr-1"}]},
         "sg-b": {"name": "b"}},
         "prefix_lists": {"pl-a": {"family": "ipv4", "max_entries": 2,
@@ -35,6 +35,7 @@ def test_one_key_per_object_and_a_round_trip() -> None:
     assert kinds.count("groups") == len(state.groups) and kinds.count("interfaces") == 2
     assert kinds.count("prefix-lists") == 1 and kinds.count("settings") == 1
     assert native.dump(decode(kvs, P)) == native.dump(state)
+    assert decode(kvs, P).groups["sg-a"].vpc_id == "vpc-0abc"
     assert encode(decode(kvs, P), P) == kvs, "equal objects, equal bytes"
 
 

@@ -195,7 +195,8 @@ def load(doc: Dict[str, Any]) -> State:
         by_name[name] = gid
         state.groups[gid] = SecurityGroup(gid, name, text_field(g, "Description", gid,
                                                                 aws_chars=True),
-                                          tags_of(g.get("Tags"), gid))
+                                          tags_of(g.get("Tags"), gid),
+                                          vpc_id=text_field(g, "VpcId", gid))
     for g in sgs:
         group = state.groups[g["GroupId"]]
         for direction, key in ((INGRESS, "IpPermissions"), (EGRESS, "IpPermissionsEgress")):

@@ -49,7 +49,7 @@ def encode(state: State, prefix: str = DEFAULT_PREFIX) -> KeyValues:
     doc = native.dump(state)
     out: KeyValues = {prefix + SETTINGS: _json(doc["settings"])}
     for gid, g in doc["groups"].items():
-        out[f"{prefix}{GROUPS}{gid}"] = _json({k: g[k] for k in ("name", "description", "tags")
+        out[f"{prefix}{GROUPS}{gid}"] = _json({k: g[k] for k in ("name", "description", "tags", "vpc_id")
                                                 if k in g})
         for direction in DIRECTIONS:
             for spec in g[direction]:

@@ -174,11 +174,14 @@ def load(doc: Dict[str, Any]) -> State:
     for gid, g in mapping(doc.get("groups"), "document", "groups").items():
         check_id("sg", gid, str(gid), "id")
         g = mapping(g, gid, "group")
-        _check_keys(g, ("name", "description", "tags", "ingress", "egress"), gid)
+        _check_keys(g, ("name", "description", "tags", "vpc_id", "ingress", "egress"), gid)
         tags = tag_map(g.get("tags"), gid)
         group = SecurityGroup(gid, text(g.get("name"), gid, "name", gid),
                               text(g.get("description"), gid, "description"),
-                              {str(k): v for k, v in tags.items()})
+                              {str(k): v for k, v in tags.items()},
+                              vpc_id=text(g.get("vpc_id"), gid, "vpc_id"))
+        if len(group.vpc_id) > 255:
+            raise ValidationError(gid, "vpc_id", f"{len(group.vpc_id)} characters, at most 255")
         for direction in DIRECTIONS:
             specs = g.get(direction)
             if specs is None:
@@ -255,6 +258,8 @@ def dump(state: State, cache: Optional[SpecCache] = None) -> Dict[str, Any]:
                              **specs.group(g.rules)}
         if g.tags:
             d["tags"] = dict(g.tags)
+        if g.vpc_id:
+            d["vpc_id"] = g.vpc_id
         out["groups"][gid] = d
     for plid, p in state.prefix_lists.items():
         out["prefix_lists"][plid] = {"name": p.name, "family": f"ipv{p.family}",
