@@ -14,7 +14,8 @@ import binascii
 import fnmatch
 import json
 import secrets
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from controller.policy.errors import ApiError, ValidationError
 from controller.policy.formats import aws
@@ -269,6 +270,8 @@ def rule_shape(r: Rule) -> Result:
         out["ReferencedGroupInfo"] = {"GroupId": r.peer.value}
     if r.description:
         out["Description"] = r.description
+    if r.tags:
+        out["Tags"] = [{"Key": k, "Value": v} for k, v in r.tags]
     return out
 
 
@@ -315,7 +318,7 @@ def group_shape(g: SecurityGroup) -> Result:
 def prefix_list_shape(p: PrefixList) -> Result:
     return {"PrefixListId": p.prefix_list_id, "PrefixListName": p.name,
             "AddressFamily": family_name(p.family), "MaxEntries": p.max_entries,
-            "Version": p.version, "State": "create-complete"}
+            "Version": p.version, "State": "create-complete", "Tags": _tag_list(p.tags)}
 
 
 def interface_tags(e: NetworkInterface) -> Dict[str, str]:
@@ -419,6 +422,9 @@ def _authorize(direction: str) -> Callable[[State, Params], Result]:
                                f"{r.describe_ports()}, {direction}\" already exists "
                                f"({have[r.identity()].rule_id})")
             have[r.identity()] = r
+        tags = tuple(sorted(_tags(p, "security-group-rule").items()))
+        if tags:
+            new = [replace(r, tags=tags) for r in new]
         g.rules.extend(new)
         return {"Return": True, "SecurityGroupRules": [rule_shape(r) for r in new]}
     return action
@@ -522,7 +528,7 @@ def describe_security_group_rules(state: State, p: Params) -> Result:
     for gid in _filters(p).get("group-id", []):
         if not any(c in gid for c in "*?"):
             find_group(state, {"GroupId": gid})
-    rules = _filtered(p, rules, RULE_FIELDS)
+    rules = _filtered(p, rules, RULE_FIELDS, lambda r: dict(r.tags))
     return _page(p, [rule_shape(r) for r in rules], "SecurityGroupRuleId", "SecurityGroupRules")
 
 
@@ -597,7 +603,8 @@ def create_managed_prefix_list(state: State, p: Params) -> Result:
     family, max_entries = _family(p), _max_entries(p)
     entries = _entries(_list_param(p, "Entries"), family, "Entries")
     plid = new_id("pl")
-    state.prefix_lists[plid] = PrefixList(plid, name, family, max_entries, entries, 1)
+    state.prefix_lists[plid] = PrefixList(plid, name, family, max_entries, entries, 1,
+                                          _tags(p, "prefix-list"))
     return {"PrefixList": prefix_list_shape(state.prefix_lists[plid])}
 
 
@@ -663,7 +670,7 @@ PREFIX_LIST_FIELDS: Fields = {
 
 def describe_managed_prefix_lists(state: State, p: Params) -> Result:
     pls = _described(p, "PrefixListIds", state.prefix_lists, lambda i: find_prefix_list(state, i))
-    pls = _filtered(p, pls, PREFIX_LIST_FIELDS)
+    pls = _filtered(p, pls, PREFIX_LIST_FIELDS, lambda pl: pl.tags)
     return _page(p, [prefix_list_shape(pl) for pl in pls], "PrefixListId", "PrefixLists", 1)
 
 
@@ -774,49 +781,67 @@ def _assign(unassign: bool) -> Callable[[State, Params], Result]:
 # name -> (function, mutates)
 # --------------------------------------------------------------------------- tags
 
-TAGGED = {"sg-": "security-group", "eni-": "network-interface"}
-UNTAGGED = {"pl-": "prefix-list", "sgr-": "security-group-rule"}
+@dataclass
+class _RuleRef:
+    """A rule to tag: rules are immutable, so tagging replaces it in its group."""
+    group: SecurityGroup
+    rule: Rule
 
 
-def _tag_target(state: State, rid: Any) -> Any:
+TagTarget = Union[SecurityGroup, NetworkInterface, PrefixList, _RuleRef]
+
+
+def _tag_target(state: State, rid: Any) -> TagTarget:
     rid = _key(rid, "Resources")
     if rid.startswith("sg-"):
         return find_group(state, {"GroupId": rid})
     if rid.startswith("eni-"):
         return find_interface(state, rid)
-    for prefix, kind in UNTAGGED.items():
-        if rid.startswith(prefix):
-            raise ApiError("InvalidParameterValue",
-                           f"{rid}: sgctl keeps no tags on a {kind} (only on security groups "
-                           "and network interfaces)")
+    if rid.startswith("pl-"):
+        return find_prefix_list(state, rid)
+    if rid.startswith("sgr-"):
+        for g in state.groups.values():
+            for r in g.rules:
+                if r.rule_id == rid:
+                    return _RuleRef(g, r)
+        raise ApiError("InvalidSecurityGroupRuleId.NotFound",
+                       f"The security group rule ID '{rid}' does not exist")
     raise ApiError("InvalidID", f"The ID '{rid}' is not valid")
 
 
-def _retag(obj: Any, tags: Dict[str, str]) -> None:
-    """Give a group or an interface these tags; an interface's setting tags
-    (vocabulary: device, mode, node, ...) set what they name."""
-    if isinstance(obj, SecurityGroup):
+def _retag(obj: TagTarget, tags: Dict[str, str]) -> None:
+    """Give an object these tags; an interface's setting tags (vocabulary:
+    device, mode, node, ...) set what they name."""
+    if isinstance(obj, (SecurityGroup, PrefixList)):
         obj.tags = tags
-        return
-    obj.device = tags.get(TAG_DEVICE)
-    obj.mode = tags.get(TAG_MODE, MODE_WORKLOAD)
-    obj.watch_addresses = tags.get(TAG_ADDRESSES) == "watch"
-    obj.revalidate = tags.get(TAG_REVALIDATE) == "true"
-    obj.node = tags.get(TAG_NODE)
-    if TAG_MAC in tags:
-        obj.mac_address = parse_mac(tags[TAG_MAC], obj.eni_id, TAG_MAC)
-    obj.tags = user_tags(tags)
+    elif isinstance(obj, _RuleRef):
+        rules = obj.group.rules
+        i = next(i for i, r in enumerate(rules) if r is obj.rule)
+        obj.rule = rules[i] = replace(obj.rule, tags=tuple(sorted(tags.items())))
+    else:
+        obj.device = tags.get(TAG_DEVICE)
+        obj.mode = tags.get(TAG_MODE, MODE_WORKLOAD)
+        obj.watch_addresses = tags.get(TAG_ADDRESSES) == "watch"
+        obj.revalidate = tags.get(TAG_REVALIDATE) == "true"
+        obj.node = tags.get(TAG_NODE)
+        if TAG_MAC in tags:
+            obj.mac_address = parse_mac(tags[TAG_MAC], obj.eni_id, TAG_MAC)
+        obj.tags = user_tags(tags)
 
 
-def _all_tags(obj: Any) -> Dict[str, str]:
-    return dict(obj.tags) if isinstance(obj, SecurityGroup) else interface_tags(obj)
+def _all_tags(obj: TagTarget) -> Dict[str, str]:
+    if isinstance(obj, _RuleRef):
+        return dict(obj.rule.tags)
+    if isinstance(obj, NetworkInterface):
+        return interface_tags(obj)
+    return dict(obj.tags)
 
 
-def _resources(state: State, p: Params) -> List[Any]:
+def _resources(state: State, p: Params) -> List[TagTarget]:
     ids = _names(p, "Resources")
     if not ids:
         raise ApiError("MissingParameter", "The request must contain the parameter Resources")
-    return [_tag_target(state, rid) for rid in ids]
+    return [_tag_target(state, rid) for rid in dict.fromkeys(ids)]
 
 
 def create_tags(state: State, p: Params) -> Result:
@@ -856,12 +881,18 @@ TAG_FIELDS: Fields = {
 
 def describe_tags(state: State, p: Params) -> Result:
     found: List[Result] = []
-    for kind, objs in (("security-group", list(state.groups.values())),
-                       ("network-interface", list(state.interfaces.values()))):
-        for obj in objs:
-            rid = obj.group_id if isinstance(obj, SecurityGroup) else obj.eni_id
-            found += [{"Key": k, "ResourceId": rid, "ResourceType": kind, "Value": v}
-                      for k, v in sorted(_all_tags(obj).items())]
+
+    def add(kind: str, rid: str, tags: Dict[str, str]) -> None:
+        found.extend({"Key": k, "ResourceId": rid, "ResourceType": kind, "Value": v}
+                     for k, v in sorted(tags.items()))
+    for g in state.groups.values():
+        add("security-group", g.group_id, g.tags)
+        for r in g.rules:
+            add("security-group-rule", r.rule_id, dict(r.tags))
+    for e in state.interfaces.values():
+        add("network-interface", e.eni_id, interface_tags(e))
+    for pl in state.prefix_lists.values():
+        add("prefix-list", pl.prefix_list_id, pl.tags)
     found = _filtered(p, found, TAG_FIELDS)
     return _page(p, found, lambda t: f"{t['ResourceId']}\0{t['Key']}", "Tags")
 

@@ -219,6 +219,7 @@ class Rule:
     peer: Peer
     description: str = ""
     rule_id: str = ""
+    tags: Tuple[Tuple[str, str], ...] = ()  # (key, value) sorted: a rule stays hashable
 
     def identity(self) -> Tuple[str, str, int, int, int, str, str]:
         """What makes two rules duplicates (1.1). Plain strings and ints, so
@@ -338,6 +339,7 @@ class PrefixList:
     max_entries: int
     entries: List[PrefixListEntry] = field(default_factory=list)
     version: int = 1
+    tags: Dict[str, str] = field(default_factory=dict)
 
 
 TIMEOUT_MAX = 432000  # seconds: the longest idle timeout any setting allows (5 days, as AWS)
@@ -523,7 +525,7 @@ class State:
         return State(
             groups={k: replace(g, tags=dict(g.tags), rules=list(g.rules))
                     for k, g in self.groups.items()},
-            prefix_lists={k: replace(p, entries=list(p.entries))
+            prefix_lists={k: replace(p, entries=list(p.entries), tags=dict(p.tags))
                           for k, p in self.prefix_lists.items()},
             interfaces={k: replace(e, groups=list(e.groups), ipv4=list(e.ipv4), ipv6=list(e.ipv6),
                                    timeouts=replace(e.timeouts), tags=dict(e.tags))

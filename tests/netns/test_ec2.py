@@ -57,9 +57,11 @@ def test_every_action_through_boto3(ec2: Ec2Daemon) -> None:
         {"ResourceType": "security-group", "Tags": [{"Key": "team", "Value": "a"}]}])["GroupId"]
     peer = c.create_security_group(GroupName=unique("peer"), Description="peers")["GroupId"]
     pl = c.create_managed_prefix_list(PrefixListName="office", MaxEntries=5, AddressFamily="IPv4",
-                                      Entries=[{"Cidr": "198.18.4.0/24", "Description": "a"}]
-                                      )["PrefixList"]
+                                      Entries=[{"Cidr": "198.18.4.0/24", "Description": "a"}],
+                                      TagSpecifications=[{"ResourceType": "prefix-list", "Tags": [
+                                          {"Key": "site", "Value": "hq"}]}])["PrefixList"]
     assert pl["PrefixListName"] == "office" and pl["MaxEntries"] == 5
+    assert pl["Tags"] == [{"Key": "site", "Value": "hq"}]
     plid = pl["PrefixListId"]
     c.modify_managed_prefix_list(PrefixListId=plid, CurrentVersion=pl["Version"],
                                  AddEntries=[{"Cidr": "198.18.5.0/24"}])
@@ -75,8 +77,11 @@ def test_every_action_through_boto3(ec2: Ec2Daemon) -> None:
     assert len(added) == 3 and {r["IsEgress"] for r in added} == {False}
     egress = c.authorize_security_group_egress(GroupId=gid, IpPermissions=[
         {"IpProtocol": "udp", "FromPort": 53, "ToPort": 53,
-         "Ipv6Ranges": [{"CidrIpv6": "2001:db8::/64"}]}])["SecurityGroupRules"]
+         "Ipv6Ranges": [{"CidrIpv6": "2001:db8::/64"}]}], TagSpecifications=[
+        {"ResourceType": "security-group-rule", "Tags": [{"Key": "why", "Value": "dns"}]}]
+        )["SecurityGroupRules"]
     assert egress[0]["CidrIpv6"] == "2001:db8::/64" and egress[0]["IsEgress"]
+    assert egress[0]["Tags"] == [{"Key": "why", "Value": "dns"}]
     g = c.describe_security_groups(GroupIds=[gid])["SecurityGroups"][0]
     assert g["Tags"] == [{"Key": "team", "Value": "a"}]
     perm = g["IpPermissions"][0]
@@ -114,10 +119,17 @@ def test_every_action_through_boto3(ec2: Ec2Daemon) -> None:
     assert [a["PrivateIpAddress"] for a in got["PrivateIpAddresses"]] == ["198.18.0.90",
                                                                           "198.18.0.91"]
     c.unassign_private_ip_addresses(NetworkInterfaceId=eid, PrivateIpAddresses=["198.18.0.91"])
-    c.create_tags(Resources=[gid, eid], Tags=[{"Key": "env", "Value": "prod"}])
+    rid = next(r["SecurityGroupRuleId"] for r in left if not r["IsEgress"])
+    c.create_tags(Resources=[gid, eid, plid, rid], Tags=[{"Key": "env", "Value": "prod"}])
     tags = c.describe_tags(Filters=[{"Name": "key", "Values": ["env"]}])["Tags"]
     assert {(t["ResourceId"], t["ResourceType"]) for t in tags} == {
-        (gid, "security-group"), (eid, "network-interface")}
+        (gid, "security-group"), (eid, "network-interface"), (plid, "prefix-list"),
+        (rid, "security-group-rule")}
+    tagged = c.describe_security_group_rules(Filters=[{"Name": "tag:env", "Values": ["prod"]}]
+                                             )["SecurityGroupRules"]
+    assert [r["SecurityGroupRuleId"] for r in tagged] == [rid]
+    c.delete_tags(Resources=[plid, rid])  # every user tag
+    assert c.describe_managed_prefix_lists(PrefixListIds=[plid])["PrefixLists"][0]["Tags"] == []
     c.delete_tags(Resources=[gid], Tags=[{"Key": "env", "Value": "not-prod"}])  # value differs
     c.delete_tags(Resources=[eid], Tags=[{"Key": "env"}])
     tags = c.describe_tags(Filters=[{"Name": "key", "Values": ["env"]}])["Tags"]

@@ -18,9 +18,10 @@ P = "/t/"
 def doc(port: int = 22, addr: str = "198.18.0.20") -> Dict[str, Any]:
     return {"sgctl": 1, "groups": {
         "sg-a": {"name": "a", "tags": {"team": "web"}, "vpc_id": "vpc-0abc",
-                 "ingress": [{"proto": "tcp", "ports": port, "from": "sg-b", "id": "sgr-1"}]},
+                 "ingress": [{"proto": "tcp", "ports": port, "from": "sg-b", "id": "sgr-1",
+                              "tags": {"why": "ssh"}}]},
         "sg-b": {"name": "b"}},
-        "prefix_lists": {"pl-a": {"family": "ipv4", "max_entries": 2,
+        "prefix_lists": {"pl-a": {"family": "ipv4", "max_entries": 2, "tags": {"site": "hq"},
                                   "entries": ["198.18.9.0/24"]}},
         "interfaces": {
             "eni-a": {"groups": ["sg-a"], "device": "veth0", "node": "h1", "ipv4": ["198.18.0.10"]},
@@ -35,7 +36,9 @@ def test_one_key_per_object_and_a_round_trip() -> None:
     assert kinds.count("groups") == len(state.groups) and kinds.count("interfaces") == 2
     assert kinds.count("prefix-lists") == 1 and kinds.count("settings") == 1
     assert native.dump(decode(kvs, P)) == native.dump(state)
-    assert decode(kvs, P).groups["sg-a"].vpc_id == "vpc-0abc"
+    back = decode(kvs, P)
+    assert back.groups["sg-a"].vpc_id == "vpc-0abc" and back.prefix_lists["pl-a"].tags
+    assert back.groups["sg-a"].rules[0].tags == (("why", "ssh"),)
     assert encode(decode(kvs, P), P) == kvs, "equal objects, equal bytes"
 
 

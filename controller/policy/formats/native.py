@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from controller.policy.errors import ValidationError
@@ -87,7 +88,8 @@ def parse_ports(spec: Dict[str, Any], obj: str) -> Tuple[Optional[object], Optio
     return text, text
 
 
-_RULE_KEYS = ("proto", "protocol", "ports", "type", "code", "from", "to", "peer", "description", "id")
+_RULE_KEYS = ("proto", "protocol", "ports", "type", "code", "from", "to", "peer", "description", "id",
+              "tags")
 
 
 def load(doc: Dict[str, Any]) -> State:
@@ -125,7 +127,7 @@ def load(doc: Dict[str, Any]) -> State:
     for plid, p in mapping(doc.get("prefix_lists"), "document", "prefix_lists").items():
         check_id("pl", plid, str(plid), "id")
         p = mapping(p, plid, "prefix list")
-        _check_keys(p, ("name", "family", "max_entries", "entries", "version"), plid)
+        _check_keys(p, ("name", "family", "max_entries", "entries", "version", "tags"), plid)
         fam = parse_family(p.get("family", "ipv4"), plid, "family", NATIVE_FAMILIES)
         entries = []
         for j, e in enumerate(seq(p.get("entries"), plid, "entries")):
@@ -138,7 +140,8 @@ def load(doc: Dict[str, Any]) -> State:
         state.prefix_lists[plid] = PrefixList(
             plid, text(p.get("name"), plid, "name", plid), fam,
             parse_int(p.get("max_entries", max(len(entries), 1)), plid, "max_entries"),
-            entries, parse_int(p.get("version", 1), plid, "version"))
+            entries, parse_int(p.get("version", 1), plid, "version"),
+            {str(k): v for k, v in tag_map(p.get("tags"), plid).items()})
 
     ifaces = mapping(doc.get("interfaces"), "document", "interfaces")
     for eid, e in ifaces.items():
@@ -202,9 +205,12 @@ def load(doc: Dict[str, Any]) -> State:
                 proto = spec.get("proto", spec.get("protocol"))
                 if proto is None:
                     raise ValidationError(where, "proto", "required")
-                group.rules.append(make_rule(gid, direction, proto, lo, hi,
-                                             parse_peer(peer_val, where, peer_key),
-                                             spec.get("description"), spec.get("id"), obj=where))
+                rule = make_rule(gid, direction, proto, lo, hi,
+                                 parse_peer(peer_val, where, peer_key),
+                                 spec.get("description"), spec.get("id"), obj=where)
+                if spec.get("tags"):
+                    rule = replace(rule, tags=tuple(sorted(tag_map(spec["tags"], where).items())))
+                group.rules.append(rule)
         state.groups[gid] = group
     return state
 
@@ -219,6 +225,8 @@ def rule_spec(r: Rule) -> Dict[str, Any]:
     spec["from" if r.direction == INGRESS else "to"] = r.peer.value
     if r.description:
         spec["description"] = r.description
+    if r.tags:
+        spec["tags"] = dict(r.tags)
     return spec
 
 
@@ -266,6 +274,8 @@ def dump(state: State, cache: Optional[SpecCache] = None) -> Dict[str, Any]:
                                      "max_entries": p.max_entries, "version": p.version,
                                      "entries": [{"cidr": str(e.cidr), "description": e.description}
                                                  for e in p.entries]}
+        if p.tags:
+            out["prefix_lists"][plid]["tags"] = dict(p.tags)
     for eid, e in state.interfaces.items():
         out["interfaces"][eid] = {
             "groups": list(e.groups), "ipv4": [str(a) for a in e.ipv4],
