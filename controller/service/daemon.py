@@ -593,7 +593,8 @@ class Daemon:
             self._spawn("heartbeat", lambda: fleet.heartbeat(self.stopping, self.bound_here))
         log.info("serving on %s", self.cfg.socket)
         if self.cfg.ec2 is not None:
-            ec2 = ec2server.serve(self.cfg.ec2, self.handle)
+            ec2 = ec2server.serve(self.cfg.ec2, self.handle, lambda action, code:
+                                  self.metrics.ec2_requests.labels(action, code).inc())
             self.ec2 = ec2
             self._spawn("ec2", ec2.serve_forever)
             log.info("EC2 endpoint on %s://%s", "https" if self.cfg.ec2.tls_cert else "http",

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -189,6 +189,10 @@ class Metrics:
             "sgctl_apply_duration_seconds", "Time to enforce a change (API call or host event)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry)
+        self.ec2_requests = Counter(
+            "sgctl_ec2_requests", "Requests the EC2 endpoint answered, by action (other: not "
+            "one it serves) and code (OK, or the EC2 error code: AuthFailure, ...)",
+            labelnames=["action", "code"], registry=self.registry)
         self.server: Any = None
 
     def serve(self, host: str, port: int) -> None:

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 
 from controller.service.ec2.server import SERVED
 from controller.tools.topology import Topology
-from tests.daemonproc import DaemonProc, Ec2Daemon
+from tests.daemonproc import DaemonProc, Ec2Daemon, free_port
 from tests.harness import unique
 
 pytestmark = pytest.mark.netns
@@ -27,7 +27,8 @@ def ec2() -> Iterator[Ec2Daemon]:
     """One daemon for the module's tests (each works on objects of its own)."""
     d = DaemonProc()
     try:
-        yield Ec2Daemon(d)
+        e = Ec2Daemon(d, False, "--metrics-address", f"127.0.0.1:{free_port()}")
+        yield e
     finally:
         d.close()
 
@@ -227,6 +228,21 @@ def test_unsigned_and_badly_signed_requests_are_refused(ec2: Ec2Daemon) -> None:
     assert status == 400 and "<Code>UnknownParameter</Code>" in text
     ec2.daemon.proc.poll()
     assert ec2.daemon.proc.returncode is None  # still serving
+    args = ec2.daemon.proc.args
+    port = args[args.index("--metrics-address") + 1].rsplit(":", 1)[1]
+    conn = http.client.HTTPConnection("127.0.0.1", int(port), timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+
+    def count(action: str, code: str) -> float:
+        line = f'sgctl_ec2_requests_total{{action="{action}",code="{code}"}} '
+        return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line))
+    assert count("other", "AuthFailure") >= 2 and count("other", "SignatureDoesNotMatch") >= 1
+    assert count("other", "InvalidAction") >= 1 and count("DescribeSecurityGroups", "OK") >= 1
+    assert count("DescribeSecurityGroups", "UnknownParameter") >= 1
+    assert "Apply" not in {ln.split('action="')[1].split('"')[0] for ln in text.splitlines()
+                           if ln.startswith("sgctl_ec2_requests_total{")}
 
 
 def normalised(groups: List[Dict[str, Any]], ids: Dict[str, str]) -> str:

@@ -24,6 +24,7 @@ MAX_BODY = 4 << 20  # bytes of one request (EC2's own limit is smaller)
 FORM = "application/x-www-form-urlencoded"
 
 Handler = Callable[[str, Dict[str, Any]], Dict[str, Any]]
+Observer = Callable[[str, str], None]  # (action or "other", "OK" or the error code)
 
 
 @dataclass
@@ -54,6 +55,7 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/xml\r\n"
 class Ec2Server(BoundedThreads, http.server.HTTPServer):
     busy = _BUSY
     handle_action: Handler
+    observe: Optional[Observer] = None
     keys: sigv4.Keys
     tls: Optional[ssl.SSLContext] = None
 
@@ -102,14 +104,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, body: Optional[bytes]) -> None:
         rid = str(uuid.uuid4())
+        self.action = "other"  # known once the request is parsed and served
+        code = "OK"
         try:
             raw = read_body(self, MAX_BODY) if body is None else body
             status, out = 200, self._act(raw, rid)
         except ApiError as exc:
+            code = exc.code
             status, out = exc.status, wire.error(exc.code, exc.message, rid)
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("EC2 endpoint: %s", exc)
+            code = "InternalError"
             status, out = 500, wire.error("InternalError", f"{type(exc).__name__}: {exc}", rid)
+        if self.server.observe is not None:
+            self.server.observe(self.action, code)
         self._reply(status, out)
 
     def _act(self, raw: bytes, rid: str) -> bytes:
@@ -139,6 +147,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if action not in SERVED:
             raise ApiError("InvalidAction", f"The action {action} is not valid for this web "
                            "service")
+        self.action = action  # a label from a fixed set: hostile names stay "other"
         op = wire.operation(action)
         params = wire.parse(rest, op)
         result = self.server.handle_action(action, params)
@@ -162,7 +171,8 @@ def parse_address(text: str) -> Tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def serve(cfg: Ec2Config, handle_action: Handler) -> Ec2Server:
+def serve(cfg: Ec2Config, handle_action: Handler,
+          observe: Optional[Observer] = None) -> Ec2Server:
     """Bind the endpoint; the caller runs ``serve_forever`` in a thread."""
     keys = sigv4.Keys(cfg.credentials)
     tls = None
@@ -172,6 +182,7 @@ def serve(cfg: Ec2Config, handle_action: Handler) -> Ec2Server:
         tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     srv = Ec2Server(parse_address(cfg.address), _Handler)
     srv.handle_action = handle_action
+    srv.observe = observe
     srv.keys = keys
     srv.tls = tls
     return srv
