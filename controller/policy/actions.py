@@ -23,7 +23,6 @@ from controller.policy.model import (
     DEFAULT_GROUP_NAME,
     EGRESS,
     INGRESS,
-    MODE_WORKLOAD,
     PROTO_ALL,
     NetworkInterface,
     Peer,
@@ -749,7 +748,7 @@ INTERFACE_FIELDS: Fields = {
 def describe_network_interfaces(state: State, p: Params) -> Result:
     enis = _described(p, "NetworkInterfaceIds", state.interfaces,
                       lambda i: find_interface(state, i))
-    enis = _filtered(p, enis, INTERFACE_FIELDS, lambda e: interface_tags(e))
+    enis = _filtered(p, enis, INTERFACE_FIELDS, interface_tags)
     return _page(p, [interface_shape(e) for e in enis], "NetworkInterfaceId",
                  "NetworkInterfaces")
 
@@ -776,9 +775,6 @@ def _assign(unassign: bool) -> Callable[[State, Params], Result]:
     return action
 
 
-# --------------------------------------------------------------------------- table
-
-# name -> (function, mutates)
 # --------------------------------------------------------------------------- tags
 
 @dataclass
@@ -819,11 +815,8 @@ def _retag(obj: TagTarget, tags: Dict[str, str]) -> None:
         i = next(i for i, r in enumerate(rules) if r is obj.rule)
         obj.rule = rules[i] = replace(obj.rule, tags=tuple(sorted(tags.items())))
     else:
-        obj.device = tags.get(TAG_DEVICE)
-        obj.mode = tags.get(TAG_MODE, MODE_WORKLOAD)
-        obj.watch_addresses = tags.get(TAG_ADDRESSES) == "watch"
-        obj.revalidate = tags.get(TAG_REVALIDATE) == "true"
-        obj.node = tags.get(TAG_NODE)
+        for name, value in aws.tag_settings(tags).items():
+            setattr(obj, name, value)
         if TAG_MAC in tags:
             obj.mac_address = parse_mac(tags[TAG_MAC], obj.eni_id, TAG_MAC)
         obj.tags = user_tags(tags)
@@ -856,15 +849,16 @@ def delete_tags(state: State, p: Params) -> Result:
     """EC2: a tag given with a value goes only if the value matches; without
     ``Tags``, every user tag goes (settings carried as tags stay)."""
     objs = _resources(state, p)
-    given = p.get("Tags")
+    given = _list_param(p, "Tags")
+    for i, t in enumerate(given):
+        if not isinstance(t, dict) or not isinstance(t.get("Key"), str) \
+                or not isinstance(t.get("Value", ""), str):
+            raise ApiError("InvalidParameterValue", f"Tags[{i}] is not a {{Key, Value}}")
     for obj in objs:
         tags = _all_tags(obj)
-        if given is None:
+        if p.get("Tags") is None:
             tags = {k: v for k, v in tags.items() if k in SETTING_TAGS}
-        for i, t in enumerate(_list_param(p, "Tags")):
-            if not isinstance(t, dict) or not isinstance(t.get("Key"), str) \
-                    or not isinstance(t.get("Value", ""), str):
-                raise ApiError("InvalidParameterValue", f"Tags[{i}] is not a {{Key, Value}}")
+        for t in given:
             if t["Key"] in tags and ("Value" not in t or tags[t["Key"]] == t["Value"]):
                 del tags[t["Key"]]
         _retag(obj, tags)
@@ -897,6 +891,9 @@ def describe_tags(state: State, p: Params) -> Result:
     return _page(p, found, lambda t: f"{t['ResourceId']}\0{t['Key']}", "Tags")
 
 
+# --------------------------------------------------------------------------- table
+
+# name -> (function, mutates)
 ACTIONS: Dict[str, Tuple[Callable[[State, Params], Result], bool]] = {
     "CreateSecurityGroup": (create_security_group, True),
     "DeleteSecurityGroup": (delete_security_group, True),

@@ -39,14 +39,20 @@ from controller.service.flowlog import FlowLogger
 from controller.service.status import ARRAY_MAPS, map_fill
 
 
-def parse_address(text: str) -> Optional[Tuple[str, int]]:
-    """``host:port`` -> (host, port); ``none`` -> None."""
-    if text.strip().lower() == "none":
-        return None
+def host_port(text: str, flag: str, other: str = "") -> Tuple[str, int]:
+    """``host:port`` (``[v6]:port``) -> (host, port); ValueError names
+    ``flag`` and what else it takes (``other``)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--metrics-address {text!r}: expected host:port or none")
+        raise ValueError(f"{flag} {text!r}: expected host:port{other}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_address(text: str) -> Optional[Tuple[str, int]]:
+    """``--metrics-address``: ``host:port`` -> (host, port); ``none`` -> None."""
+    if text.strip().lower() == "none":
+        return None
+    return host_port(text, "--metrics-address", " or none")
 
 
 CACHE_SECONDS = 1.0  # scrapes within this share one reading of the maps

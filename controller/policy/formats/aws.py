@@ -148,6 +148,14 @@ def tracking_timeouts(cfg: Any, obj: str) -> Timeouts:
     return t
 
 
+def tag_settings(tags: Dict[str, str]) -> Dict[str, Any]:
+    """The interface fields its setting tags name (vocabulary): device,
+    mode, address watching, revalidation, node."""
+    return {"device": tags.get(TAG_DEVICE), "mode": tags.get(TAG_MODE, MODE_WORKLOAD),
+            "watch_addresses": tags.get(TAG_ADDRESSES) == "watch",
+            "revalidate": tags.get(TAG_REVALIDATE) == "true", "node": tags.get(TAG_NODE)}
+
+
 def interface_from(doc: Dict[str, Any], obj: str, groups: List[str],
                    tags: Dict[str, str], bool_strings: bool = False) -> NetworkInterface:
     eid = check_id("eni", doc.get("NetworkInterfaceId"), obj, "NetworkInterfaceId")
@@ -169,11 +177,7 @@ def interface_from(doc: Dict[str, Any], obj: str, groups: List[str],
     return NetworkInterface(
         eni_id=eid, groups=groups, ipv4=v4, ipv6=v6,  # type: ignore[arg-type]
         timeouts=tracking_timeouts(doc.get("ConnectionTrackingConfiguration"), eid),
-        device=tags.get(TAG_DEVICE),
-        mode=tags.get(TAG_MODE, MODE_WORKLOAD),
-        description=text_field(doc, "Description", eid), tags=tags,
-        watch_addresses=tags.get(TAG_ADDRESSES) == "watch",
-        revalidate=tags.get(TAG_REVALIDATE) == "true", node=tags.get(TAG_NODE),
+        description=text_field(doc, "Description", eid), tags=tags, **tag_settings(tags),
         source_dest_check=parse_bool(doc.get("SourceDestCheck", True), eid, "SourceDestCheck",
                                      strings=bool_strings),
         mac_address=None if doc.get("MacAddress") is None else parse_mac(

@@ -10,20 +10,20 @@ import socket
 import ssl
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 from urllib.parse import parse_qsl, urlsplit
 
 from controller.policy.actions import ACTIONS
 from controller.policy.errors import ApiError
-from controller.service.api import IDLE_TIMEOUT, BoundedThreads, read_body
+from controller.service.api import IDLE_TIMEOUT, BoundedThreads, Handler, read_body
 from controller.service.ec2 import sigv4, wire
+from controller.service.metrics import host_port
 
 log = logging.getLogger("sgctl")
 
 MAX_BODY = 4 << 20  # bytes of one request (EC2's own limit is smaller)
 FORM = "application/x-www-form-urlencoded"
 
-Handler = Callable[[str, Dict[str, Any]], Dict[str, Any]]
 Observer = Callable[[str, str], None]  # (action or "other", "OK" or the error code)
 
 
@@ -36,7 +36,7 @@ class Ec2Config:
 
     def check(self) -> None:
         """Raise ValueError naming what is wrong (before the daemon starts)."""
-        parse_address(self.address)
+        host_port(self.address, "--ec2-endpoint")
         try:
             sigv4.read_credentials(self.credentials)
         except sigv4.CredentialsError as exc:
@@ -133,13 +133,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if ctype != FORM:
                 raise ApiError("InvalidRequest", f"the body must be {FORM}, not {ctype!r}")
-            text, query = raw, url.query
-            if query:
+            if url.query:
                 raise ApiError("InvalidRequest", "give the parameters in the body or in the "
                                "query string, not both")
-        else:
-            text = url.query.encode()
-        pairs = _pairs(text)
+        pairs = _pairs(raw if self.command == "POST" else url.query.encode())
         action, version, rest = wire.action_of(pairs)
         if version != wire.API_VERSION:
             raise ApiError("NoSuchVersion", f"API version {version!r} is not served here; "
@@ -163,14 +160,6 @@ def _pairs(raw: bytes) -> List[Tuple[str, str]]:
         raise ApiError("MalformedQueryString", f"the parameters are not a form: {exc}") from None
 
 
-def parse_address(text: str) -> Tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def serve(cfg: Ec2Config, handle_action: Handler,
           observe: Optional[Observer] = None) -> Ec2Server:
     """Bind the endpoint; the caller runs ``serve_forever`` in a thread."""
@@ -180,7 +169,7 @@ def serve(cfg: Ec2Config, handle_action: Handler,
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
         tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    srv = Ec2Server(parse_address(cfg.address), _Handler)
+    srv = Ec2Server(host_port(cfg.address, "--ec2-endpoint"), _Handler)
     srv.handle_action = handle_action
     srv.observe = observe
     srv.keys = keys

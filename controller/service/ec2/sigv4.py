@@ -14,6 +14,7 @@ from __future__ import annotations
 import configparser
 import datetime
 import hmac
+import logging
 import os
 import re
 import stat
@@ -26,6 +27,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from controller.policy.errors import ApiError
+
+log = logging.getLogger("sgctl")
 
 MAX_SKEW = datetime.timedelta(minutes=5)  # a request signed longer ago (or ahead) is refused
 SERVICE = "ec2"
@@ -76,18 +79,22 @@ class Keys:
         self.keys = read_credentials(path)
         self.seen = self._stamp()
 
-    def _stamp(self) -> Tuple[int, int, int]:
-        st = os.stat(self.path)
+    def _stamp(self) -> Optional[Tuple[int, int, int]]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
     def secret(self, akid: str) -> Optional[str]:
         with self.lock:
-            try:
-                now = self._stamp()
-                if now != self.seen:  # a bad new file keeps the old keys (said in the log)
-                    self.keys, self.seen = read_credentials(self.path), now
-            except (OSError, CredentialsError):
-                pass
+            now = self._stamp()
+            if now != self.seen:  # changed: read once; a bad file keeps the old keys
+                self.seen = now
+                try:
+                    self.keys = read_credentials(self.path)
+                except CredentialsError as exc:
+                    log.warning("EC2 endpoint: keeping the last good credentials: %s", exc)
             return self.keys.get(akid)
 
 
