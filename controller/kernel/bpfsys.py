@@ -7,6 +7,7 @@ import ctypes as ct
 import ctypes.util
 import errno
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Tuple, Type
 
 _lib: Optional[ct.CDLL] = None
@@ -325,6 +326,77 @@ class _MapCreateOpts(ct.Structure):  # struct bpf_map_create_opts (libbpf 1.x), 
 
 
 BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_ARRAY_OF_MAPS = 2, 12
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """What the kernel says a map is (the head of struct bpf_map_info)."""
+
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+
+def map_info(fd: int) -> MapInfo:
+    info = ct.create_string_buffer(128)
+    size = ct.c_uint32(128)
+    fn = lib().bpf_obj_get_info_by_fd
+    fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    _check(fn(fd, info, ct.byref(size)), "bpf_obj_get_info_by_fd")
+    raw = info.raw
+    t, mid, key, value, entries, flags = (int.from_bytes(raw[i:i + 4], "little")
+                                          for i in range(0, 24, 4))
+    return MapInfo(t, mid, key, value, entries, flags, raw[24:40].split(b"\0", 1)[0].decode())
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int) -> int:
+    """A new map (no BTF); returns its fd."""
+    create = lib().bpf_map_create
+    create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, ct.c_void_p]
+    opts = _MapCreateOpts(sz=ct.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(create(map_type, name.encode(), key_size, value_size, max_entries,
+                         ct.byref(opts)), f"create map {name}")
+
+
+class _ProgLoadOpts(ct.Structure):  # struct bpf_prog_load_opts as of libbpf 1.1 (ends at log_buf)
+    _fields_ = [("sz", ct.c_size_t), ("attempts", ct.c_int),
+                ("expected_attach_type", ct.c_uint32), ("prog_btf_fd", ct.c_uint32),
+                ("prog_flags", ct.c_uint32), ("prog_ifindex", ct.c_uint32),
+                ("kern_version", ct.c_uint32), ("attach_btf_id", ct.c_uint32),
+                ("attach_prog_fd", ct.c_uint32), ("attach_btf_obj_fd", ct.c_uint32),
+                ("fd_array", ct.c_void_p), ("func_info", ct.c_void_p),
+                ("func_info_cnt", ct.c_uint32), ("func_info_rec_size", ct.c_uint32),
+                ("line_info", ct.c_void_p), ("line_info_cnt", ct.c_uint32),
+                ("line_info_rec_size", ct.c_uint32), ("log_level", ct.c_uint32),
+                ("log_size", ct.c_uint32), ("log_buf", ct.c_void_p)]
+
+
+VERIFIER_LOG_SIZE = 1 << 24
+
+
+def prog_load(prog_type: int, name: str, insns: bytes) -> int:
+    """Load (verify) a program; returns its fd. A refusal is retried with the
+    verifier's log, whose end goes into the error."""
+    load = lib().bpf_prog_load
+    load.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_char_p, ct.c_size_t, ct.c_void_p]
+    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts))
+    fd = load(prog_type, name.encode(), b"GPL", insns, len(insns) // 8, ct.byref(opts))
+    if fd >= 0:
+        return fd
+    err = ct.get_errno() or -fd
+    buf = ct.create_string_buffer(VERIFIER_LOG_SIZE)
+    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), log_level=1, log_size=len(buf),
+                         log_buf=ct.addressof(buf))
+    fd = load(prog_type, name.encode(), b"GPL", insns, len(insns) // 8, ct.byref(opts))
+    if fd >= 0:  # (it passed the second time: a transient refusal)
+        return fd
+    tail = buf.value.decode(errors="replace").strip().splitlines()[-12:]
+    raise BpfError(err, f"load program {name}: {os.strerror(err)}\n" + "\n".join(tail))
 
 
 class RcuBarrier:

@@ -1,4 +1,4 @@
-"""The kernel handle: build and load the programs with bcc, keep them and
+"""The kernel handle: build (build.py) and load the programs, keep them and
 their maps pinned, open the maps, and the RCU grace periods that order
 policy writes (the reconciler decides what to write; see
 controller/reconcile)."""
@@ -6,7 +6,6 @@ controller/reconcile)."""
 from __future__ import annotations
 
 import ctypes as ct
-import hashlib
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from controller import abi
-from controller.kernel import bpfsys
+from controller.kernel import bpfsys, build
 from controller.kernel.policymaps import PolicyMaps
 from controller.policy.errors import EnforcementError
 
@@ -70,8 +69,10 @@ class Written:
 
 
 class Dataplane:
-    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, ct_max: int = 1 << 20) -> None:
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, ct_max: int = 1 << 20,
+                 cache_dir: Optional[str] = build.DEFAULT_CACHE_DIR) -> None:
         self.pin_dir = pin_dir
+        self.cache_dir = cache_dir  # compiled builds (build.py); None: always compile
         self.ct_max = ct_max
         self.ct_ring = abi.ct_ring_slots(ct_max)
         self._maps: Dict[str, bpfsys.Map] = {}
@@ -88,15 +89,15 @@ class Dataplane:
     # ------------------------------------------------------------ programs
 
     def cflags(self) -> List[str]:
-        # SGCTL_EXTRA_CFLAGS: for developers and the upgrade test (a different
-        # build of the same code, replaced on the hooks while the maps stay)
-        return [f'-DSG_PIN_DIR="{self.pin_dir}"', f"-DSG_CT_MAX={self.ct_max}",
-                f"-DSG_CT_RING={self.ct_ring}",
+        """The build's flags (the pin directory is the loader's business, see
+        build.py). SGCTL_EXTRA_CFLAGS: for developers and the upgrade test (a
+        different build of the same code, replaced on the hooks while the
+        maps stay)."""
+        return [f"-DSG_CT_MAX={self.ct_max}", f"-DSG_CT_RING={self.ct_ring}",
                 "-Wno-unused-function", *os.environ.get("SGCTL_EXTRA_CFLAGS", "").split()]
 
     def source_tag(self) -> str:
-        h = hashlib.sha256(program_source().encode() + " ".join(self.cflags()).encode())
-        return h.hexdigest()[:12]
+        return build.build_key(program_source(), self.cflags())[:12]
 
     def ensure_bpffs(self) -> None:
         if not os.path.ismount("/sys/fs/bpf"):
@@ -106,7 +107,8 @@ class Dataplane:
         os.makedirs(self.pin_dir, exist_ok=True)
 
     def programs(self) -> Programs:
-        """Load (compile only when the code changed) and pin both programs."""
+        """Load (compile only when no build of this code is cached) and pin
+        both programs."""
         if self._progs is not None:
             return self._progs
         self.ensure_bpffs()
@@ -116,21 +118,17 @@ class Dataplane:
         if os.path.exists(xdp_pin) and os.path.exists(tc_pin):
             self._progs = Programs(bpfsys.obj_get(xdp_pin), bpfsys.obj_get(tc_pin), tag)
             return self._progs
-        from bcc import BPF  # imported late: only needed to compile
-
         self.drop_changed_maps()
         try:
-            b = BPF(text=program_source().encode(), cflags=self.cflags())
-            xdp = b.load_func(b"xdp_sg", BPF.XDP)
-            tc = b.load_func(b"tc_sg", BPF.SCHED_CLS)
-        except Exception as exc:  # bcc raises plain Exception on compile/verify errors
-            raise DataplaneError(f"loading the BPF programs failed: {exc}") from exc
-        for fd, pin in ((xdp.fd, xdp_pin), (tc.fd, tc_pin)):
+            b = build.cached_build(program_source(), self.cflags(), self.cache_dir)
+            fds = build.load(b, self.pin_dir)
+        except build.BuildError as exc:
+            raise DataplaneError(str(exc)) from exc
+        for fd, pin in ((fds["xdp_sg"], xdp_pin), (fds["tc_sg"], tc_pin)):
             if os.path.exists(pin):
                 os.unlink(pin)
             bpfsys.obj_pin(fd, pin)
-        self._progs = Programs(os.dup(xdp.fd), os.dup(tc.fd), tag)
-        self._bcc = b  # keep alive while this object lives
+        self._progs = Programs(fds["xdp_sg"], fds["tc_sg"], tag)
         return self._progs
 
     def drop_changed_maps(self) -> None:

@@ -8,11 +8,14 @@ import ctypes as ct
 import os
 import re
 from pathlib import Path
+from typing import Any, Iterator, Tuple
 
 import pytest
 
 from controller import abi
 from controller.abi.reasons import REASON_MAX, Reason
+from controller.kernel import build
+from controller.kernel.dataplane import program_source
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,9 +63,19 @@ def layout(t: type) -> list:
     return [(name, getattr(t, name).offset, getattr(t, name).size) for name, *_ in t._fields_]
 
 
+@pytest.fixture(scope="module")
+def compiled(_kernel_session) -> Iterator[Tuple[build.Build, Any]]:
+    """A fresh compile (not the cached build the session loaded)."""
+    b, bcc = build.compile_build(program_source(), _kernel_session.dp.cflags())
+    try:
+        yield b, bcc
+    finally:
+        bcc.cleanup()
+
+
 @pytest.mark.kernel
-def test_struct_layouts_match_bcc(kernel) -> None:
-    bcc = kernel.dp._bcc
+def test_struct_layouts_match_bcc(compiled) -> None:
+    bcc = compiled[1]
     for name, (key_t, val_t) in abi.MAPS.items():
         table = bcc[name.encode()]
         leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU maps: one CPU's value
@@ -71,6 +84,26 @@ def test_struct_layouts_match_bcc(kernel) -> None:
         for mine, theirs in ((key_t, table.Key), (val_t, leaf)):
             if issubclass(mine, ct.Structure):
                 assert layout(mine) == layout(theirs), name
+
+
+@pytest.mark.kernel
+def test_the_cached_build_is_what_a_compile_gives(kernel, compiled) -> None:
+    """The build the session loaded (from the cache when one was there) has
+    the maps and the instructions of a fresh compile, map fds aside."""
+    fresh = compiled[0]
+    cached = build.cached_build(program_source(), kernel.dp.cflags(), kernel.dp.cache_dir)
+    assert cached.key == fresh.key and cached.maps == fresh.maps
+    assert {m.name for m in fresh.maps.values() if m.pinned} == set(abi.MAPS) | set(abi.RING_MAPS)
+
+    def without_fds(p: build.ProgSpec) -> bytes:
+        insns = bytearray(p.insns)
+        for i, _ in p.relocs:
+            insns[i * build.INSN + 4:i * build.INSN + 8] = bytes(4)
+        return bytes(insns)
+
+    for name in build.PROGRAMS:
+        assert cached.progs[name].relocs == fresh.progs[name].relocs
+        assert without_fds(cached.progs[name]) == without_fds(fresh.progs[name])
 
 
 @pytest.mark.kernel

@@ -454,7 +454,6 @@ def test_an_oversized_body_is_not_read_as_the_next_request(api: Client, daemon: 
 
 def test_idle_connections_time_out_and_are_bounded(daemon: Daemon, monkeypatch) -> None:
     import socket as sk
-    import threading
     import time
 
     from controller.service import api as api_mod
@@ -467,7 +466,15 @@ def test_idle_connections_time_out_and_are_bounded(daemon: Daemon, monkeypatch) 
         assert s.recv(100) == b""  # closed by the daemon, not by us
         assert time.monotonic() - start < 5
     assert daemon.server is not None
-    monkeypatch.setattr(daemon.server, "slots", threading.BoundedSemaphore(2))
+    # leave 2 of the server's own slots free (swapping the semaphore would
+    # let a thread started before the swap release into the other one)
+    slots = daemon.server.slots
+    taken = 0
+    while slots.acquire(blocking=False):
+        taken += 1
+    for _ in range(2):
+        slots.release()
+        taken -= 1
     monkeypatch.setattr(api_mod._RequestHandler, "timeout", 30.0)
     held = [sk.socket(sk.AF_UNIX, sk.SOCK_STREAM) for _ in range(2)]
     try:
@@ -479,6 +486,8 @@ def test_idle_connections_time_out_and_are_bounded(daemon: Daemon, monkeypatch) 
     finally:
         for s in held:
             s.close()
+        for _ in range(taken):
+            slots.release()
     time.sleep(0.3)
     out = raw_exchange(daemon.cfg.socket, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
                        b"Connection: close\r\n\r\n")

@@ -1,0 +1,57 @@
+"""The build cache (controller/kernel/build.py): what it refuses to load.
+That a cached build equals a compile is in test_abi.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from controller.kernel import build
+from controller.kernel.dataplane import program_source
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def session_build(kernel) -> build.Build:
+    return build.cached_build(program_source(), kernel.dp.cflags(), kernel.dp.cache_dir)
+
+
+def test_a_build_whose_map_references_differ_is_refused(session_build: build.Build) -> None:
+    prog = session_build.progs["xdp_sg"]
+    assert len(prog.relocs) > 10
+    dropped = dataclasses.replace(prog, relocs=prog.relocs[1:])  # one reference unrecorded
+    with pytest.raises(ValueError, match="map references"):
+        dataclasses.replace(session_build, progs={**session_build.progs, "xdp_sg": dropped}).check()
+    unknown = dataclasses.replace(prog, relocs=((prog.relocs[0][0], "sg_nothing"),
+                                                *prog.relocs[1:]))
+    with pytest.raises(ValueError, match="map references"):
+        dataclasses.replace(session_build, progs={**session_build.progs, "xdp_sg": unknown}).check()
+
+
+def test_a_damaged_or_foreign_cache_file_is_not_loaded(session_build: build.Build,
+                                                       tmp_path: Path, caplog) -> None:
+    key = session_build.key
+    path = tmp_path / "b.json"
+    good = session_build.to_json()
+    path.write_text(good)
+    assert build._read(str(path), key) == session_build
+    assert build._read(str(path), "0" * 64) is None  # another source's build
+    for bad in (good[:len(good) // 2], "[]", good.replace('"relocs": [[', '"relocs": [[1', 1)):
+        path.write_text(bad)
+        with caplog.at_level(logging.WARNING, logger="sgctl"):
+            assert build._read(str(path), key) is None
+    assert "compiling again" in caplog.text
+
+
+def test_a_cache_directory_others_may_write_is_not_used(tmp_path: Path, caplog) -> None:
+    d = tmp_path / "cache"
+    assert build._private_dir(str(d)) and (os.stat(d).st_mode & 0o777) == 0o700
+    os.chmod(d, 0o777)
+    with caplog.at_level(logging.WARNING, logger="sgctl"):
+        assert not build._private_dir(str(d))
+    assert "not private" in caplog.text
