@@ -31,6 +31,7 @@ import stat
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from controller.kernel import bpfsys
@@ -119,10 +120,13 @@ class Build:
                 raise ValueError(f"program {p.name}: map references do not match")
 
 
+_BUILDER = Path(__file__).read_bytes()  # this file: how a build is made and kept
+
+
 def build_key(source: str, cflags: List[str]) -> str:
     """What a build depends on: the source, the flags, the kernel whose
-    headers it was compiled against, and the compiler."""
-    h = hashlib.sha256()
+    headers it was compiled against, the compiler, and this builder."""
+    h = hashlib.sha256(_BUILDER)
     for part in (str(FORMAT), source, "\0".join(cflags), platform.release(), _bcc_version()):
         h.update(part.encode() + b"\0\0")
     return h.hexdigest()
@@ -164,13 +168,16 @@ def compile_build(source: str, cflags: List[str]) -> Tuple[Build, Any]:
         except Exception as exc:  # bcc raises plain Exception on compile errors
             raise BuildError(f"compiling the BPF programs failed: {exc}") from exc
         pinned: Dict[int, str] = {}
+        maps: Dict[str, MapSpec] = {}  # every pinned map, used by the code or not
         for name in os.listdir(scratch):
             fd = bpfsys.obj_get(os.path.join(scratch, name))
             try:
-                pinned[bpfsys.map_info(fd).id] = name
+                info = bpfsys.map_info(fd)
             finally:
                 os.close(fd)
-        maps: Dict[str, MapSpec] = {}
+            pinned[info.id] = name
+            maps[name] = MapSpec(name, info.type, info.key_size, info.value_size,
+                                 info.max_entries, info.flags, True)
         progs: Dict[str, ProgSpec] = {}
         for prog, ptype in PROGRAMS.items():
             insns = bytes(b.dump_func(prog.encode()))
