@@ -33,7 +33,7 @@ from typing import Any, Dict, List
 from controller import abi
 from controller.kernel import bpfsys
 from controller.kernel.dataplane import Dataplane
-from controller.kernel.frames import frame
+from controller.kernel.frames import frame, tcp4_variant
 from controller.policy.evaluator import TCP_ACK, TCP_SYN, Packet, addr
 from controller.policy.formats import load_document
 from controller.reconcile.converge import Reconciler
@@ -88,10 +88,12 @@ class LookupProgram:
                 keys[i].b[:4] = list((start + i).to_bytes(4, "big"))
             t.items_update_batch(keys, (t.Leaf * chunk)())
 
-    @staticmethod
-    def frame(i: int) -> bytes:
-        """A packet whose key is entry ``i``."""
-        return frame(Packet(ipaddress.ip_address(i), addr(LOCAL), 6, 1, 1))
+    BASE = frame(Packet(ipaddress.ip_address(0), addr(LOCAL), 6, 1, 1))
+
+    @classmethod
+    def frame(cls, i: int) -> bytes:
+        """A packet whose key is entry ``i`` (its source address is i)."""
+        return tcp4_variant(cls.BASE, src=i.to_bytes(4, "big"))
 
 
 class PacketBench:
@@ -108,6 +110,7 @@ class PacketBench:
         self.empty = empty_program()
         self.lookup = LookupProgram()
         self.rules: List[Dict[str, Any]] = []
+        self._bases: Dict[Any, bytes] = {}
 
     def apply(self, n: int, nested: bool = False, check: bool = True) -> None:
         self.rules = rules(n, nested=nested)
@@ -127,7 +130,11 @@ class PacketBench:
         r = self.rules[len(self.rules) // 2]
         net = ipaddress.ip_network(r["from"], strict=False)
         lo = int(str(r["ports"]).split("-")[0])
-        return frame(Packet(net.network_address, addr(LOCAL), 6, sport, lo, tcp_flags=flags))
+        key = (net.network_address, lo, flags)
+        if key not in self._bases:  # one scapy build per kind; ports are patched in
+            self._bases[key] = frame(Packet(net.network_address, addr(LOCAL), 6, 1, lo,
+                                            tcp_flags=flags))
+        return tcp4_variant(self._bases[key], sport=sport)
 
     def measure(self, repeat: int = 100000, runs: int = 5, new_flows: int = 2000) -> Dict[str, float]:
         xdp = self.progs.xdp_fd
