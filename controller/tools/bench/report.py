@@ -113,7 +113,10 @@ WHY = {
                  "prefix-length entry with its top-16-bit bitmap. A summary that lets a "
                  "packet skip the conntrack miss was built and measured (issue 14, "
                  "design-notes: the horizon): it cost as much as the miss it saved here, and "
-                 "was not kept.",
+                 "was not kept. Nor were an inline address pair and a coarse prefix bitmap in "
+                 "the endpoint value, which skip the local-address and prefix-length lookups: "
+                 "no faster in an A/B (those lookups hit hot keys in small maps). The "
+                 "endpoint's own hash lookup is the largest single piece (design-notes).",
     "new connections/s": "every allowed SYN goes on to the instance's own TCP stack, which "
                          "answers it (request socket, SYN-ACK): that work is the same "
                          "behind every filter and bounds all three (~0.3 M/s here); "
