@@ -220,23 +220,36 @@ def _private_dir(path: str) -> bool:
 
 def cached_build(source: str, cflags: List[str], cache_dir: Optional[str]) -> Build:
     """The build of this source and flags: from the cache, else compiled
-    (one process at a time per cache; the others then read its result)."""
+    (one process at a time per cache; the others then read its result). A
+    cache that cannot be used or written costs a compile, never the load."""
     key = build_key(source, cflags)
     if cache_dir is None or not _private_dir(cache_dir):
         return compile_build(source, cflags)[0]
     path = os.path.join(cache_dir, f"{key[:32]}.json")
-    with open(os.path.join(cache_dir, ".lock"), "a") as lock:
+    try:
+        lock = open(os.path.join(cache_dir, ".lock"), "a")
+    except OSError as exc:
+        log.warning("build cache %s unusable (%s): compiling without it", cache_dir, exc)
+        return compile_build(source, cflags)[0]
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         got = _read(path, key)
         if got is not None:
             os.utime(path)  # recently used: kept by the pruning
             return got
         build = compile_build(source, cflags)[0]
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".build-")
-        with os.fdopen(fd, "w") as f:
-            f.write(build.to_json())
-        os.replace(tmp, path)
-        _prune(cache_dir)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".build-")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(build.to_json())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            _prune(cache_dir)
+        except OSError as exc:  # e.g. a full disk: the next start compiles again
+            log.warning("could not keep the build in %s (%s)", cache_dir, exc)
         return build
 
 

@@ -55,3 +55,25 @@ def test_a_cache_directory_others_may_write_is_not_used(tmp_path: Path, caplog) 
     with caplog.at_level(logging.WARNING, logger="sgctl"):
         assert not build._private_dir(str(d))
     assert "not private" in caplog.text
+
+
+def test_a_cache_that_cannot_be_written_costs_a_compile_not_the_load(
+        session_build: build.Build, tmp_path: Path, monkeypatch, caplog) -> None:
+    compiled = []
+    monkeypatch.setattr(build, "compile_build",
+                        lambda source, cflags: (compiled.append(1) or session_build, None))
+    source, cflags = "int x;", ["-DX"]
+    locked = tmp_path / "locked"
+    (locked / ".lock").mkdir(parents=True, mode=0o700)
+    os.chmod(locked, 0o700)
+    full = tmp_path / "full"
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with caplog.at_level(logging.WARNING, logger="sgctl"):
+        assert build.cached_build(source, cflags, str(locked)) is session_build
+        monkeypatch.setattr(build.tempfile, "mkstemp", no_space)
+        assert build.cached_build(source, cflags, str(full)) is session_build
+    assert len(compiled) == 2 and not list(full.glob("*.json"))
+    assert "compiling without it" in caplog.text and "could not keep the build" in caplog.text
