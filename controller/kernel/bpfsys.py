@@ -49,14 +49,19 @@ def obj_pin(fd: int, path: str) -> None:
     _check(lib().bpf_obj_pin(fd, path.encode()), f"pin {path}")
 
 
-def prog_id(fd: int) -> int:
-    """The kernel id of a loaded program (struct bpf_prog_info.id)."""
-    info = ct.create_string_buffer(256)
-    size = ct.c_uint32(256)
+def _obj_info(fd: int, size: int) -> bytes:
+    """The head (``size`` bytes) of a program's or map's struct bpf_*_info."""
+    info = ct.create_string_buffer(size)
+    n = ct.c_uint32(size)
     fn = lib().bpf_obj_get_info_by_fd
     fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-    _check(fn(fd, info, ct.byref(size)), "bpf_obj_get_info_by_fd")
-    return int.from_bytes(info.raw[4:8], "little")
+    _check(fn(fd, info, ct.byref(n)), "bpf_obj_get_info_by_fd")
+    return info.raw
+
+
+def prog_id(fd: int) -> int:
+    """The kernel id of a loaded program (struct bpf_prog_info.id)."""
+    return int.from_bytes(_obj_info(fd, 256)[4:8], "little")
 
 
 def prog_fd_by_id(prog: int) -> int:
@@ -84,23 +89,15 @@ class Map:
         self.percpu = percpu
         self.ncpu = num_cpus() if percpu else 1
 
-    def _info(self, offset: int) -> int:
-        """A u32 of struct bpf_map_info."""
-        info = ct.create_string_buffer(128)
-        size = ct.c_uint32(128)
-        fn = lib().bpf_obj_get_info_by_fd
-        fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-        _check(fn(self.fd, info, ct.byref(size)), "bpf_obj_get_info_by_fd")
-        return int.from_bytes(info.raw[offset:offset + 4], "little")
-
     @property
     def max_entries(self) -> int:
-        return self._info(16)
+        return map_info(self.fd).max_entries
 
     @property
     def sizes(self) -> Tuple[int, int]:
         """(key_size, value_size) of the map as the kernel has it."""
-        return self._info(8), self._info(12)
+        info = map_info(self.fd)
+        return info.key_size, info.value_size
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -342,12 +339,7 @@ class MapInfo:
 
 
 def map_info(fd: int) -> MapInfo:
-    info = ct.create_string_buffer(128)
-    size = ct.c_uint32(128)
-    fn = lib().bpf_obj_get_info_by_fd
-    fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-    _check(fn(fd, info, ct.byref(size)), "bpf_obj_get_info_by_fd")
-    raw = info.raw
+    raw = _obj_info(fd, 128)
     t, mid, key, value, entries, flags = (int.from_bytes(raw[i:i + 4], "little")
                                           for i in range(0, 24, 4))
     return MapInfo(t, mid, key, value, entries, flags, raw[24:40].split(b"\0", 1)[0].decode())

@@ -62,6 +62,11 @@ class MapSpec:
     flags: int
     pinned: bool  # shared through SG_PIN_DIR/name; else private to one load
 
+    @staticmethod
+    def of(name: str, info: bpfsys.MapInfo, pinned: bool) -> MapSpec:
+        return MapSpec(name, info.type, info.key_size, info.value_size, info.max_entries,
+                       info.flags, pinned)
+
 
 @dataclass(frozen=True)
 class ProgSpec:
@@ -176,8 +181,7 @@ def compile_build(source: str, cflags: List[str]) -> Tuple[Build, Any]:
             finally:
                 os.close(fd)
             pinned[info.id] = name
-            maps[name] = MapSpec(name, info.type, info.key_size, info.value_size,
-                                 info.max_entries, info.flags, True)
+            maps[name] = MapSpec.of(name, info, True)
         progs: Dict[str, ProgSpec] = {}
         for prog, ptype in PROGRAMS.items():
             insns = bytes(b.dump_func(prog.encode()))
@@ -189,8 +193,7 @@ def compile_build(source: str, cflags: List[str]) -> Tuple[Build, Any]:
                 fd = int.from_bytes(insns[i * INSN + 4:i * INSN + 8], "little", signed=True)
                 info = bpfsys.map_info(fd)
                 name = pinned.get(info.id, info.name)
-                spec = MapSpec(name, info.type, info.key_size, info.value_size,
-                               info.max_entries, info.flags, info.id in pinned)
+                spec = MapSpec.of(name, info, info.id in pinned)
                 if maps.setdefault(name, spec) != spec:
                     raise BuildError(f"two maps are called {name}")
                 relocs.append((i, name))
