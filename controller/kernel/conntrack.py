@@ -37,11 +37,33 @@ STATE_NAMES = {CT_NEW: "new", CT_ESTABLISHED: "established", CT_STREAM: "stream"
                CT_CLOSING: "closing"}
 
 
-def datapath_now(dp: Dataplane) -> int:
+def datapath_clock(dp: Dataplane) -> float:
+    """The datapath's clock (seconds, with the fraction the datapath drops)."""
     cfg = dp.map("sg_config").lookup(ct.c_uint32(0))
     if cfg is not None and cfg.now_override:
-        return int(cfg.now_override)
-    return int(time.clock_gettime(CLOCK_MONOTONIC_COARSE))
+        return float(cfg.now_override)
+    return time.clock_gettime(CLOCK_MONOTONIC_COARSE)
+
+
+def datapath_now(dp: Dataplane) -> int:
+    """The datapath's clock as the datapath writes it: whole seconds."""
+    return int(datapath_clock(dp))
+
+
+@dataclass(frozen=True)
+class WallClock:
+    """Converts the datapath's whole-second stamps to wall-clock time. A stamp
+    ``s`` means a moment in [s, s + 1); the conversion takes its start, so a
+    time reported is never later than the event (at most a second early)."""
+    dp_now: float
+    wall_now: float
+
+    @classmethod
+    def read(cls, dp: Dataplane) -> WallClock:
+        return cls(datapath_clock(dp), time.time())
+
+    def of(self, stamp: int) -> float:
+        return self.wall_now - max(0.0, self.dp_now - stamp)
 
 
 def _timeouts(ep: abi.Endpoint) -> Timeouts:

@@ -319,11 +319,11 @@ class Daemon:
     def add_hits(self, rules: List[Dict[str, Any]]) -> None:
         """Each rule's hit counters (sum over CPUs) and last hit (UTC)."""
         numbers = self.rc.applied().rule_index
-        now_dp, now_wall = conntrack.datapath_now(self.dp), time.time()
+        clock = conntrack.WallClock.read(self.dp)
         for r in rules:
             pk, by, last = rule_hits(self.dp, numbers.get(r["SecurityGroupRuleId"], 0))
             r["Hits"] = {"Packets": pk, "Bytes": by, "LastHit": None if not pk else time.strftime(
-                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now_wall - max(0, now_dp - last)))}
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(clock.of(last)))}
 
     @staticmethod
     def parse_document(params: Dict[str, Any]) -> State:

@@ -42,7 +42,7 @@ import orjson
 from controller import abi
 from controller.abi.reasons import Reason
 from controller.kernel import bpfsys, flowring
-from controller.kernel.conntrack import CLOCK_MONOTONIC_COARSE, datapath_now
+from controller.kernel.conntrack import CLOCK_MONOTONIC_COARSE, WallClock
 from controller.kernel.counters import flow_skip_table, flow_skips
 from controller.kernel.dataplane import Dataplane
 from controller.service.flowformat import DEFAULT_FORMAT, FIELDS, FlowLogError, parse_format, text_line
@@ -287,7 +287,7 @@ class FlowLogger:
         with self.snap_lock:
             if entries is None:
                 entries = self.dp.map("sg_conntrack").batch_items()
-            now_dp, now_wall = datapath_now(self.dp), time.time()  # conntrack's clock
+            clock = WallClock.read(self.dp)
             seen: Dict[bytes, bytes] = {}
             grown = []
             for k, e in entries:
@@ -306,7 +306,7 @@ class FlowLogger:
                 cur, old = _accounting(raw), _accounting(prev)
                 if any(cur.packets[d] < old.packets[d] for d in (0, 1)):
                     old = abi.CtEntry()  # the key was reused by a new flow
-                last = now_wall - max(0, now_dp - int(e.last_seen))
+                last = clock.of(int(e.last_seen))
                 for d in (abi.DIR_INGRESS, abi.DIR_EGRESS):
                     pk, by = cur.packets[d] - old.packets[d], cur.bytes[d] - old.bytes[d]
                     if pk > 0:

@@ -160,8 +160,8 @@ def run_traffic(topo: Topology, c: Any) -> Dict[str, Any]:
     egress_rule = [r["SecurityGroupRuleId"] for r in c.call(
         "DescribeSecurityGroupRules", {"Filters": [{"Name": "group-id", "Values": [gid]}]}
     )["SecurityGroupRules"] if r["IsEgress"] and r.get("CidrIpv4") == "0.0.0.0/0"][0]
+    t0 = int(time.time())  # before the flush: the window (and a record in it) starts after
     c.call("FlushFlowLogs", {})  # the set-up's own packets (none expected) in another window
-    t0 = int(time.time())
     sniff = Sniffer(web.host_dev)
     s = cli.tcp_connect(web.ip4, 80)
     assert s is not None and echo_ok(s, b"hello flow logs")

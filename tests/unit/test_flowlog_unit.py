@@ -11,6 +11,7 @@ from typing import Any, Iterator, List, Tuple
 
 from controller import abi
 from controller.abi.reasons import Reason
+from controller.kernel.conntrack import WallClock
 from controller.service.flowlog import FlowLogConfig, FlowLogger
 
 
@@ -102,3 +103,12 @@ def test_files_rotate_at_their_size(tmp_path: Any) -> None:
     assert rotated == ["flows.log", "flows.log.1", "flows.log.2"], rotated
     assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
     assert all(len(r) == 14 for r in lines(out))
+
+
+def test_a_datapath_stamp_becomes_a_wall_time_never_after_the_event() -> None:
+    # the datapath stamps whole seconds: an event at clock 100.9 is stamped 100
+    clock = WallClock(dp_now=101.2, wall_now=5000.0)  # read 0.3 s after the event
+    event_wall = 5000.0 - 0.3
+    assert event_wall - 1 < clock.of(100) <= event_wall
+    assert clock.of(101) <= clock.wall_now  # this second's stamp: not in the future
+    assert clock.of(102) == clock.wall_now  # a stamp ahead of the reading (a race): now
