@@ -1,9 +1,9 @@
 /* sgctl datapath: AWS security groups at XDP (receive) and tc egress.
  *
  * One code path for both hooks: the hook and the endpoint's
- * mode give the direction, sg_verdict() decides. The verdict follows
- * The verdict step by step; controller/policy/evaluator.py is the same logic in
- * Python and the two are tested against each other. */
+ * mode give the direction, sg_verdict() decides, step by step;
+ * controller/policy/evaluator.py is the same logic in Python and the two
+ * are tested against each other. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <linux/if_ether.h>
@@ -16,6 +16,7 @@
 #include "lib/types.h"
 #include "lib/reasons.h"
 #include "lib/maps.h"
+#include "lib/endpoint.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 #include "lib/conntrack.h"
@@ -199,7 +200,7 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, struct sg_config *
 /* Returns 1 to pass, 0 to drop. ``bytes`` is the whole frame's length. */
 static __always_inline int sg_process(__u32 ifindex, int hook, void *data, void *end, __u32 bytes)
 {
-	struct sg_endpoint *ep = sg_endpoints.lookup(&ifindex);
+	struct sg_endpoint *ep = sg_endpoint_of(ifindex);
 	if (!ep) {
 		count_verdict(0, hook == SG_HOOK_XDP ? SG_DIR_EGRESS : SG_DIR_INGRESS,
 			      SG_PASS_UNBOUND, bytes);

@@ -34,6 +34,8 @@
 #ifndef SG_FRAG_MAX
 #define SG_FRAG_MAX 65536
 #endif
+#define SG_EP_INDEX_SLOTS 65536 /* a power of two: entry = ifindex & (SLOTS - 1) */
+#define SG_EP_SLOTS (2 * (SG_ENDPOINTS_MAX + 2)) /* two per endpoint id (ids 1..MAX + 1) */
 #define SG_COUNTER_SLOTS 1024 /* endpoint ids 1..1023 get their own counters; 0 = other */
 #define SG_RULE_SLOTS 65536   /* rule numbers 1..65535 get their own hit counters; 0 = other */
 #define SG_EXEMPT_MAX 1024
@@ -44,9 +46,15 @@
 #define SG_FLOW_RING_BYTES (4 << 20) /* ~58k flow events */
 #endif
 
-/* bound devices: ifindex -> endpoint, policy and timeouts */
+/* bound devices, every one: ifindex -> endpoint, policy and timeouts */
 BPF_TABLE_PINNED("hash", __u32, struct sg_endpoint, sg_endpoints, SG_ENDPOINTS_MAX,
 		 SG_PIN_DIR "/sg_endpoints");
+/* the fast way to them: ifindex mod SG_EP_INDEX_SLOTS -> (ifindex, slot), see types.h */
+BPF_TABLE_PINNED("array", __u32, struct sg_ep_ref, sg_ep_index, SG_EP_INDEX_SLOTS,
+		 SG_PIN_DIR "/sg_ep_index", BPF_F_MMAPABLE);
+/* endpoint values the index points at: slots 2 * ep_id and 2 * ep_id + 1 */
+BPF_TABLE_PINNED("array", __u32, struct sg_endpoint, sg_ep_slots, SG_EP_SLOTS,
+		 SG_PIN_DIR "/sg_ep_slots");
 /* classification 1: prefix lengths present per (policy, dir, family) */
 BPF_TABLE_PINNED("hash", struct sg_plens_key, struct sg_plens, sg_plens, SG_PLENS_MAX,
 		 SG_PIN_DIR "/sg_plens", BPF_F_NO_PREALLOC);

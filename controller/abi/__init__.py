@@ -52,6 +52,10 @@ class Endpoint(ct.Structure):
                 ("ring_size", u32)]
 
 
+class EpRef(ct.Structure):
+    _fields_ = [("ifindex", u32), ("slot", u32)]
+
+
 class LocalKey(ct.Structure):
     _fields_ = [("addr_id", u32), ("family", u8), ("kind", u8), ("pad", u16), ("addr", Addr)]
 
@@ -144,6 +148,8 @@ class FlowEvent(ct.Structure):
 # map name -> (key type, value type); the C side is bpf/lib/maps.h
 MAPS = {
     "sg_endpoints": (u32, Endpoint),
+    "sg_ep_index": (u32, EpRef),
+    "sg_ep_slots": (u32, Endpoint),
     "sg_plens": (PlensKey, Plens),
     "sg_peers": (PeerKey, u32),
     "sg_ports": (PortsKey, Ports),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes as ct
 import ctypes.util
 import errno
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Tuple, Type
@@ -109,6 +110,11 @@ class Map:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def mapped_words(self) -> MappedWords:
+        """This array map (created BPF_F_MMAPABLE, 8-byte values) mapped
+        into this process."""
+        return MappedWords(self)
 
     def update(self, key: Any, val: Any, flags: int = BPF_ANY) -> None:
         _check(lib().bpf_map_update_elem(self.fd, ct.byref(key), ct.byref(val), flags),
@@ -389,6 +395,35 @@ def prog_load(prog_type: int, name: str, insns: bytes) -> int:
         return fd
     tail = buf.value.decode(errors="replace").strip().splitlines()[-12:]
     raise BpfError(err, f"load program {name}: {os.strerror(err)}\n" + "\n".join(tail))
+
+
+class MappedWords:
+    """An mmapped array map of 8-byte values. Each read or write here is
+    one aligned 8-byte load or store (ctypes' c_uint64 item access), which a
+    program's 8-byte load of the same value sees whole: the way to change
+    two 4-byte fields together that a syscall update (a memcpy) does not
+    give."""
+
+    def __init__(self, m: Map) -> None:
+        info = map_info(m.fd)
+        if info.value_size != 8:
+            raise ValueError(f"{m.path}: values of {info.value_size} bytes, not 8")
+        self.entries = info.max_entries
+        size = -(-self.entries * 8 // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._mm = mmap.mmap(m.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._words: Optional[Any] = (ct.c_uint64 * self.entries).from_buffer(self._mm)
+
+    def __getitem__(self, i: int) -> int:
+        assert self._words is not None
+        return int(self._words[i])
+
+    def __setitem__(self, i: int, value: int) -> None:
+        assert self._words is not None
+        self._words[i] = value
+
+    def close(self) -> None:
+        self._words = None  # (the buffer export ends before the unmap)
+        self._mm.close()
 
 
 class RcuBarrier:

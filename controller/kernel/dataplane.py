@@ -80,11 +80,16 @@ class Dataplane:
         self.written = Written(PolicyMaps(self.map))  # what this process wrote
         # sees conntrack entries before anything deletes them (the flow logger)
         self.retire: Optional[Callable[[List[Tuple[Any, Any]]], None]] = None
-        # Grace periods (see quiesce): a barrier started after the last switch,
-        # and whether one has completed since it
+        # Grace periods (see quiesce). Each switch (or endpoint slot retired)
+        # is an epoch; a barrier that starts in epoch e covers every epoch
+        # <= e. A new process starts at 1, uncovered: the last switch was
+        # another's.
         self._rcu: Optional[bpfsys.RcuBarrier] = None
         self._grace: Optional[threading.Thread] = None
-        self._quiet = False
+        self._epoch = 1
+        self._covered = 0  # the epoch the last completed barrier covers
+        self._retired: Dict[int, int] = {}  # sg_ep_slots slot -> epoch it was retired in
+        self._ep_index: Optional[bpfsys.MappedWords] = None
 
     # ------------------------------------------------------------ programs
 
@@ -159,35 +164,64 @@ class Dataplane:
 
     # ------------------------------------------------------------ grace periods
 
-    def _barrier(self) -> None:
+    def _barrier(self, epoch: int) -> None:
         if self._rcu is None:
             self._rcu = bpfsys.RcuBarrier()
         self._rcu.wait()
-        self._quiet = True
+        self._covered = max(self._covered, epoch)
 
     def switched(self) -> None:
         """Endpoints now name other policies: start a grace period in the
         background (call_rcu-like), so the next change rarely waits."""
         if self._grace is not None:  # at most one running; it is done or nearly
             self._grace.join()
-        self._quiet = False
-        self._grace = threading.Thread(target=self._barrier, name="sgctl-rcu", daemon=True)
+        self._epoch += 1
+        self._grace = threading.Thread(target=self._barrier, args=(self._epoch,),
+                                       name="sgctl-rcu", daemon=True)
         self._grace.start()
 
-    def quiesce(self) -> None:
+    def quiesce(self, epoch: Optional[int] = None) -> None:
         """Return once no program run that read an endpoint value before the
-        last switch can still be running: before a change overwrites the
-        image a switch left (the inactive one) or deletes a policy that was
-        active. A packet that read the old endpoint value could otherwise
-        still be in its lookups of that image."""
+        last switch (or before ``epoch`` began) can still be running: before
+        a change overwrites the image a switch left (the inactive one) or
+        deletes a policy that was active. A packet that read the old
+        endpoint value could otherwise still be in its lookups of that image."""
+        want = self._epoch if epoch is None else epoch
+        if self._covered >= want:
+            return
         if self._grace is not None:
             self._grace.join()
             self._grace = None
-        if not self._quiet:  # a new process: the last switch was another's
-            self._barrier()
+        if self._covered < want:
+            self._barrier(self._epoch)
+
+    def quiet(self) -> bool:
+        """No program run can still hold anything a switch so far left."""
+        return self._covered >= self._epoch
+
+    # ------------------------------------------------------------ endpoint slots
+
+    def ep_index(self) -> bpfsys.MappedWords:
+        """sg_ep_index, mapped (types.h, struct sg_ep_ref)."""
+        if self._ep_index is None:
+            self._ep_index = self.map("sg_ep_index").mapped_words()
+        return self._ep_index
+
+    def retire_slot(self, slot: int) -> None:
+        """The index stopped naming ``slot`` just now."""
+        self._epoch += 1
+        self._retired[slot] = self._epoch
+
+    def await_free(self, slot: int) -> None:
+        """Return once no program run can still be reading ``slot`` (unknown
+        to this process: retired before it started)."""
+        self.quiesce(self._retired.get(slot, 1))
 
     def close(self) -> None:
         self.quiesce()
+        if self._ep_index is not None:
+            self._ep_index.close()
+            self._ep_index = None
         if self._rcu is not None:
             self._rcu.close()
             self._rcu = None

@@ -1,5 +1,6 @@
 """Writers of the per-device maps: ``sg_endpoints`` (one value per bound
-device: its policy, mode, address id, timeouts), ``sg_local_addrs`` (the
+device: its policy, mode, address id, timeouts) with its fast index
+``sg_ep_index``/``sg_ep_slots``, ``sg_local_addrs`` (the
 addresses each endpoint owns) and ``sg_exempt_lpm`` (infrastructure services
 and DHCP servers). Each writes only what differs from what this process
 wrote last (``Dataplane.written``)."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import sys
 from typing import Dict, Set, Tuple
 
 from controller import abi
@@ -15,15 +17,49 @@ from controller.kernel import netlink
 from controller.kernel.dataplane import Dataplane
 
 
+def _ref(ifindex: int, slot: int) -> int:
+    return int.from_bytes(bytes(abi.EpRef(ifindex, slot)), sys.byteorder)
+
+
+def _unref(word: int) -> abi.EpRef:
+    return abi.EpRef.from_buffer_copy(word.to_bytes(8, sys.byteorder))
+
+
 def write_endpoint(dp: Dataplane, idx: int, val: abi.Endpoint) -> bool:
-    """Point device ``idx`` at its endpoint value (one map update: the
-    policy switch). False when that value is already there."""
+    """Point device ``idx`` at its endpoint value: the policy switch. In
+    sg_endpoints (one map update), then in the fast index (types.h, struct
+    sg_ep_ref): the slot the index does not name, then the index's one
+    store. A packet sees the old value or the new one, from either map.
+    False when that value is already there."""
     raw = bytes(val)
     if dp.written.endpoints.get(idx) == raw:
         return False
     dp.map("sg_endpoints").update(ct.c_uint32(idx), val)
+    index, slots = dp.ep_index(), dp.map("sg_ep_slots")
+    entry = idx % index.entries
+    old = _unref(index[entry])
+    pair = 2 * int(val.ep_id)
+    if old.ifindex in (0, idx) and pair + 1 < slots.max_entries:
+        slot = pair + 1 if old.ifindex == idx and old.slot == pair else pair
+        dp.await_free(slot)
+        slots.update(ct.c_uint32(slot), val)
+        index[entry] = _ref(idx, slot)
+        if old.ifindex == idx:
+            dp.retire_slot(old.slot)
+    elif old.ifindex == idx:  # an id without slots: the hash alone, from now
+        _unindex(dp, idx)
+    # else another device has the entry: this one is found in the hash
     dp.written.endpoints[idx] = raw
     return True
+
+
+def _unindex(dp: Dataplane, idx: int) -> None:
+    index = dp.ep_index()
+    entry = idx % index.entries
+    old = _unref(index[entry])
+    if old.ifindex == idx:
+        index[entry] = 0
+        dp.retire_slot(old.slot)
 
 
 def kernel_endpoints(dp: Dataplane) -> Dict[int, abi.Endpoint]:
@@ -37,6 +73,7 @@ def kernel_endpoints(dp: Dataplane) -> Dict[int, abi.Endpoint]:
 def unbind(dp: Dataplane, idx: int, ours: Set[int]) -> None:
     """Detach our programs from a device and forget its endpoint."""
     netlink.detach(idx, ours)
+    _unindex(dp, idx)
     dp.map("sg_endpoints").delete(ct.c_uint32(idx))
     dp.written.attached.pop(idx, None)
     dp.written.endpoints.pop(idx, None)

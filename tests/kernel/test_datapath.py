@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import socket
+import sys
 from typing import Any, Dict, List
 
 import pytest
@@ -189,6 +190,46 @@ def test_unbound_device_passes(kernel, test_devs) -> None:
 
 
 
+def test_the_endpoint_is_found_through_its_index_slot_or_else_the_hash(kernel, test_devs) -> None:
+    """types.h, struct sg_ep_ref: a bound device's packets take its endpoint
+    from the slot the index names; each switch writes the other slot of the
+    pair; an index entry naming another device (same remainder) sends the
+    packet to sg_endpoints; an unbound device leaves no entry."""
+    dp = kernel.dp
+    idx = int(open(f"/sys/class/net/{test_devs[0]}/ifindex").read())
+    index, slots, eps = dp.ep_index(), dp.map("sg_ep_slots"), dp.map("sg_endpoints")
+    entry = idx % index.entries
+
+    def ref() -> abi.EpRef:
+        return abi.EpRef.from_buffer_copy(index[entry].to_bytes(8, sys.byteorder))
+
+    seen = set()
+    for ports in ("80", "81", "82"):
+        kernel.apply(one_interface(device=test_devs[0], ingress=[
+            {"proto": "tcp", "ports": ports, "from": "198.18.0.0/16"}]))
+        r, ep = ref(), eps.lookup(ct.c_uint32(idx))
+        assert r.ifindex == idx and r.slot // 2 == ep.ep_id, (r.ifindex, r.slot, ep.ep_id)
+        assert bytes(slots.lookup(ct.c_uint32(r.slot))) == bytes(ep)
+        seen.add(r.slot)
+        assert kernel.run("eni-a", "ingress", tin(5000, int(ports))) == R.ALLOW_NEW
+    assert len(seen) == 2, "a switch writes the other slot of the pair"
+
+    # the datapath reads the slot: a value only the slot holds decides
+    r = ref()
+    other = abi.Endpoint.from_buffer_copy(bytes(slots.lookup(ct.c_uint32(r.slot))))
+    other.policy_id = 0xFFFFFF  # no such policy
+    slots.update(ct.c_uint32(r.slot), other)
+    assert kernel.run("eni-a", "ingress", tin(5001, 82)) == R.DROP_NO_RULE
+    # an entry naming another device: the hash decides
+    index[entry] = int.from_bytes(bytes(abi.EpRef(idx + index.entries, r.slot)), sys.byteorder)
+    assert kernel.run("eni-a", "ingress", tin(5002, 82)) == R.ALLOW_NEW
+    index[entry] = int.from_bytes(bytes(r), sys.byteorder)
+    slots.update(ct.c_uint32(r.slot), eps.lookup(ct.c_uint32(idx)))
+
+    kernel.apply(one_interface(device=test_devs[1], ingress=[]))  # eni-a moves: dev 0 unbound
+    assert ref().ifindex == 0
+
+
 def test_changes_rewrite_only_the_policies_they_touch(kernel, test_devs) -> None:
     """A change to one group, or to the addresses of a referenced group's
     member, rewrites only the policies that contain them; a restarted
@@ -309,15 +350,15 @@ def test_an_image_is_overwritten_or_deleted_only_after_a_grace_period(kernel, te
 
     def write(pid, new, old):  # type: ignore[no-untyped-def]
         if old is not None:  # overwriting an image some endpoint used before
-            events.append("overwrite" if dp._grace is None and dp._quiet else "UNSAFE overwrite")
+            events.append("overwrite" if dp.quiet() else "UNSAFE overwrite")
         return real_write(pid, new, old)
 
     def delete(pid):  # type: ignore[no-untyped-def]
-        events.append("delete" if dp._grace is None and dp._quiet else "UNSAFE delete")
+        events.append("delete" if dp.quiet() else "UNSAFE delete")
         return real_delete(pid)
 
-    def barrier() -> None:
-        real_barrier()
+    def barrier(epoch: int) -> None:
+        real_barrier(epoch)
         events.append("grace")
 
     pm.write, pm.delete_policy, dp._barrier = write, delete, barrier  # type: ignore
