@@ -104,30 +104,27 @@ def targets(res: Res) -> List[Tuple[str, str, str, bool]]:
 
 # Known reasons for missed targets (kept next to the code that measures them).
 WHY = {
-    "established at": "an established packet needs the endpoint lookup (hash) and the "
-                      "conntrack lookup (44-byte key in a large table), plus parsing and the "
-                      "per-CPU counters: 2 lookups are the floor, the rest is parsing and "
-                      "counting. Next: a 16-byte IPv4 conntrack key in its own map.",
+    "established at": "an established packet needs the endpoint (an index of two array "
+                      "lookups) and the conntrack lookup (44-byte key in a large table), plus "
+                      "parsing and the per-CPU counters. Next: a 16-byte IPv4 conntrack key in "
+                      "its own map (~18 ns off each conntrack lookup, design-notes).",
     "denied at": "a denied packet pays the conntrack miss (every SYN could belong to a "
-                 "tracked connection), the endpoint, the local-address check and the policy's "
+                 "tracked connection), the local-address check and the policy's "
                  "prefix-length entry with its top-16-bit bitmap. A summary that lets a "
                  "packet skip the conntrack miss was built and measured (issue 14, "
                  "design-notes: the horizon): it cost as much as the miss it saved here, and "
                  "was not kept. Nor were an inline address pair and a coarse prefix bitmap in "
-                 "the endpoint value, which skip the local-address and prefix-length lookups: "
-                 "no faster in an A/B (those lookups hit hot keys in small maps). The "
-                 "endpoint's own hash lookup is the largest single piece (design-notes).",
+                 "the endpoint value: no faster in an A/B. The endpoint's hash lookup became "
+                 "an index (-17 ns); next: a 16-byte IPv4 conntrack key (design-notes).",
     "new connections/s": "every allowed SYN goes on to the instance's own TCP stack, which "
                          "answers it (request socket, SYN-ACK): that work is the same "
                          "behind every filter and bounds all three (~0.3 M/s here); "
                          "sgctl's own share is under one lookup a flow.",
-    "established": "the empty program costs ~5 ns here, one hash lookup ~15 ns; an "
-                   "established packet needs at least the endpoint lookup and the conntrack "
-                   "lookup (44-byte key) plus parsing and a per-CPU counter, ~45 ns. 5x would "
-                   "leave room for one lookup. Next: a shorter IPv4 conntrack key. (An "
-                   "ifindex-indexed endpoint array would be cheaper than the hash but is "
-                   "written in place: a packet could read half an old and half a new "
-                   "endpoint value, which breaks the atomic policy switch.)",
+    "established": "the empty program costs ~5 ns on some machines, one hash lookup ~15 ns; "
+                   "an established packet needs at least the endpoint (an index: two array "
+                   "lookups) and the conntrack lookup (44-byte key) plus parsing and a "
+                   "per-CPU counter. 5x would leave room for one lookup. Next: a shorter "
+                   "IPv4 conntrack key.",
     "denied_near": "a source inside some rule's CIDR pays the conntrack miss, the exempt "
                    "lookup, one hash lookup per distinct prefix length (3 here) and the port "
                    "check; flat in the rule count (the 1.5x target holds) but ~25x the empty "
