@@ -140,11 +140,11 @@ WHY = {
     "10000 rules applied": "varies with this VM from day to day: the same code applied the "
                            "10k rules in 0.71 s on 2026-12-02 and in 1.3 s on 2026-12-03 "
                            "(the older commit re-measured that day: 1.3 s too).",
-    "TCP throughput": "94-96% across most runs on this 2-core VM, but unfiltered runs vary "
-                      "by up to 50% between runs here. The likely "
-                      "cost: the tc hook pulls up to 256 bytes of every GSO skb into its "
-                      "linear part (bpf_skb_pull_data) so that headers are readable, copying "
-                      "payload. Next: pull only when the headers are not already linear.",
+    "TCP throughput": "single 2 s runs on this 2-core VM: unfiltered runs vary by up to 50% "
+                      "between runs here, and iptables has measured above unfiltered in "
+                      "the same run. The tc hook already skips its pull when a GSO skb's "
+                      "headers are linear (~99% of unfiltered measured then); bench-full's "
+                      "10 s interleaved rounds are the figure to trust.",
     "one change": "the compile is incremental (policy/incremental.py); what is left is "
                   "validating the whole state and rewriting the store (~10 ms each at 10k "
                   "rules), and this VM's run-to-run noise (+-20%).",
