@@ -34,7 +34,8 @@
 #ifndef SG_FRAG_MAX
 #define SG_FRAG_MAX 65536
 #endif
-#define SG_EP_INDEX_SLOTS 65536 /* a power of two: entry = ifindex & (SLOTS - 1) */
+#define SG_EP_INDEX_SLOTS 65536 /* a power of two: entries ifindex + k & (SLOTS - 1) ... */
+#define SG_EP_INDEX_TRIES 8     /* ... for k < TRIES (endpoint.h) */
 #define SG_EP_SLOTS (2 * (SG_ENDPOINTS_MAX + 2)) /* two per endpoint id (ids 1..MAX + 1) */
 #define SG_COUNTER_SLOTS 1024 /* endpoint ids 1..1023 get their own counters; 0 = other */
 #define SG_RULE_SLOTS 65536   /* rule numbers 1..65535 get their own hit counters; 0 = other */
@@ -46,10 +47,11 @@
 #define SG_FLOW_RING_BYTES (4 << 20) /* ~58k flow events */
 #endif
 
-/* bound devices, every one: ifindex -> endpoint, policy and timeouts */
+/* bound devices, every one: ifindex -> endpoint value (the controller's record;
+ * the datapath reads the same value through sg_ep_index, endpoint.h) */
 BPF_TABLE_PINNED("hash", __u32, struct sg_endpoint, sg_endpoints, SG_ENDPOINTS_MAX,
 		 SG_PIN_DIR "/sg_endpoints");
-/* the fast way to them: ifindex mod SG_EP_INDEX_SLOTS -> (ifindex, slot), see types.h */
+/* the datapath's way to them: (ifindex + k) mod SG_EP_INDEX_SLOTS -> (ifindex, slot) */
 BPF_TABLE_PINNED("array", __u32, struct sg_ep_ref, sg_ep_index, SG_EP_INDEX_SLOTS,
 		 SG_PIN_DIR "/sg_ep_index", BPF_F_MMAPABLE);
 /* endpoint values the index points at: slots 2 * ep_id and 2 * ep_id + 1 */

@@ -95,15 +95,15 @@ struct sg_endpoint {
 };
 
 /* sg_ep_index value: which sg_ep_slots entry holds the endpoint of device
- * ``ifindex`` (the entry is ifindex mod SG_EP_INDEX_SLOTS). Endpoint id e
- * owns slots 2e and 2e+1 and alternates between them: the controller
- * writes the slot the index does not name, then the index's 8 bytes in one
- * store through the map's mmap; the datapath reads them in one load, so a
- * packet sees the old endpoint value or the new one, never a mix. The slot
- * a switch left is written again only after an RCU grace period
- * (Dataplane.quiesce): a packet still reading it finishes first. A device
- * the entry does not name (none, or another ifindex with the same
- * remainder) is found in sg_endpoints, which holds every bound device. */
+ * ``ifindex`` (endpoint.h: where in the index). Endpoint id e owns slots 2e
+ * and 2e+1 and alternates between them: the controller writes the slot the
+ * index does not name, then the index's 8 bytes in one store through the
+ * map's mmap; the datapath reads them in one load, so a packet sees the old
+ * endpoint value or the new one, never a mix. The slot a switch left is
+ * written again only after an RCU grace period (Dataplane.quiesce): a
+ * packet still reading it finishes first. No hash map on this path: a
+ * preallocated hash element replaced is reused at once (SLAB_TYPESAFE_BY_RCU
+ * for the others), so a reader could see another key's value. */
 struct sg_ep_ref {
 	__u32 ifindex;        /* 0: empty */
 	__u32 slot;

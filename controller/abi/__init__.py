@@ -22,6 +22,7 @@ TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closin
             "other")  # order of enum sg_timeout
 COUNTER_SLOTS = 1024
 EP_PROBE, EP_SRC_CHECK, EP_MAC = 0x1, 0x2, 0x4  # SG_EP_*: sg_endpoint.flags
+EP_INDEX_TRIES = 8  # index entries ifindex + 0 .. TRIES - 1 hold a device's (endpoint.h)
 PROBE_EP_ID = COUNTER_SLOTS - 1  # reserved for `sgctl explain`: its own counter slot
 RULE_SLOTS = 65536  # rule numbers below get their own hit counters
 REASON_MAX = 32

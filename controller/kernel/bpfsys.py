@@ -65,6 +65,16 @@ def prog_id(fd: int) -> int:
     return int.from_bytes(_obj_info(fd, 256)[4:8], "little")
 
 
+PROG_INFO_VERIFIED_INSNS = 216  # offset of struct bpf_prog_info.verified_insns (Linux 5.16+)
+VERIFIER_INSN_BUDGET = 1_000_000  # BPF_COMPLEXITY_LIMIT_INSNS: past it a program does not load
+
+
+def prog_verified_insns(fd: int) -> int:
+    """How many instructions the verifier walked to accept the program."""
+    raw = _obj_info(fd, 256)
+    return int.from_bytes(raw[PROG_INFO_VERIFIED_INSNS:PROG_INFO_VERIFIED_INSNS + 4], "little")
+
+
 def prog_fd_by_id(prog: int) -> int:
     fn = lib().bpf_prog_get_fd_by_id
     fn.argtypes = [ct.c_uint32]

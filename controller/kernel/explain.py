@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 from controller import abi
 from controller.abi.reasons import Reason
 from controller.kernel.dataplane import Dataplane
+from controller.kernel.endpoints import point, unpoint
 from controller.kernel.frames import frame
 from controller.kernel.testrun import CounterMismatch, run_frame
 from controller.policy.errors import ApiError, ValidationError
@@ -84,7 +85,7 @@ def kernel_verdict(dp: Dataplane, eni_id: str, ifindex: Optional[int], direction
     probe = abi.Endpoint.from_buffer_copy(bytes(real))
     probe.ep_id = abi.PROBE_EP_ID
     probe.flags |= abi.EP_PROBE
-    eps.update(ct.c_uint32(LOOPBACK_IFINDEX), probe)
+    point(dp, LOOPBACK_IFINDEX, probe)  # (not in the record: nothing is bound there)
     try:
         return run_frame(dp, LOOPBACK_IFINDEX, abi.PROBE_EP_ID, int(real.mode),
                          abi.DIR_INGRESS if direction == INGRESS else abi.DIR_EGRESS,
@@ -92,7 +93,7 @@ def kernel_verdict(dp: Dataplane, eni_id: str, ifindex: Optional[int], direction
     except CounterMismatch as exc:
         raise ApiError("InternalError", f"the probe: {exc}", 500) from None
     finally:
-        eps.delete(ct.c_uint32(LOOPBACK_IFINDEX))
+        unpoint(dp, LOOPBACK_IFINDEX)
 
 
 def explain(dp: Dataplane, state: State, params: Dict[str, Any],

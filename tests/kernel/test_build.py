@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.kernel import build
+from controller.kernel import bpfsys, build
 from controller.kernel.dataplane import program_source
 
 pytestmark = pytest.mark.kernel
@@ -77,3 +77,16 @@ def test_a_cache_that_cannot_be_written_costs_a_compile_not_the_load(
         assert build.cached_build(source, cflags, str(full)) is session_build
     assert len(compiled) == 2 and not list(full.glob("*.json"))
     assert "compiling without it" in caplog.text and "could not keep the build" in caplog.text
+
+
+def test_the_programs_leave_the_verifier_room(kernel) -> None:
+    """The verifier walks every path of a program within a budget of 1M
+    instructions; past it the program does not load at all. Reading the
+    endpoint through two kinds of map pointer once doubled the walk (to 91%
+    of the budget), and one more small change then failed to load. Each
+    program stays under 70% of it."""
+    for name, fd in (("xdp_sg", kernel.progs.xdp_fd), ("tc_sg", kernel.progs.tc_fd)):
+        walked = bpfsys.prog_verified_insns(fd)
+        assert 0 < walked <= 0.7 * bpfsys.VERIFIER_INSN_BUDGET, (
+            f"{name}: the verifier walked {walked} instructions of its "
+            f"{bpfsys.VERIFIER_INSN_BUDGET}")

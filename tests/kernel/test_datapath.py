@@ -190,24 +190,27 @@ def test_unbound_device_passes(kernel, test_devs) -> None:
 
 
 
-def test_the_endpoint_is_found_through_its_index_slot_or_else_the_hash(kernel, test_devs) -> None:
+def test_the_endpoint_is_found_through_its_index_entry_and_slot(kernel, test_devs) -> None:
     """types.h, struct sg_ep_ref: a bound device's packets take its endpoint
-    from the slot the index names; each switch writes the other slot of the
-    pair; an index entry naming another device (same remainder) sends the
-    packet to sg_endpoints; an unbound device leaves no entry."""
+    from the slot its index entry names; each switch writes the other slot
+    of the pair; a device whose first entries other devices hold takes the
+    next free one; an unbound device leaves no entry."""
     dp = kernel.dp
     idx = int(open(f"/sys/class/net/{test_devs[0]}/ifindex").read())
     index, slots, eps = dp.ep_index(), dp.map("sg_ep_slots"), dp.map("sg_endpoints")
-    entry = idx % index.entries
 
-    def ref() -> abi.EpRef:
+    def ref(entry: int) -> abi.EpRef:
         return abi.EpRef.from_buffer_copy(index[entry].to_bytes(8, sys.byteorder))
 
+    def word(ifindex: int, slot: int) -> int:
+        return int.from_bytes(bytes(abi.EpRef(ifindex, slot)), sys.byteorder)
+
+    home = idx % index.entries
     seen = set()
     for ports in ("80", "81", "82"):
         kernel.apply(one_interface(device=test_devs[0], ingress=[
             {"proto": "tcp", "ports": ports, "from": "198.18.0.0/16"}]))
-        r, ep = ref(), eps.lookup(ct.c_uint32(idx))
+        r, ep = ref(home), eps.lookup(ct.c_uint32(idx))
         assert r.ifindex == idx and r.slot // 2 == ep.ep_id, (r.ifindex, r.slot, ep.ep_id)
         assert bytes(slots.lookup(ct.c_uint32(r.slot))) == bytes(ep)
         seen.add(r.slot)
@@ -215,19 +218,39 @@ def test_the_endpoint_is_found_through_its_index_slot_or_else_the_hash(kernel, t
     assert len(seen) == 2, "a switch writes the other slot of the pair"
 
     # the datapath reads the slot: a value only the slot holds decides
-    r = ref()
+    r = ref(home)
     other = abi.Endpoint.from_buffer_copy(bytes(slots.lookup(ct.c_uint32(r.slot))))
     other.policy_id = 0xFFFFFF  # no such policy
     slots.update(ct.c_uint32(r.slot), other)
     assert kernel.run("eni-a", "ingress", tin(5001, 82)) == R.DROP_NO_RULE
-    # an entry naming another device: the hash decides
-    index[entry] = int.from_bytes(bytes(abi.EpRef(idx + index.entries, r.slot)), sys.byteorder)
-    assert kernel.run("eni-a", "ingress", tin(5002, 82)) == R.ALLOW_NEW
-    index[entry] = int.from_bytes(bytes(r), sys.byteorder)
     slots.update(ct.c_uint32(r.slot), eps.lookup(ct.c_uint32(idx)))
 
+    # devices elsewhere (same remainder) hold the first entries: the next free one
     kernel.apply(one_interface(device=test_devs[1], ingress=[]))  # eni-a moves: dev 0 unbound
-    assert ref().ifindex == 0
+    assert ref(home).ifindex == 0
+    taken = [(idx + k) % index.entries for k in range(3)]
+    try:
+        for k, e in enumerate(taken):
+            index[e] = word(idx + (k + 1) * index.entries, 0)
+        kernel.apply(one_interface(device=test_devs[0], ingress=[
+            {"proto": "tcp", "ports": "83", "from": "198.18.0.0/16"}]))
+        r = ref((idx + 3) % index.entries)
+        assert r.ifindex == idx
+        assert kernel.run("eni-a", "ingress", tin(5002, 83)) == R.ALLOW_NEW
+        assert kernel.run("eni-a", "ingress", tin(5003, 84)) == R.DROP_NO_RULE
+        # all of them held: the bind fails and says why; the device stays unbound
+        kernel.apply(one_interface(device=test_devs[1], ingress=[]))
+        for k in range(abi.EP_INDEX_TRIES):
+            e = (idx + k) % index.entries
+            index[e] = word(idx + (k + 1) * index.entries, 0)
+        with pytest.raises(Exception, match="endpoint-index entries"):
+            kernel.apply(one_interface(device=test_devs[0], ingress=[]))
+        assert eps.lookup(ct.c_uint32(idx)) is None
+    finally:
+        for k in range(abi.EP_INDEX_TRIES):
+            e = (idx + k) % index.entries
+            if ref(e).ifindex != idx:
+                index[e] = 0
 
 
 def test_changes_rewrite_only_the_policies_they_touch(kernel, test_devs) -> None:
