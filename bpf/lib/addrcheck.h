@@ -18,6 +18,13 @@
 static __always_inline int local_lookup(struct sg_endpoint *ep, __u8 family, __u8 kind,
 					__be32 *addr)
 {
+	if (kind == SG_LOCAL_ADDR) {  /* the address the endpoint value holds: no lookup */
+		if (family == 4 && ep->addr4 && addr[0] == ep->addr4)
+			return 1;
+		if (family == 6 && ep->addr6[0] && addr[0] == ep->addr6[0] &&
+		    addr[1] == ep->addr6[1] && addr[2] == ep->addr6[2] && addr[3] == ep->addr6[3])
+			return 1;
+	}
 	/* IPv4 addresses sit in word 0 with the rest zero, as the parser leaves them */
 	struct sg_local_key k = { .addr_id = ep->addr_id, .family = family, .kind = kind };
 	k.addr[0] = addr[0];

@@ -92,6 +92,9 @@ struct sg_endpoint {
 	__u16 pad;
 	__u32 ring_base;      /* its half-open allowance: slots ring_base .. */
 	__u32 ring_size;      /* ... + ring_size - 1 of sg_ct_ring (0: none) */
+	__be32 addr4;         /* one of its IPv4 addresses (0: none) and one of its */
+	__be32 addr6[4];      /* IPv6 (zero: none): the address check compares them
+			       * before it looks in sg_local_addrs (addrcheck.h) */
 };
 
 /* sg_ep_index value: which sg_ep_slots entry holds the endpoint of device

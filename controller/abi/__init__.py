@@ -50,7 +50,7 @@ class Endpoint(ct.Structure):
     _fields_ = [("ep_id", u32), ("policy_id", u32), ("mode", u8), ("flags", u8),
                 ("open_all", u16), ("world_class", u32 * 4), ("timeouts", u32 * 7),
                 ("addr_id", u32), ("mac", u8 * 6), ("pad", u16), ("ring_base", u32),
-                ("ring_size", u32)]
+                ("ring_size", u32), ("addr4", u32), ("addr6", u32 * 4)]
 
 
 class EpRef(ct.Structure):

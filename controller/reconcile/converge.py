@@ -39,7 +39,7 @@ from controller.policy.incremental import Compiler
 from controller.policy.model import NetworkInterface, State
 from controller.reconcile.applied import Applied, EndpointRecord, PolicyRecord
 from controller.reconcile.plan import Device, HostDevices, KernelView, Plan, free_ep_id, plan
-from controller.reconcile.values import endpoint_value, local_keys_of
+from controller.reconcile.values import endpoint_value, inline_addresses, local_keys_of
 
 log = logging.getLogger("sgctl")
 
@@ -148,7 +148,7 @@ class Reconciler:
             rec = policies[ep.record.policy]
             values[ep.record.ifindex] = endpoint_value(
                 ep.record.ep_id, rec.active, ep.record.mode, rec.open_all, rec.world,
-                ep.timeouts, ep.record.check, ep.mac, ep.record.ring)
+                ep.timeouts, ep.record.check, ep.mac, ep.record.ring, ep.inline)
         add_local(dp, p.local)
         switched = False
         try:
@@ -231,7 +231,8 @@ class Reconciler:
             ep_id = free_ep_id(used)
             counters.reset_counters(dp, ep_id)
             val = endpoint_value(ep_id, rec.active, eni.mode, rec.open_all, rec.world,
-                                 eni.timeouts, eni.source_dest_check, eni.mac_address)
+                                 eni.timeouts, eni.source_dest_check, eni.mac_address,
+                                 inline=inline_addresses(eni))
             add_local(dp, local_keys_of(eni, ep_id))
             write_endpoint(dp, idx, val)
             try:

@@ -24,7 +24,13 @@ from controller.reconcile.applied import (
     PolicyRecord,
     WorldKey,
 )
-from controller.reconcile.values import ExemptEntries, dhcp_flags, exempt_entries, local_keys_of
+from controller.reconcile.values import (
+    ExemptEntries,
+    dhcp_flags,
+    exempt_entries,
+    inline_addresses,
+    local_keys_of,
+)
 
 
 class PlanError(EnforcementError):
@@ -82,6 +88,7 @@ class EndpointPlan:
     new_id: bool  # a fresh (or reused) endpoint id: its counters start at zero
     timeouts: Timeouts
     mac: Optional[str]
+    inline: Tuple[bytes, bytes] = (b"", b"")  # values.inline_addresses
 
 
 @dataclass
@@ -258,7 +265,8 @@ def plan(state: State, host: HostDevices, applied: Applied,
         rec = EndpointRecord(ifindex=idx, ep_id=ep_id, device=eni.device, mode=eni.mode,
                              policy=",".join(eni.groups), own=own, check=eni.source_dest_check,
                              xdp_mode=old_ep.xdp_mode if old_ep and not new_id else None)
-        endpoints.append(EndpointPlan(eni.eni_id, rec, new_id, eni.timeouts, eni.mac_address))
+        endpoints.append(EndpointPlan(eni.eni_id, rec, new_id, eni.timeouts, eni.mac_address,
+                                      inline_addresses(eni)))
         local.update(local_keys_of(eni, ep_id))
         if old_ep and not new_id and eni.source_dest_check and (
                 not old_ep.check or not set(old_ep.own) <= set(own)):

@@ -16,9 +16,11 @@ ExemptEntries = Dict[bytes, Tuple[abi.ExemptKey, int]]  # key bytes -> (key, EXE
 def endpoint_value(ep_id: int, policy_id: int, mode: str, open_all: int,
                    world: Dict[WorldKey, int], timeouts: Timeouts,
                    source_dest_check: bool = True, mac: Optional[str] = None,
-                   ring: Tuple[int, int] = (0, 0)) -> abi.Endpoint:
+                   ring: Tuple[int, int] = (0, 0),
+                   inline: Tuple[bytes, bytes] = (b"", b"")) -> abi.Endpoint:
     """The sg_endpoints value; ``world``: (dir index, family) -> world class;
-    ``ring``: its half-open allowance (first slot, slots)."""
+    ``ring``: its half-open allowance (first slot, slots); ``inline``: the
+    IPv4 and IPv6 address the value holds (``inline_addresses``)."""
     val = abi.Endpoint(ep_id=ep_id, policy_id=policy_id, ring_base=ring[0], ring_size=ring[1],
                        mode=abi.MODE_HOST if mode == MODE_HOST else abi.MODE_WORKLOAD,
                        open_all=open_all, addr_id=ep_id,
@@ -26,11 +28,23 @@ def endpoint_value(ep_id: int, policy_id: int, mode: str, open_all: int,
                        (abi.EP_MAC if mac else 0))
     if mac:
         val.mac[:] = mac_bytes(mac)
+    v4, v6 = inline
+    if v4:
+        val.addr4 = abi.addr_words(v4)[0]
+    if v6:
+        val.addr6[:] = list(abi.addr_words(v6))
     for (d, fam), cls in world.items():
         val.world_class[d * 2 + FAMILY_INDEX[fam]] = cls
     for i, tname in enumerate(abi.TO_NAMES):
         val.timeouts[i] = getattr(timeouts, tname)
     return val
+
+
+def inline_addresses(eni: NetworkInterface) -> Tuple[bytes, bytes]:
+    """Its first IPv4 and first IPv6 address (b"": none), which the address
+    check compares before it looks in sg_local_addrs (each is also there)."""
+    v6 = eni.ipv6[0] if eni.ipv6 else eni.link_local()
+    return (eni.ipv4[0].packed if eni.ipv4 else b"", v6.packed if v6 is not None else b"")
 
 
 def local_keys_of(eni: NetworkInterface, ep_id: int) -> Dict[bytes, abi.LocalKey]:

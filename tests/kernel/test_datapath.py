@@ -542,6 +542,32 @@ def test_addresses_follow_the_interface_and_explain_names_the_check(kernel, test
     assert (got["Reason"], got["KernelReason"]) == ("allow_new", "allow_new")
 
 
+def test_the_address_in_the_endpoint_value_and_the_others_in_the_map(kernel, test_devs) -> None:
+    """The endpoint value holds one IPv4 and one IPv6 address of the
+    interface, compared before the sg_local_addrs lookup; the others are
+    found in the map. With the map emptied, only the held addresses pass;
+    with it back, the others pass again."""
+    dp = kernel.dp
+    kernel.apply(one_interface(device=test_devs[0], ingress=[],
+                               eni={"ipv4": ["198.18.0.10", str(OTHER)]}))
+    idx = int(open(f"/sys/class/net/{test_devs[0]}/ifindex").read())
+    ep = dp.map("sg_endpoints").lookup(ct.c_uint32(idx))
+    assert ep.addr4.to_bytes(4, sys.byteorder) == ipaddress.ip_address("198.18.0.10").packed
+    assert bytes(ep.addr6) == ipaddress.ip_address("2001:db8::10").packed
+    local = dp.map("sg_local_addrs")
+    saved = [(k, local.lookup(k)) for k in local.keys()]
+    try:
+        local.delete_many([k for k, _ in saved])
+        assert kernel.run("eni-a", "egress", tout(5000, 80)) == R.ALLOW_NEW
+        assert kernel.run("eni-a", "egress", tout(5001, 80, src=LOCAL6, dst=REMOTE6)) == \
+            R.ALLOW_NEW
+        assert kernel.run("eni-a", "egress", tout(5002, 80, src=OTHER)) == R.DROP_SRC_SPOOF
+    finally:
+        for k, v in saved:
+            local.update(k, v)
+    assert kernel.run("eni-a", "egress", tout(5003, 80, src=OTHER)) == R.ALLOW_NEW
+
+
 def test_turning_the_check_on_cuts_connections_it_would_not_have_let_open(kernel,
                                                                          test_devs) -> None:
     """Connections a router instance opened on foreign addresses end when its

@@ -114,8 +114,9 @@ WHY = {
                  "packet skip the conntrack miss was built and measured (issue 14, "
                  "design-notes: the horizon): it cost as much as the miss it saved here, and "
                  "was not kept. Nor were an inline address pair and a coarse prefix bitmap in "
-                 "the endpoint value: no faster in an A/B. The endpoint's hash lookup became "
-                 "an index (-17 ns); next: a 16-byte IPv4 conntrack key (design-notes).",
+                 "the endpoint value, measured together. Since then the endpoint's hash "
+                 "lookup became an index (-17 ns) and one address per family sits in the "
+                 "endpoint value (-30 ns); next: a 16-byte IPv4 conntrack key (design-notes).",
     "new connections/s": "every allowed SYN goes on to the instance's own TCP stack, which "
                          "answers it (request socket, SYN-ACK): that work is the same "
                          "behind every filter and bounds all three (~0.3 M/s here); "
@@ -125,11 +126,11 @@ WHY = {
                    "lookups) and the conntrack lookup (44-byte key) plus parsing and a "
                    "per-CPU counter. 5x would leave room for one lookup. Next: a shorter "
                    "IPv4 conntrack key.",
-    "denied_near": "a source inside some rule's CIDR pays the conntrack miss, the exempt "
-                   "lookup, one hash lookup per distinct prefix length (3 here) and the port "
-                   "check; flat in the rule count (the 1.5x target holds) but ~25x the empty "
-                   "program. Skipping the exempt lookup (a top-16-bit bitmap of the exempt "
-                   "prefixes) was tried: 121 ns before and after, so it was not kept.",
+    "denied_near": "a source inside some rule's CIDR pays the conntrack miss (44-byte key), "
+                   "the prefix-length entry, one peer lookup (24-byte key) per distinct "
+                   "prefix length (3 here) and the port check; flat in the rule count. "
+                   "Next: IPv4-only keys for conntrack (16 bytes) and peers (12 bytes), "
+                   "~18 and ~7 ns a lookup here (design-notes).",
     "denied flood >= 90%": "the bare XDP_DROP program costs nothing beyond the generator and "
                            "veth; sgctl's denied path (conntrack miss, endpoint, prefix bitmap: "
                            "about 5 lookups, see the table in lookups) is most of the rest.",
