@@ -63,6 +63,9 @@ BPF_TABLE_PINNED("hash", struct sg_plens_key, struct sg_plens, sg_plens, SG_PLEN
 /* classification 2: (policy, dir, family, plen, masked remote address) -> class */
 BPF_TABLE_PINNED("hash", struct sg_peer_key, __u32, sg_peers, SG_PEER_MAX,
 		 SG_PIN_DIR "/sg_peers", BPF_F_NO_PREALLOC);
+/* ... the same for IPv4 remote addresses */
+BPF_TABLE_PINNED("hash", struct sg_peer4_key, __u32, sg_peers4, SG_PEER_MAX,
+		 SG_PIN_DIR "/sg_peers4", BPF_F_NO_PREALLOC);
 /* classification 3: (class, protocol) -> port segments */
 BPF_TABLE_PINNED("hash", struct sg_ports_key, struct sg_ports, sg_ports, SG_CLASS_MAX,
 		 SG_PIN_DIR "/sg_ports", BPF_F_NO_PREALLOC);

@@ -69,32 +69,53 @@ static __always_inline int policy_top16(struct sg_plens *pl, __u8 dir, struct sg
 	return (pl->top16[(top >> 6) & (SG_TOP16_WORDS - 1)] >> (top & 63)) & 1;
 }
 
+/* A prefix containing the remote address had class *c: 0 to go on with the
+ * next (shorter) prefix length, 1 when the chain is full. */
+static __always_inline int peer_hit(struct sg_scratch *s, __u32 *c)
+{
+	__u32 n = s->ncls;
+	if (n >= SG_CHAIN_MAX)
+		return 1;
+	s->cls[n & (SG_CHAIN_MAX - 1)] = *c;
+	s->ncls = n + 1;
+	return 0;
+}
+
 static __always_inline int policy_match(struct sg_plens *pl, __u32 policy_id, __u8 dir,
 					struct sg_scratch *s)
 {
 	struct sg_flow *f = &s->p.f;
 	__be32 *remote = dir == SG_DIR_INGRESS ? f->src : f->dst;
-	struct sg_peer_key k = { .policy_id = policy_id, .dir = dir, .family = f->family };
 	/* 1. the classes of the (at most SG_CHAIN_MAX longest) prefixes that
 	 *    contain the remote address; one hash lookup per prefix length */
 	s->ncls = 0;
-	for (int i = 0; i < SG_PLEN_SLOTS; i++) {
-		if (i >= pl->n)
-			break;
-		struct sg_plen *l = &pl->len[i];
-		k.addr[0] = remote[0] & l->mask[0];
-		k.addr[1] = remote[1] & l->mask[1];
-		k.addr[2] = remote[2] & l->mask[2];
-		k.addr[3] = remote[3] & l->mask[3];
-		k.plen = l->plen;
-		__u32 *c = sg_peers.lookup(&k);
-		if (!c)
-			continue;
-		__u32 n = s->ncls;
-		if (n >= SG_CHAIN_MAX)
-			break;
-		s->cls[n & (SG_CHAIN_MAX - 1)] = *c;
-		s->ncls = n + 1;
+	if (f->family == 4) {
+		struct sg_peer4_key k4 = { .policy_id = policy_id, .dir = dir };
+		for (int i = 0; i < SG_PLEN4_SLOTS; i++) {
+			if (i >= pl->n)
+				break;
+			struct sg_plen *l = &pl->len[i];
+			k4.addr = remote[0] & l->mask[0];
+			k4.plen = l->plen;
+			__u32 *c = sg_peers4.lookup(&k4);
+			if (c && peer_hit(s, c))
+				break;
+		}
+	} else {
+		struct sg_peer_key k = { .policy_id = policy_id, .dir = dir, .family = f->family };
+		for (int i = 0; i < SG_PLEN_SLOTS; i++) {
+			if (i >= pl->n)
+				break;
+			struct sg_plen *l = &pl->len[i];
+			k.addr[0] = remote[0] & l->mask[0];
+			k.addr[1] = remote[1] & l->mask[1];
+			k.addr[2] = remote[2] & l->mask[2];
+			k.addr[3] = remote[3] & l->mask[3];
+			k.plen = l->plen;
+			__u32 *c = sg_peers.lookup(&k);
+			if (c && peer_hit(s, c))
+				break;
+		}
 	}
 	/* 2. their port segments */
 #pragma unroll

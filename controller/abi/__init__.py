@@ -18,6 +18,7 @@ EXEMPT_SERVICE, EXEMPT_DHCP_SERVER = 0x1, 0x2  # SG_EXEMPT_*: sg_exempt_lpm valu
 LOCAL_ADDR, LOCAL_ONLINK64 = 0, 1  # SG_LOCAL_*: sg_local_key.kind
 CT_F_EXEMPT, CT_F_DHCP, CT_F_REPLIED = 0x1, 0x2, 0x4  # SG_CT_F_*: sg_ct_entry.flags
 PLEN_SLOTS, CHAIN_MAX, SEGS_INLINE, SEGS_LPM = 129, 4, 8, 0xFF
+PLEN4_SLOTS = 33
 TO_NAMES = ("tcp_established", "udp_stream", "udp_other", "tcp_syn", "tcp_closing", "icmp",
             "other")  # order of enum sg_timeout
 COUNTER_SLOTS = 1024
@@ -59,6 +60,10 @@ class EpRef(ct.Structure):
 
 class LocalKey(ct.Structure):
     _fields_ = [("addr_id", u32), ("family", u8), ("kind", u8), ("pad", u16), ("addr", Addr)]
+
+
+class Peer4Key(ct.Structure):
+    _fields_ = [("policy_id", u32), ("dir", u8), ("plen", u8), ("pad", u16), ("addr", u32)]
 
 
 class PeerKey(ct.Structure):
@@ -153,6 +158,7 @@ MAPS = {
     "sg_ep_slots": (u32, Endpoint),
     "sg_plens": (PlensKey, Plens),
     "sg_peers": (PeerKey, u32),
+    "sg_peers4": (Peer4Key, u32),
     "sg_ports": (PortsKey, Ports),
     "sg_ports_lpm": (PortKey, PortVal),
     "sg_conntrack": (CtKey, CtEntry),

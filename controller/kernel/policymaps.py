@@ -1,5 +1,6 @@
 """The classification maps as the dataplane writes them (bpf/lib/types.h):
-``sg_plens``, ``sg_peers``, ``sg_ports`` and the ``sg_ports_lpm`` overflow.
+``sg_plens``, ``sg_peers4`` and ``sg_peers`` (IPv4, IPv6), ``sg_ports`` and the
+``sg_ports_lpm`` overflow.
 
 - *Classes* are content-addressed and shared by every policy: a class id
   stands for one set of (rule, protocol, ports) forever, so identical rule
@@ -22,7 +23,7 @@ from __future__ import annotations
 import ctypes as ct
 import socket
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 from controller import abi
 from controller.abi import SEGS_INLINE
@@ -102,10 +103,16 @@ def top16_bitmaps(pol: Policy, cover: Dict[PlensKeyT, Dict[int, int]]
     return {k: bytes(v) for k, v in maps.items()}
 
 
-def _peer_key(pid: int, k: PeerPrefix) -> abi.PeerKey:
+PEER_MAPS = {4: "sg_peers4", 6: "sg_peers"}  # family -> its prefixes' map
+
+
+def _peer_key(pid: int, k: PeerPrefix) -> Union[abi.Peer4Key, abi.PeerKey]:
     d, family, plen, net = k
-    raw = net.to_bytes(4 if family == 4 else 16, "big")
-    return abi.PeerKey(policy_id=pid, dir=d, family=family, plen=plen, addr=abi.addr_words(raw))
+    if family == 4:
+        return abi.Peer4Key(policy_id=pid, dir=d, plen=plen,
+                            addr=abi.addr_words(net.to_bytes(4, "big"))[0])
+    return abi.PeerKey(policy_id=pid, dir=d, family=family, plen=plen,
+                       addr=abi.addr_words(net.to_bytes(16, "big")))
 
 
 class PolicyMaps:
@@ -222,11 +229,15 @@ class PolicyMaps:
         """Make policy id ``pid`` hold ``new``; ``old`` is what it holds now
         (None: nothing). Returns the number of map entries written or deleted."""
         old = old or Image()
-        peers, plens = self.map_of("sg_peers"), self.map_of("sg_plens")
+        plens = self.map_of("sg_plens")
         up = [(k, c) for k, c in new.peers.items() if old.peers.get(k) != c]
         gone = [k for k in old.peers if k not in new.peers]
-        peers.update_batch([_peer_key(pid, k) for k, _ in up], [ct.c_uint32(c) for _, c in up])
-        peers.delete_many([_peer_key(pid, k) for k in gone])
+        for family, name in PEER_MAPS.items():
+            peers = self.map_of(name)
+            mine = [(k, c) for k, c in up if k[1] == family]
+            peers.update_batch([_peer_key(pid, k) for k, _ in mine],
+                               [ct.c_uint32(c) for _, c in mine])
+            peers.delete_many([_peer_key(pid, k) for k in gone if k[1] == family])
         for (d, family), lens in new.plens.items():
             bitmap = new.top16[(d, family)]
             if old.plens.get((d, family)) != lens or old.top16.get((d, family)) != bitmap:
@@ -247,7 +258,7 @@ class PolicyMaps:
             self.write(pid, Image(), img)
             self.images.pop(pid, None)
             return
-        for name in ("sg_peers", "sg_plens"):  # an id of an earlier process: scan
+        for name in (*PEER_MAPS.values(), "sg_plens"):  # an id of an earlier process: scan
             m = self.map_of(name)
             m.delete_many([k for k in m.keys() if k.policy_id == pid])  # type: ignore[attr-defined]
 

@@ -71,7 +71,7 @@ def test_rules_through_api_and_cli_take_effect(topo: Topology, daemon: DaemonPro
     assert status["daemon"]["generation"] >= 4
     maps = {m["map"]: m for m in status["maps"]}
     assert maps["sg_conntrack"]["capacity"] == CT_MAX
-    assert maps["sg_endpoints"]["entries"] == 1 and maps["sg_peers"]["entries"] >= 1
+    assert maps["sg_endpoints"]["entries"] == 1 and maps["sg_peers4"]["entries"] >= 1
     table = daemon.cli("status", "--maps").stdout
     assert "sg_conntrack" in table and "CAPACITY" in table
 
@@ -423,8 +423,9 @@ def test_explain_agrees_with_traffic_and_reports_a_disagreement(topo: Topology,
     # inject a disagreement: the kernel loses the policy's prefixes
     dp = Dataplane(pin_dir=daemon.pin_dir, ct_max=CT_MAX)
     try:
-        m = dp.map("sg_peers")
-        m.delete_many(m.keys())
+        for name in ("sg_peers4", "sg_peers"):
+            m = dp.map(name)
+            m.delete_many(m.keys())
     finally:
         dp.close()
     res = explain("tcp", 80)
