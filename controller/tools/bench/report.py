@@ -132,11 +132,13 @@ WHY = {
                    "IPv4 peers have a 12-byte key in their own map (-40 ns); next: a "
                    "16-byte IPv4 conntrack key, ~18 ns a lookup here (design-notes).",
     "denied flood >= 90%": "the bare XDP_DROP program costs nothing beyond the generator and "
-                           "veth; sgctl's denied path (conntrack miss, endpoint, prefix bitmap: "
-                           "about 5 lookups, see the table in lookups) is most of the rest.",
+                           "veth; sgctl's denied path (conntrack miss, endpoint index, address "
+                           "compare, prefix bitmap: about 2 lookups, see the table in lookups) "
+                           "is most of the rest.",
     "denied flood at": "bounded by this machine: the bare XDP_DROP program, which does "
-                       "nothing, reaches about 10x nftables under the same generator, so "
-                       "10x would need sgctl to cost nothing. The conntrack-miss summary "
+                       "nothing, reaches only 9-10x nftables under the same generator "
+                       "(the device table: xdp_drop against nftables), so 10x would need "
+                       "sgctl to cost less than nothing. The conntrack-miss summary "
                        "tried for it did not pay (design-notes).",
     "10000 rules applied": "varies with this VM from day to day: the same code applied the "
                            "10k rules in 0.71 s on 2026-12-02 and in 1.3 s on 2026-12-03 "
