@@ -338,7 +338,7 @@ class _MapCreateOpts(ct.Structure):  # struct bpf_map_create_opts (libbpf 1.x), 
                 ("map_ifindex", ct.c_uint32)]
 
 
-BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_ARRAY_OF_MAPS = 2, 12
+BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_ARRAY_OF_MAPS = 2, 6, 12
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from controller.kernel.counters import endpoint_counters, rule_hit_table
 from controller.kernel.dataplane import Dataplane
 from controller.reconcile.applied import EndpointRecord
 from controller.service.flowlog import FlowLogger
-from controller.service.status import ARRAY_MAPS, map_fill
+from controller.service.status import map_fill
 
 
 def host_port(text: str, flag: str, other: str = "") -> Tuple[str, int]:
@@ -159,7 +159,7 @@ class SgctlCollector(Collector):
         m_cap = GaugeMetricFamily("sgctl_map_capacity", "Capacity of each map", labels=["map"])
         m_fill = GaugeMetricFamily("sgctl_map_fill_ratio", "entries / capacity", labels=["map"])
         for row in map_fill(dp, sum(live.values()) if snap.live is not None else None):
-            if row["map"] in ARRAY_MAPS:
+            if row["array"]:
                 continue
             m_entries.add_metric([row["map"]], row["entries"])
             m_cap.add_metric([row["map"]], row["capacity"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from controller import abi
-from controller.kernel import netlink
+from controller.kernel import bpfsys, netlink
 from controller.kernel.conntrack import allowance
 from controller.kernel.counters import endpoint_counters
 from controller.kernel.dataplane import Dataplane
@@ -40,24 +40,25 @@ def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = Non
             "policies": {name: p.as_json() for name, p in applied.policies.items()}}
 
 
-ARRAY_MAPS = {"sg_config", "sg_verdicts", "sg_rule_hits", "sg_flow_skips", "sg_ct_ring",
-              "sg_ct_quota"}  # arrays are always "full"
+ARRAY_TYPES = (bpfsys.BPF_MAP_TYPE_ARRAY, bpfsys.BPF_MAP_TYPE_PERCPU_ARRAY)
 
 
 def map_fill(dp: Dataplane, conntrack_live: Optional[int] = None) -> List[Dict[str, Any]]:
     """Entries and capacity of every pinned map (conntrack: the last GC's
-    count when known, else a batch scan)."""
+    count when known, else a batch scan); ``array``: an array map, always
+    full (its entries are not counted)."""
     out = []
     for name in abi.MAPS:
         m = dp.map(name)
-        cap = m.max_entries
-        if name in ARRAY_MAPS:
+        info = bpfsys.map_info(m.fd)
+        cap, array = info.max_entries, info.type in ARRAY_TYPES
+        if array:
             n = cap
         elif name == "sg_conntrack":
             n = conntrack_live if conntrack_live is not None else sum(1 for _ in m.batch_items())
         else:
             n = len(m.keys())
-        out.append({"map": name, "entries": n, "capacity": cap,
+        out.append({"map": name, "entries": n, "capacity": cap, "array": array,
                     "fill": round(n / cap, 4) if cap else 0.0})
     return out
 

@@ -72,6 +72,7 @@ def test_rules_through_api_and_cli_take_effect(topo: Topology, daemon: DaemonPro
     maps = {m["map"]: m for m in status["maps"]}
     assert maps["sg_conntrack"]["capacity"] == CT_MAX
     assert maps["sg_endpoints"]["entries"] == 1 and maps["sg_peers4"]["entries"] >= 1
+    assert maps["sg_ep_index"]["array"] and not maps["sg_endpoints"]["array"]  # by map type
     table = daemon.cli("status", "--maps").stdout
     assert "sg_conntrack" in table and "CAPACITY" in table
 
