@@ -577,6 +577,18 @@ class Daemon:
         log.info("generation %d enforced (%d groups, %d interfaces); programs %s",
                  self.generation, len(self.state.groups), len(self.state.interfaces),
                  self.dp.prog_tag())
+        # flow logs before the API: a request (FlushFlowLogs, status) or a
+        # packet in between would find them off though configured on
+        if self.cfg.flow_log is not None:
+            self.flows = FlowLogger(self.dp, self.cfg.flow_log, self.flow_names)
+            self.flows.start()
+            self.dp.retire = self.flows.retire
+            flows = self.flows
+            self._spawn("flowlog", lambda: flows.run(self.stopping))
+            log.info("flow logs to %s, %d s windows", ", ".join(self.cfg.flow_log.outputs),
+                     self.cfg.flow_log.window)
+        else:
+            flowring.switch_off(self.dp)  # a previous daemon's: nobody reads it now
         self.server = api.serve(self.cfg.socket, self.handle, self.health,
                                 self.cfg.socket_mode, self.cfg.socket_group)
         self._spawn("api", self.server.serve_forever)
@@ -602,16 +614,6 @@ class Daemon:
         # ready only now: the stored policy is enforced on every device there is
         sd_notify(f"READY=1\nSTATUS=generation {self.generation} enforced on "
                   f"{len(self.rc.applied().endpoints)} devices")
-        if self.cfg.flow_log is not None:
-            self.flows = FlowLogger(self.dp, self.cfg.flow_log, self.flow_names)
-            self.flows.start()
-            self.dp.retire = self.flows.retire
-            flows = self.flows
-            self._spawn("flowlog", lambda: flows.run(self.stopping))
-            log.info("flow logs to %s, %d s windows", ", ".join(self.cfg.flow_log.outputs),
-                     self.cfg.flow_log.window)
-        else:
-            flowring.switch_off(self.dp)  # a previous daemon's: nobody reads it now
         if self.cfg.metrics is not None:
             try:
                 self.metrics.serve(*self.cfg.metrics)
