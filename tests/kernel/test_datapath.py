@@ -404,6 +404,40 @@ def test_an_image_is_overwritten_or_deleted_only_after_a_grace_period(kernel, te
     assert events.count("grace") >= 4, events  # one after each switch
 
 
+def test_an_endpoint_slot_is_rewritten_only_after_a_grace_period(kernel, test_devs) -> None:
+    """The slot a switch left (or an unbind freed) is written again only
+    once a barrier that started after that switch has ended, even with no
+    background grace period to rely on (types.h, struct sg_ep_ref)."""
+    dp = kernel.dp
+    slots = dp.map("sg_ep_slots")
+    writes: List[str] = []
+    real_update, real_switched = slots.update, dp.switched
+
+    def update(key, val, flags=0):  # type: ignore[no-untyped-def]
+        slot = key.value
+        retired = dp._retired.get(slot)
+        if retired is not None:
+            writes.append("reuse" if dp._covered >= retired else "UNSAFE reuse")
+        return real_update(key, val, flags)
+
+    def switched() -> None:  # the epoch moves, no barrier runs in the background
+        dp._epoch += 1
+
+    slots.update, dp.switched = update, switched  # type: ignore
+    try:
+        rules = [{"proto": "tcp", "ports": "80", "from": "198.18.0.0/16"}]
+        for n, secs in enumerate((100, 101, 102, 103)):  # the endpoint value alone changes
+            kernel.apply(one_interface(device=test_devs[0], ingress=rules,
+                                       timeouts={"tcp_syn": secs}))
+            assert kernel.run("eni-a", "ingress", tin(5000 + n, 80)) == R.ALLOW_NEW
+        kernel.apply(one_interface(device=test_devs[1], ingress=rules))  # unbind dev 0, bind 1
+        kernel.apply(one_interface(device=test_devs[0], ingress=rules))  # and back
+    finally:
+        slots.update, dp.switched = real_update, real_switched  # type: ignore
+    assert not [w for w in writes if w.startswith("UNSAFE")], writes
+    assert writes.count("reuse") >= 3, writes
+
+
 def test_a_device_that_is_not_ethernet_is_refused(kernel) -> None:
     """tun (and wireguard, gre, ...) carry IP without an Ethernet header:
     binding one is refused with the reason, and nothing changes."""
