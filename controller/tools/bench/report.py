@@ -106,8 +106,8 @@ def targets(res: Res) -> List[Tuple[str, str, str, bool]]:
 WHY = {
     "established at": "an established packet needs the endpoint (an index of two array "
                       "lookups) and the conntrack lookup (44-byte key in a large table), plus "
-                      "parsing and the per-CPU counters. Next: a 16-byte IPv4 conntrack key in "
-                      "its own map (~18 ns off each conntrack lookup, design-notes).",
+                      "parsing and the per-CPU counters. A 16-byte IPv4 conntrack key in its "
+                      "own map was built and measured: no gain beyond the noise (design-notes).",
     "denied at": "a denied packet pays the conntrack miss (every SYN could belong to a "
                  "tracked connection), the local-address check and the policy's "
                  "prefix-length entry with its top-16-bit bitmap. A summary that lets a "
@@ -116,7 +116,8 @@ WHY = {
                  "was not kept. Nor were an inline address pair and a coarse prefix bitmap in "
                  "the endpoint value, measured together. Since then the endpoint's hash "
                  "lookup became an index (-17 ns) and one address per family sits in the "
-                 "endpoint value (-30 ns); next: a 16-byte IPv4 conntrack key (design-notes).",
+                 "endpoint value (-30 ns). A 16-byte IPv4 conntrack key did not pay "
+                 "(design-notes).",
     "new connections/s": "every allowed SYN goes on to the instance's own TCP stack, which "
                          "answers it (request socket, SYN-ACK): that work is the same "
                          "behind every filter and bounds all three (~0.3 M/s here); "
@@ -124,13 +125,13 @@ WHY = {
     "established": "the empty program costs ~5 ns on some machines, one hash lookup ~15 ns; "
                    "an established packet needs at least the endpoint (an index: two array "
                    "lookups) and the conntrack lookup (44-byte key) plus parsing and a "
-                   "per-CPU counter. 5x would leave room for one lookup. Next: a shorter "
-                   "IPv4 conntrack key.",
+                   "per-CPU counter. 5x would leave room for one lookup. (A shorter IPv4 "
+                   "conntrack key was measured: no gain.)",
     "denied_near": "a source inside some rule's CIDR pays the conntrack miss (44-byte key), "
                    "the prefix-length entry, one peer lookup per distinct "
                    "prefix length (3 here) and the port check; flat in the rule count. "
-                   "IPv4 peers have a 12-byte key in their own map (-40 ns); next: a "
-                   "16-byte IPv4 conntrack key, ~18 ns a lookup here (design-notes).",
+                   "IPv4 peers have a 12-byte key in their own map (-40 ns); a 16-byte "
+                   "IPv4 conntrack key was measured and did not pay (design-notes).",
     "denied flood >= 90%": "the bare XDP_DROP program costs nothing beyond the generator and "
                            "veth; sgctl's denied path (conntrack miss, endpoint index, address "
                            "compare, prefix bitmap: about 2 lookups, see the table in lookups) "
