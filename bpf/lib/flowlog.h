@@ -2,10 +2,12 @@
  * are counted in their conntrack entry (flow_account); every other logged
  * packet becomes one event in the sg_flow_events ring, at most
  * 1e9 / flow_cost_ns a second per CPU, so a flood cannot bury the
- * controller. The limit is a token bucket in nanoseconds of credit on the
- * coarse clock (it advances a tick, a few ms, at a time; the precise clock
- * cost ~30 ns a packet). What the limit or a full ring holds back is counted
- * per endpoint and reported as SKIPDATA. */
+ * controller, and at most 1e9 / flow_ep_cost_ns of them from one endpoint,
+ * so a flood on one interface cannot silence the others' logs. Each limit
+ * is a token bucket in nanoseconds of credit on the coarse clock (it
+ * advances a tick, a few ms, at a time; the precise clock cost ~30 ns a
+ * packet). What the limits or a full ring hold back is counted per
+ * endpoint and reported as SKIPDATA. */
 #ifndef SG_FLOWLOG_H
 #define SG_FLOWLOG_H
 
@@ -20,8 +22,10 @@ struct sg_flow_budget {
 	__u64 credit_ns;
 };
 
-/* one per CPU: the flow-event budget */
-BPF_PERCPU_ARRAY(sg_flow_budget, struct sg_flow_budget, 1);
+#define SG_FLOW_HOST_BUDGET SG_COUNTER_SLOTS /* the slot after the endpoints' */
+
+/* per CPU: each endpoint slot's flow-event budget, then the host's */
+BPF_PERCPU_ARRAY(sg_flow_budget, struct sg_flow_budget, SG_COUNTER_SLOTS + 1);
 
 static __always_inline __u8 flow_tcp_flags(__u8 tcp)
 {
@@ -45,23 +49,31 @@ static __always_inline void flow_account(struct sg_ct_entry *e, __u8 dir, struct
 	}
 }
 
-/* Is there credit for one more event on this CPU? */
-static __always_inline int flow_budget(struct sg_config *cfg, __u64 now)
+/* Take one event's credit from budget ``slot`` of this CPU, if it has it. */
+static __always_inline int flow_take(__u32 slot, __u64 cost, __u64 burst, __u64 now)
 {
-	__u32 zero = 0;
-	struct sg_flow_budget *b = sg_flow_budget.lookup(&zero);
+	struct sg_flow_budget *b = sg_flow_budget.lookup(&slot);
 	if (!b)
 		return 0;
 	__u64 credit = b->credit_ns + (now - b->last_ns);
-	if (credit > cfg->flow_burst_ns)
-		credit = cfg->flow_burst_ns;
+	if (credit > burst)
+		credit = burst;
 	b->last_ns = now;
-	if (credit < cfg->flow_cost_ns) {
+	if (credit < cost) {
 		b->credit_ns = credit;
 		return 0;
 	}
-	b->credit_ns = credit - cfg->flow_cost_ns;
+	b->credit_ns = credit - cost;
 	return 1;
+}
+
+/* Is there credit for one more event of this endpoint on this CPU? Its own
+ * budget first: an endpoint over its share never draws on the host's. */
+static __always_inline int flow_budget(struct sg_config *cfg, __u32 ep_id, __u64 now)
+{
+	__u32 slot = ep_id < SG_COUNTER_SLOTS ? ep_id : 0;
+	return flow_take(slot, cfg->flow_ep_cost_ns, cfg->flow_ep_burst_ns, now) &&
+	       flow_take(SG_FLOW_HOST_BUDGET, cfg->flow_cost_ns, cfg->flow_burst_ns, now);
 }
 
 static __always_inline void flow_skip(__u32 ep_id)
@@ -86,7 +98,7 @@ static __always_inline void flow_event(struct sg_config *cfg, __u32 ep_id, __u8 
 {
 	struct sg_pkt *p = &s->p;
 	__u64 now = bpf_ktime_get_coarse_ns();
-	if (!flow_budget(cfg, now)) {
+	if (!flow_budget(cfg, ep_id, now)) {
 		flow_skip(ep_id);
 		return;
 	}

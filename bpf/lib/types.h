@@ -277,6 +277,8 @@ struct sg_config {
 	__u32 pad;
 	__u64 flow_cost_ns;   /* flow events: one costs this much credit (1e9 / rate) */
 	__u64 flow_burst_ns;  /* ... and a CPU saves at most this much (burst * cost) */
+	__u64 flow_ep_cost_ns;  /* the same for each interface's own share of a CPU */
+	__u64 flow_ep_burst_ns;
 };
 
 struct sg_counter {

@@ -133,7 +133,7 @@ class ExemptKey(ct.Structure):
 
 class Config(ct.Structure):
     _fields_ = [("now_override", u64), ("flags", u32), ("pad", u32), ("flow_cost_ns", u64),
-                ("flow_burst_ns", u64)]
+                ("flow_burst_ns", u64), ("flow_ep_cost_ns", u64), ("flow_ep_burst_ns", u64)]
 
 
 class Counter(ct.Structure):

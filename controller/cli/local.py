@@ -78,6 +78,7 @@ def daemon(args: argparse.Namespace) -> int:
                 window=args.flow_log_window,
                 encoding=args.flow_log_encoding, rate=args.flow_log_rate,
                 burst=args.flow_log_burst or args.flow_log_rate,
+                interface_rate=args.flow_log_interface_rate,
                 max_bytes=args.flow_log_max_bytes, backups=args.flow_log_backups,
                 account_id=args.flow_log_account_id)
             flow_log.check()

@@ -258,6 +258,9 @@ def parser() -> argparse.ArgumentParser:
     fl.add_argument("--flow-log-encoding", choices=("text", "json"), default="text")
     fl.add_argument("--flow-log-rate", type=int, default=10000,
                     help="flow events per second per CPU the datapath may send")
+    fl.add_argument("--flow-log-interface-rate", type=int, default=0,
+                    help="... of them from one interface, so a flood on one cannot silence "
+                         "the others' logs (default: a quarter of --flow-log-rate)")
     fl.add_argument("--flow-log-burst", type=int, default=0,
                     help="events a CPU may send at once (default: the rate)")
     fl.add_argument("--flow-log-max-bytes", type=int, default=100 << 20,

@@ -15,12 +15,14 @@ def open_ring(dp: Dataplane, on_event: Callable[[abi.FlowEvent], None]) -> bpfsy
     return bpfsys.Ring(f"{dp.pin_dir}/sg_flow_events", on_event, abi.RING_MAPS["sg_flow_events"])
 
 
-def switch_on(dp: Dataplane, rate: int, burst: int) -> None:
+def switch_on(dp: Dataplane, rate: int, burst: int, ep_rate: int, ep_burst: int) -> None:
     """Connection accounting and events on, at most ``rate`` events a second
-    per CPU with bursts of ``burst``."""
-    cost = 10**9 // rate
+    per CPU with bursts of ``burst``, and of them at most ``ep_rate`` (bursts
+    of ``ep_burst``) from one interface."""
+    cost, ep_cost = 10**9 // rate, 10**9 // ep_rate
     dp.set_config(abi.CFG_FLOW_LOG, abi.CFG_FLOW_LOG, flow_cost_ns=cost,
-                  flow_burst_ns=cost * burst)
+                  flow_burst_ns=cost * burst, flow_ep_cost_ns=ep_cost,
+                  flow_ep_burst_ns=ep_cost * ep_burst)
 
 
 def switch_off(dp: Dataplane) -> None:

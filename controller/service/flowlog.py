@@ -113,6 +113,7 @@ class FlowLogConfig:
     encoding: str = "text"  # text | json
     rate: int = 10000  # events per second per CPU
     burst: int = 10000  # events a CPU may send at once after a quiet period
+    interface_rate: int = 0  # of them, per second from one interface (0: a quarter of rate)
     max_bytes: int = 100 << 20  # per file before rotating
     backups: int = 5
     account_id: str = "-"
@@ -129,7 +130,16 @@ class FlowLogConfig:
             raise FlowLogError(f"flow log encoding {self.encoding!r}: must be text or json")
         if self.rate < 1 or self.burst < 1:
             raise FlowLogError("flow log rate and burst must be at least 1 event")
+        if not 0 <= self.interface_rate <= self.rate:
+            raise FlowLogError(f"flow log interface rate {self.interface_rate}: must be 1 to "
+                               f"the host's rate ({self.rate}), or 0 for a quarter of it")
         return fields
+
+    def per_interface(self) -> Tuple[int, int]:
+        """(rate, burst) of one interface's own share of a CPU's events: a
+        burst of as many seconds as the host's."""
+        rate = self.interface_rate or max(1, self.rate // 4)
+        return rate, max(1, self.burst * rate // self.rate)
 
 
 # aggregation key: (ep_id, direction, family, protocol, src, dst, sport, dport, action)
@@ -227,7 +237,7 @@ class FlowLogger:
         self.dp.map("sg_flow_skips")
         self._skips()  # skips from before this logger are not ours to report
         self._scan_conntrack(report=False)  # the baseline: only growth is reported
-        flowring.switch_on(self.dp, self.cfg.rate, self.cfg.burst)
+        flowring.switch_on(self.dp, self.cfg.rate, self.cfg.burst, *self.cfg.per_interface())
         self.window_start = time.time()
 
     def stop(self) -> None:
@@ -434,7 +444,9 @@ class FlowLogger:
     def stats(self) -> Dict[str, Any]:
         return {"outputs": self.cfg.outputs, "window": self.cfg.window,
                 "format": self.fields, "encoding": self.cfg.encoding,
-                "rate_per_cpu": self.cfg.rate, "records": dict(self.records_total),
+                "rate_per_cpu": self.cfg.rate,
+                "interface_rate_per_cpu": self.cfg.per_interface()[0],
+                "records": dict(self.records_total),
                 "events": self.events_total, "skipped": self.skipped_total}
 
     # ------------------------------------------------------------ thread

@@ -11,6 +11,7 @@ sends an exact number (UDP datagrams, raw ICMP, single SYNs)."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import struct
@@ -303,7 +304,8 @@ def test_skipdata_when_an_event_flood_meets_the_rate_limit(topo: Topology,
     log = tmp_path / "flows.log"
     port = free_port()
     daemon.start("--flow-log", str(log), "--flow-log-window", "600", "--flow-log-rate", "100",
-                 "--flow-log-burst", "100", "--metrics-address", f"127.0.0.1:{port}")
+                 "--flow-log-burst", "100", "--flow-log-interface-rate", "100",
+                 "--metrics-address", f"127.0.0.1:{port}")
     with daemon.client() as c:
         web_setup(c, topo, [])
         c.call("FlushFlowLogs", {})
@@ -334,6 +336,45 @@ def test_skipdata_when_an_event_flood_meets_the_rate_limit(topo: Topology,
         assert m[("sgctl_flow_log_events_total", ())] >= logged
         assert c.call("GetFlowLogRecords", {"Filters": [{"Name": "action", "Values": ["REJECT"]}]}
                       )["Records"]
+
+
+def test_a_flood_on_one_interface_leaves_the_others_logs_whole(topo: Topology,
+                                                              daemon: DaemonProc,
+                                                              tmp_path: Path) -> None:
+    """Flow-log events are limited per interface as well as per host. From
+    one CPU: 5000 rejected datagrams to web (its share: 100 events a second,
+    bursts of 100), then 20 rejected ones to cli. cli's are all logged and
+    cli has no SKIPDATA; web's flood is mostly skipped. (With one budget per
+    CPU for every interface, the flood spent it and cli's were skipped.)"""
+    web, cli = topo.instances["web"], topo.instances["cli"]
+    log = tmp_path / "flows.log"
+    daemon.start("--flow-log", str(log), "--flow-log-window", "600", "--flow-log-rate", "1000",
+                 "--flow-log-interface-rate", "100")
+    with daemon.client() as c:
+        web_setup(c, topo, [])
+        gid = c.call("CreateSecurityGroup", {"GroupName": unique("cli"),
+                                             "Description": "cli"})["GroupId"]
+        c.call("CreateNetworkInterface", {
+            "Groups": [gid], "PrivateIpAddress": cli.ip4, "MacAddress": cli.mac,
+            "TagSpecifications": [{"ResourceType": "network-interface", "Tags": [
+                {"Key": "host-interface", "Value": cli.host_dev}]}]})
+        eni = {r["device"]: r["interface"] for r in c.call("DescribeStatus", {})["interfaces"]}
+        c.call("FlushFlowLogs", {})
+        log.write_text("")
+        cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(cpus)})  # the flood and the rest decided on one CPU
+        try:
+            flood = udp_send(cli, web.ip4, 7777, 5000)
+            quiet = udp_send(web, cli.ip4, 8888, 20)
+        finally:
+            os.sched_setaffinity(0, cpus)
+        records = flush_records(daemon, log, V2)
+    at_cli = find(records, interface_id=eni[cli.host_dev], srcport=quiet, action="REJECT")
+    assert at_cli["packets"] == "20"
+    skipped = {r["interface-id"] for r in records if r["log-status"] == "SKIPDATA"}
+    assert eni[web.host_dev] in skipped and eni[cli.host_dev] not in skipped
+    at_web = find(records, interface_id=eni[web.host_dev], srcport=flood, action="REJECT")
+    assert int(at_web["packets"]) < 1000
 
 
 def test_windows_close_by_themselves_idle_interfaces_say_nodata_stdout_too(
@@ -395,7 +436,9 @@ def test_bad_flow_log_settings_are_refused(daemon: DaemonProc) -> None:
     with pytest.raises(FlowLogError, match="not of the form"):
         parse_format("version srcaddr")
     for flags, message in ((("--flow-log-format", "${bogus}"), "unknown field 'bogus'"),
-                           (("--flow-log-window", "601"), "must be 1-600 seconds")):
+                           (("--flow-log-window", "601"), "must be 1-600 seconds"),
+                           (("--flow-log-rate", "100", "--flow-log-interface-rate", "101"),
+                            "interface rate 101: must be 1 to the host's rate (100)")):
         out = daemon.cli("daemon", "--flow-log", "-", *flags)
         assert out.returncode == 2 and message in out.stderr, out.stderr
 

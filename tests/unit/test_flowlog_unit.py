@@ -112,3 +112,9 @@ def test_a_datapath_stamp_becomes_a_wall_time_never_after_the_event() -> None:
     assert event_wall - 1 < clock.of(100) <= event_wall
     assert clock.of(101) <= clock.wall_now  # this second's stamp: not in the future
     assert clock.of(102) == clock.wall_now  # a stamp ahead of the reading (a race): now
+
+
+def test_an_interface_gets_a_share_of_the_host_events_with_as_long_a_burst() -> None:
+    assert FlowLogConfig(rate=10000, burst=20000).per_interface() == (2500, 5000)
+    assert FlowLogConfig(rate=1000, burst=1000, interface_rate=100).per_interface() == (100, 100)
+    assert FlowLogConfig(rate=3, burst=1).per_interface() == (1, 1)  # never below one event
