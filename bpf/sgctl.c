@@ -23,10 +23,10 @@
 #include "lib/addrcheck.h"
 #include "lib/counters.h"
 #include "lib/flowlog.h"
+#include "lib/frags.h"
 
 #define SG_HOOK_XDP 0
 #define SG_HOOK_TC_EGRESS 1
-#define SG_FRAG_TIMEOUT 30
 #define SG_NSEC_PER_SEC 1000000000ULL
 
 static __always_inline __u64 sg_now(struct sg_config *cfg)
@@ -34,16 +34,6 @@ static __always_inline __u64 sg_now(struct sg_config *cfg)
 	if (cfg && cfg->now_override)
 		return cfg->now_override;
 	return bpf_ktime_get_coarse_ns() / SG_NSEC_PER_SEC;
-}
-
-static __always_inline void frag_key_of(struct sg_frag_key *k, __u32 ep_id, struct sg_pkt *p)
-{
-	k->ep_id = ep_id;
-	k->family = p->f.family;
-	k->proto = p->frag_proto;
-	__builtin_memcpy(k->src, p->f.src, 16);
-	__builtin_memcpy(k->dst, p->f.dst, 16);
-	k->id = p->frag_id;
 }
 
 /* Is an ICMP error about a connection of this endpoint, and consistent
@@ -181,8 +171,7 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, struct sg_config *
 	if (p->frag == SG_FRAG_LATER) {  /* (its first fragment passed the checks) */
 		struct sg_frag_key fk = {};
 		frag_key_of(&fk, ep->ep_id, p);
-		__u64 *seen = sg_frags.lookup(&fk);
-		if (seen && sg_now(cfg) - *seen <= SG_FRAG_TIMEOUT)
+		if (frag_known(&fk, sg_now(cfg)))
 			return SG_ALLOW_FRAGMENT;
 		rc = sg_addr_check(ep, dir, p);  /* the more telling reason, when it applies */
 		return rc ? rc : SG_DROP_FRAG_UNKNOWN;
@@ -191,8 +180,7 @@ static __always_inline int sg_verdict(struct sg_endpoint *ep, struct sg_config *
 	if (p->frag == SG_FRAG_FIRST && SG_IS_ALLOWED(rc)) {
 		struct sg_frag_key fk = {};
 		frag_key_of(&fk, ep->ep_id, p);
-		__u64 now = sg_now(cfg);
-		sg_frags.update(&fk, &now);
+		frag_remember(&fk, sg_now(cfg));
 	}
 	return rc;
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
 from typing import Dict, Optional
 
@@ -36,10 +37,12 @@ class KernelRunner:
         return done
 
     def flush(self) -> None:
-        for name in ("sg_conntrack", "sg_frags"):
-            m = self.dp.map(name)
-            for k in m.keys():
-                m.delete(k)
+        m = self.dp.map("sg_conntrack")
+        for k in m.keys():
+            m.delete(k)
+        frags = self.dp.map("sg_frags")
+        n = frags.max_entries
+        frags.update_batch([ct.c_uint32(i) for i in range(n)], [abi.FragSlot()] * n)
 
     def set_clock(self, now: int) -> None:
         self.dp.set_clock(now)

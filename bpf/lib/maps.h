@@ -31,9 +31,6 @@
 #ifndef SG_PORT_MAX
 #define SG_PORT_MAX 4194304
 #endif
-#ifndef SG_FRAG_MAX
-#define SG_FRAG_MAX 65536
-#endif
 #define SG_EP_INDEX_SLOTS 65536 /* a power of two: entries ifindex + k & (SLOTS - 1) ... */
 #define SG_EP_INDEX_TRIES 8     /* ... for k < TRIES (endpoint.h) */
 #define SG_EP_SLOTS (2 * (SG_ENDPOINTS_MAX + 2)) /* two per endpoint id (ids 1..MAX + 1) */
@@ -81,9 +78,9 @@ BPF_TABLE_PINNED("array", __u32, struct sg_ct_key, sg_ct_ring, SG_CT_RING,
 /* per endpoint slot: slots taken and connections evicted */
 BPF_TABLE_PINNED("array", __u32, struct sg_ct_quota, sg_ct_quota, SG_COUNTER_SLOTS,
 		 SG_PIN_DIR "/sg_ct_quota");
-/* first fragments that were allowed: (endpoint, addresses, proto, IP id) -> seconds */
-BPF_TABLE_PINNED("lru_hash", struct sg_frag_key, __u64, sg_frags, SG_FRAG_MAX,
-		 SG_PIN_DIR "/sg_frags");
+/* first fragments that were allowed: SG_FRAG_PER_EP entries per endpoint slot (frags.h) */
+BPF_TABLE_PINNED("array", __u32, struct sg_frag_slot, sg_frags,
+		 SG_COUNTER_SLOTS * SG_FRAG_PER_EP, SG_PIN_DIR "/sg_frags");
 /* infrastructure services and DHCP servers (1.3) -> SG_EXEMPT_* bits */
 BPF_TABLE_PINNED("lpm_trie", struct sg_exempt_key, __u8, sg_exempt_lpm, SG_EXEMPT_MAX,
 		 SG_PIN_DIR "/sg_exempt_lpm", BPF_F_NO_PREALLOC);

@@ -265,6 +265,15 @@ struct sg_frag_key {
 	__u32 id;
 };
 
+/* sg_frags value: an allowed first fragment (frags.h: which entry) */
+#define SG_FRAG_PER_EP 64 /* entries per endpoint slot, a power of two */
+
+struct sg_frag_slot {
+	struct sg_frag_key key;
+	__u32 pad;
+	__u64 seen;           /* seconds */
+};
+
 struct sg_exempt_key {
 	__u32 prefixlen;      /* 32 + address prefix length */
 	__u32 family;

@@ -127,6 +127,26 @@ class FragKey(ct.Structure):
                 ("src", Addr), ("dst", Addr), ("id", u32)]
 
 
+class FragSlot(ct.Structure):
+    _fields_ = [("key", FragKey), ("pad", u32), ("seen", u64)]
+
+
+FRAG_PER_EP = 64  # sg_frags entries per endpoint slot (types.h)
+FRAG_TIMEOUT = 30  # seconds a first fragment lets its datagram's others through (frags.h)
+FRAG_HASH_MUL = 0x01000193
+
+
+def frag_hash(proto: int, frag_id: int, src: bytes, dst: bytes) -> int:
+    """Which of its endpoint's sg_frags entries a datagram takes (frags.h
+    frag_index, less the endpoint's region): addresses as 16 bytes each."""
+    h = (frag_id ^ proto) & 0xFFFFFFFF
+    for i in range(4):
+        for addr in (src, dst):
+            h = ((h ^ int.from_bytes(addr[4 * i:4 * i + 4], "little")) * FRAG_HASH_MUL) \
+                & 0xFFFFFFFF
+    return (h ^ (h >> 16)) & (FRAG_PER_EP - 1)
+
+
 class ExemptKey(ct.Structure):
     _fields_ = [("prefixlen", u32), ("family", u32), ("addr", Addr)]
 
@@ -164,7 +184,7 @@ MAPS = {
     "sg_conntrack": (CtKey, CtEntry),
     "sg_ct_ring": (u32, CtKey),
     "sg_ct_quota": (u32, CtQuota),
-    "sg_frags": (FragKey, u64),
+    "sg_frags": (u32, FragSlot),
     "sg_exempt_lpm": (ExemptKey, u8),
     "sg_local_addrs": (LocalKey, u8),
     "sg_config": (u32, Config),

@@ -19,7 +19,8 @@ follows it:
 - with the source/destination check on, an unspecified source is accepted
   only for DHCP discovery (UDP 68->67) and IPv6 DAD (NS, MLDv2 report);
 - a non-first fragment is allowed if the first fragment of the same datagram
-  (addresses, protocol, IP id) was allowed in the last FRAG_TIMEOUT seconds;
+  (addresses, protocol, IP id) was allowed in the last FRAG_TIMEOUT seconds
+  and no newer datagram of the interface took its entry (abi.frag_hash);
 - the conntrack table counts every entry until it is collected, expired or
   not (the kernel map does); an expired entry is reused by its own key.
 """
@@ -30,7 +31,15 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
-from controller.abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM, ct_ring_slots
+from controller.abi import (
+    CT_CLOSING,
+    CT_ESTABLISHED,
+    CT_NEW,
+    CT_STREAM,
+    FRAG_TIMEOUT,
+    ct_ring_slots,
+    frag_hash,
+)
 from controller.abi.reasons import Reason
 from controller.policy.model import (
     EGRESS,
@@ -66,7 +75,6 @@ ND_RS, ND_RA, ND_NS, ND_NA, ND_REDIRECT, MLD2_REPORT = 133, 134, 135, 136, 137, 
 ND_HOP_LIMIT = 255
 DHCP_PORTS = {4: (67, 68), 6: (547, 546)}  # (server, client)
 DHCP_GROUP = {4: ipaddress.ip_address("255.255.255.255"), 6: ipaddress.ip_address("ff02::1:2")}
-FRAG_TIMEOUT = 30
 SRC_MAC = "02:00:00:00:00:01"  # the Ethernet source of a Packet unless it says otherwise
 ARP = 0x806  # Packet.proto of an ARP frame (IPv4 over Ethernet): src/dst = sender/target
 LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
@@ -227,7 +235,8 @@ class Evaluator:
         self.clock = clock
         self.ct_max = ct_max
         self.ct: Dict[TrackKey, Tracked] = {}
-        self.frags: Dict[tuple, int] = {}
+        # its model of sg_frags: (interface, entry of its region) -> (datagram, time)
+        self.frags: Dict[Tuple[str, int], Tuple[tuple, int]] = {}
         # each interface's half-open ring (bpf/lib/types.h, sg_ct_quota):
         # slot -> key, slots taken, connections evicted
         self.rings: Dict[str, Dict[int, TrackKey]] = {}
@@ -457,18 +466,22 @@ class Evaluator:
             return Verdict(Reason.DROP_NEIGH_SPOOF if pkt.is_arp else Reason.DROP_SRC_SPOOF)
         if pkt.is_arp:  # never filtered by the rules; only its claim is checked
             return Verdict(self.address_check(eni, direction, pkt) or Reason.ALLOW_EXEMPT)
-        frag_key = None
+        frag_key: tuple = ()
+        slot = None
         if pkt.frag_id is not None:
-            frag_key = (eni_id, pkt.family, pkt.proto, pkt.src, pkt.dst, pkt.frag_id)
+            frag_key = (pkt.family, pkt.proto, pkt.src, pkt.dst, pkt.frag_id)
+            slot = (eni_id, frag_hash(pkt.proto, pkt.frag_id, pkt.src.packed.ljust(16, b"\0"),
+                                      pkt.dst.packed.ljust(16, b"\0")))
             if pkt.frag_offset != 0:
-                seen = self.frags.get(frag_key)
-                if seen is not None and self.clock() - seen <= FRAG_TIMEOUT:
+                held = self.frags.get(slot)
+                if held is not None and held[0] == frag_key and \
+                        self.clock() - held[1] <= FRAG_TIMEOUT:
                     return Verdict(Reason.ALLOW_FRAGMENT)
                 return Verdict(self.address_check(eni, direction, pkt)
                                or Reason.DROP_FRAG_UNKNOWN)
         verdict = self._decide(eni, direction, pkt)
-        if frag_key is not None and verdict.allowed:
-            self.frags[frag_key] = self.clock()
+        if slot is not None and verdict.allowed:
+            self.frags[slot] = (frag_key, self.clock())  # a newer datagram replaces an older
         return verdict
 
     def _open(self, key: TrackKey, direction: str, pkt: Packet, exempt: bool,

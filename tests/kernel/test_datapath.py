@@ -10,6 +10,7 @@ import ctypes as ct
 import ipaddress
 import socket
 import sys
+from dataclasses import replace
 from typing import Any, Dict, List
 
 import pytest
@@ -161,6 +162,41 @@ def test_allowance_reclaims_the_oldest_half_open_of_the_same_interface(kernel, t
     assert half_open(kernel, ep_b) == [8]  # B's own half-open one is B's
     q = quota.lookup(ct.c_uint32(ep_a))
     assert (q.next - before.next, q.evicted - before.evicted) == (1 + 3 * allow, 2 * allow)
+
+
+def test_a_flood_of_first_fragments_displaces_only_its_own_interfaces(kernel, test_devs) -> None:
+    """frags.h: an interface remembers its allowed first fragments in entries
+    of its own. After A takes 20 times its entries' worth of allowed first
+    fragments, B's datagram still lets its later fragment through; A's
+    oldest datagram lost its entry to a newer one of A's, as the evaluator
+    predicts, and A's newest still has its entry."""
+    state = one_interface(device=test_devs[0], ingress=[
+        {"proto": "udp", "ports": 53, "from": "198.18.0.0/15"}],
+        others={"eni-b": {"groups": ["sg-a"], "ipv4": ["198.18.0.11"], "device": test_devs[1]}})
+    kernel.apply(state)
+    clock = {"now": 1000}
+    kernel.set_clock(clock["now"])
+    oracle = Evaluator(state, clock=lambda: clock["now"])
+    b_local = ipaddress.ip_address("198.18.0.11")
+
+    def both(eni: str, pkt: P) -> R:
+        got = kernel.run(eni, "ingress", pkt)
+        assert oracle.packet(eni, "ingress", pkt).reason == got, pkt
+        return got
+
+    def first(frag_id: int, **kw: Any) -> P:
+        return replace(uin(5000, 53, **kw), frag_id=frag_id, more_fragments=True)
+
+    def later(frag_id: int, **kw: Any) -> P:
+        return replace(uin(5000, 53, **kw), frag_id=frag_id, frag_offset=1480)
+
+    assert both("eni-b", first(7, dst=b_local)).allowed
+    flood = range(1000, 1000 + 20 * abi.FRAG_PER_EP)
+    for i in flood:
+        assert both("eni-a", first(i)).allowed
+    assert both("eni-b", later(7, dst=b_local)) == R.ALLOW_FRAGMENT
+    assert both("eni-a", later(flood[-1])) == R.ALLOW_FRAGMENT
+    assert both("eni-a", later(flood[0])) == R.DROP_FRAG_UNKNOWN
 
 
 def test_policy_change_keeps_tracked_cuts_untracked(kernel, test_devs) -> None:
