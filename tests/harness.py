@@ -8,6 +8,7 @@ from typing import Dict, Optional
 
 from controller import abi
 from controller.abi.reasons import Reason
+from controller.kernel import conntrack
 from controller.kernel.counters import reason_packets
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.frames import frame
@@ -37,9 +38,7 @@ class KernelRunner:
         return done
 
     def flush(self) -> None:
-        m = self.dp.map("sg_conntrack")
-        for k in m.keys():
-            m.delete(k)
+        conntrack.flush(self.dp)  # (counted: the connection limits count on it)
         frags = self.dp.map("sg_frags")
         n = frags.max_entries
         frags.update_batch([ct.c_uint32(i) for i in range(n)], [abi.FragSlot()] * n)

@@ -132,14 +132,11 @@ static __always_inline int ct_fresh_syn(struct sg_pkt *p, struct sg_ct_entry *e)
 /* Give a new connection the next slot of its interface's half-open range,
  * deleting the slot's connection if it is still half-open there (types.h,
  * sg_ct_quota). */
-static __always_inline void ct_claim_slot(struct sg_endpoint *ep, struct sg_ct_key *k,
-					  struct sg_ct_entry *e)
+static __always_inline void ct_claim_slot(struct sg_endpoint *ep, struct sg_ct_quota *q,
+					  struct sg_ct_key *k, struct sg_ct_entry *e)
 {
-	__u32 size = ep->ring_size, idx = ep->ep_id;
+	__u32 size = ep->ring_size;
 	if (!size)
-		return;
-	struct sg_ct_quota *q = sg_ct_quota.lookup(&idx);
-	if (!q)
 		return;
 	__u32 slot = ep->ring_base + (__u32)(__sync_fetch_and_add(&q->next, 1) % size);
 	struct sg_ct_key *held = sg_ct_ring.lookup(&slot);
@@ -154,6 +151,19 @@ static __always_inline void ct_claim_slot(struct sg_endpoint *ep, struct sg_ct_k
 	}
 	__builtin_memcpy(held, k, sizeof(*k));
 	e->slot = slot + 1;
+}
+
+/* Does the interface hold its limit of connections (types.h, sg_ct_quota)?
+ * Signed: a count that lags below zero is no count at all. */
+static __always_inline int ct_at_limit(struct sg_endpoint *ep, struct sg_ct_quota *q)
+{
+	__u32 idx = ep->ep_id;
+	if (!ep->ct_limit)
+		return 0;
+	__u64 *removed = sg_ct_removed.lookup(&idx);
+	if (!removed)
+		return 0;
+	return (__s64)(q->created - q->evicted - *removed) >= (__s64)ep->ct_limit;
 }
 
 /* Create (or reuse an expired/closing) entry. Returns 0 or SG_DROP_CT_FULL. */
@@ -176,10 +186,18 @@ static __always_inline int ct_create(struct sg_ct_key *k, int exists, __u8 dir, 
 	if (p->f.proto == SG_IPPROTO_TCP)
 		e.tcp_flags[dir & 1] = flow_tcp_flags(p->tcp_flags);
 	ct_update(&e, dir, p, now);
-	ct_claim_slot(ep, k, &e);
+	__u32 idx = ep->ep_id;
+	struct sg_ct_quota *q = sg_ct_quota.lookup(&idx);  /* none past SG_COUNTER_SLOTS */
+	if (q) {
+		ct_claim_slot(ep, q, k, &e);
+		if (!exists && ct_at_limit(ep, q))
+			return SG_DROP_CT_FULL;
+	}
 	int err = exists ? sg_conntrack.update(k, &e) : sg_conntrack.insert(k, &e);
 	if (err && err != -17 /* EEXIST: another CPU created it first */)
 		return SG_DROP_CT_FULL;
+	if (q && !exists && !err)
+		__sync_fetch_and_add(&q->created, 1);
 	return 0;
 }
 

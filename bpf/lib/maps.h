@@ -75,9 +75,12 @@ BPF_TABLE_PINNED("hash", struct sg_ct_key, struct sg_ct_entry, sg_conntrack, SG_
 /* the interfaces' half-open allowances (types.h, sg_ct_quota): slot -> key */
 BPF_TABLE_PINNED("array", __u32, struct sg_ct_key, sg_ct_ring, SG_CT_RING,
 		 SG_PIN_DIR "/sg_ct_ring");
-/* per endpoint slot: slots taken and connections evicted */
+/* per endpoint slot: slots taken, connections evicted and created */
 BPF_TABLE_PINNED("array", __u32, struct sg_ct_quota, sg_ct_quota, SG_COUNTER_SLOTS,
 		 SG_PIN_DIR "/sg_ct_quota");
+/* per endpoint slot: its connections the controller deleted (types.h, sg_ct_quota) */
+BPF_TABLE_PINNED("array", __u32, __u64, sg_ct_removed, SG_COUNTER_SLOTS,
+		 SG_PIN_DIR "/sg_ct_removed");
 /* first fragments that were allowed: SG_FRAG_PER_EP entries per endpoint slot (frags.h) */
 BPF_TABLE_PINNED("array", __u32, struct sg_frag_slot, sg_frags,
 		 SG_COUNTER_SLOTS * SG_FRAG_PER_EP, SG_PIN_DIR "/sg_frags");

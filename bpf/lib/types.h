@@ -47,10 +47,21 @@
  * connection that has seen traffic both ways (SG_CT_ESTABLISHED or later;
  * for TCP: the origin spoke after the reply, the handshake's ACK) is never
  * evicted. Two CPUs taking slots at once may each evict; the bound holds
- * per slot. */
+ * per slot.
+ *
+ * An interface also holds at most sg_endpoint.ct_limit connections in all
+ * (half-open or not), so one interface's two-way flows cannot fill the
+ * host's table. Its count is kept by whoever adds or deletes its entries:
+ * created - evicted (the datapath's, here) - sg_ct_removed (the
+ * controller's deletions: GC, flush, cuts). A new connection past the
+ * limit is dropped (SG_DROP_CT_FULL) after the ring reclaimed its oldest
+ * half-open one, if it had one. The count can lag by the rare entry the
+ * GC deletes while a packet revives it (then uncounted): small, and only
+ * ever in the interface's favour. */
 struct sg_ct_quota {
 	__u64 next;           /* slots taken so far (atomic) */
 	__u64 evicted;        /* half-open connections deleted to make room (atomic) */
+	__u64 created;        /* entries of new keys inserted (atomic) */
 };
 
 /* sg_ct_entry.fin for UDP: the origin spoke again after the reply (the
@@ -95,6 +106,7 @@ struct sg_endpoint {
 	__be32 addr4;         /* one of its IPv4 addresses (0: none) and one of its */
 	__be32 addr6[4];      /* IPv6 (zero: none): the address check compares them
 			       * before it looks in sg_local_addrs (addrcheck.h) */
+	__u32 ct_limit;       /* connections it may hold in all (0: no limit; sg_ct_quota) */
 };
 
 /* sg_ep_index value: which sg_ep_slots entry holds the endpoint of device

@@ -51,7 +51,7 @@ class Endpoint(ct.Structure):
     _fields_ = [("ep_id", u32), ("policy_id", u32), ("mode", u8), ("flags", u8),
                 ("open_all", u16), ("world_class", u32 * 4), ("timeouts", u32 * 7),
                 ("addr_id", u32), ("mac", u8 * 6), ("pad", u16), ("ring_base", u32),
-                ("ring_size", u32), ("addr4", u32), ("addr6", u32 * 4)]
+                ("ring_size", u32), ("addr4", u32), ("addr6", u32 * 4), ("ct_limit", u32)]
 
 
 class EpRef(ct.Structure):
@@ -119,7 +119,7 @@ class CtEntry(ct.Structure):
 
 
 class CtQuota(ct.Structure):
-    _fields_ = [("next", u64), ("evicted", u64)]
+    _fields_ = [("next", u64), ("evicted", u64), ("created", u64)]
 
 
 class FragKey(ct.Structure):
@@ -184,6 +184,7 @@ MAPS = {
     "sg_conntrack": (CtKey, CtEntry),
     "sg_ct_ring": (u32, CtKey),
     "sg_ct_quota": (u32, CtQuota),
+    "sg_ct_removed": (u32, u64),
     "sg_frags": (u32, FragSlot),
     "sg_exempt_lpm": (ExemptKey, u8),
     "sg_local_addrs": (LocalKey, u8),

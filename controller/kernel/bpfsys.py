@@ -179,18 +179,24 @@ class Map:
         _check(rc, f"batch update {os.path.basename(self.path)} ({count.value}/{len(keys)} done)")
 
     def delete_many(self, keys: List[Any]) -> int:
-        """Delete keys (BPF_MAP_DELETE_BATCH where possible); missing ones are fine."""
+        """Delete keys (BPF_MAP_DELETE_BATCH where possible); missing ones are
+        fine. Returns how many there were."""
+        return len(self.delete_keys(keys))
+
+    def delete_keys(self, keys: List[Any]) -> List[Any]:
+        """``delete_many``, returning the keys that were there."""
         if not keys:
-            return 0
+            return []
         karr = (self.key_t * len(keys))(*keys)
         fn = lib().bpf_map_delete_batch
         fn.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
         count = ct.c_uint32(len(keys))
         if fn(self.fd, karr, ct.byref(count), None) == 0:
-            return len(keys)
-        # a missing key stops the batch (ENOENT) or the map has no batch op: one by one
+            return list(keys)
+        # a missing key stops the batch (ENOENT) or the map has no batch op: one by
+        # one from there (the batch's count is of the keys it deleted)
         done = count.value
-        return done + sum(self.delete(k) for k in keys[done:])
+        return list(keys[:done]) + [k for k in keys[done:] if self.delete(k)]
 
     def batch_items(self, chunk: int = 4096) -> Iterator[Tuple[Any, Any]]:
         """All entries with BPF_MAP_LOOKUP_BATCH: one syscall per ``chunk``

@@ -13,12 +13,14 @@ import ctypes as ct
 import ipaddress
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from controller import abi
 from controller.abi import CT_CLOSING, CT_ESTABLISHED, CT_NEW, CT_STREAM
 from controller.abi.reasons import Reason
+from controller.kernel import counters
 from controller.kernel.counters import ct_evicted
 from controller.kernel.dataplane import Dataplane
 from controller.policy.evaluator import Evaluator
@@ -121,10 +123,14 @@ def connections(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> List[C
 
 def _delete(dp: Dataplane, doomed: List[Tuple[abi.CtKey, abi.CtEntry]]) -> int:
     """Delete entries (one BPF_MAP_DELETE_BATCH); ``dp.retire`` (the flow
-    logger, when there is one) sees their last values first."""
+    logger, when there is one) sees their last values first. Each endpoint's
+    deleted entries are added to its sg_ct_removed count (bpf/lib/types.h,
+    sg_ct_quota), which its connection limit counts on."""
     if dp.retire is not None and doomed:
         dp.retire(doomed)
-    return dp.map("sg_conntrack").delete_many([k for k, _ in doomed])
+    gone = dp.map("sg_conntrack").delete_keys([k for k, _ in doomed])
+    counters.count_removed(dp, Counter(int(k.ep_id) for k in gone))
+    return len(gone)
 
 
 def flush(dp: Dataplane, ep_ids: Optional[Iterable[int]] = None) -> int:
@@ -234,21 +240,27 @@ def _expired(t: Timeouts, k: abi.CtKey, e: abi.CtEntry, now: int) -> bool:
 
 
 def allowance(dp: Dataplane, live: Dict[int, int], half_open: Dict[int, int], ep_id: int,
-              ring: Tuple[int, int], counters: Dict[Tuple[str, str], Tuple[int, int]]
-              ) -> Dict[str, int]:
+              ring: Tuple[int, int], counters: Dict[Tuple[str, str], Tuple[int, int]],
+              limit: int = 0) -> Dict[str, int]:
     """AWS-named figures for one interface (at the last GC). Its allowance
-    bounds its half-open connections (``ring``: its slots); ``available``
-    is what it can still open without reclaiming one, within what is left
-    of the shared table. ``exceeded`` counts its packets dropped because
-    the table was full (``counters``: its endpoint_counters, already read by
-    the caller); ``evicted``, its half-open connections deleted to make room
+    bounds its half-open connections (``ring``: its slots) and ``limit``
+    all of them; ``available`` is what it can still open without reclaiming
+    a half-open one, within its limit and what is left of the shared table.
+    ``exceeded`` counts its packets dropped because its limit or the table
+    was reached (``counters``: its endpoint_counters, already read by the
+    caller); ``evicted``, its half-open connections deleted to make room
     for newer ones."""
     exceeded = sum(p for (_, r), (p, _) in counters.items() if r == Reason.DROP_CT_FULL.label)
-    left = max(0, dp.ct_max - sum(live.values()))
+    mine = live.get(ep_id, 0)
+    available = max(0, dp.ct_max - sum(live.values()))
+    if limit:
+        available = min(available, max(0, limit - mine))
     size = ring[1]
-    return {"conntrack_entries": live.get(ep_id, 0),
+    if size:
+        available = min(available, max(0, size - half_open.get(ep_id, 0)))
+    return {"conntrack_entries": mine,
+            "conntrack_limit": limit,
             "conntrack_allowance": size,
-            "conntrack_allowance_available":
-                min(left, max(0, size - half_open.get(ep_id, 0))) if size else left,
+            "conntrack_allowance_available": available,
             "conntrack_allowance_exceeded": exceeded,
             "conntrack_half_open_evicted": ct_evicted(dp, ep_id)}

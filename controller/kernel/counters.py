@@ -7,7 +7,7 @@ tests read every verdict through them)."""
 from __future__ import annotations
 
 import ctypes as ct
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Mapping, Tuple
 
 from controller import abi
 from controller.abi.reasons import Reason
@@ -34,7 +34,22 @@ def reset_counters(dp: Dataplane, ep_id: int) -> None:
     for i in range(verdict_index(ep_id, 0, 0), verdict_index(ep_id, 1, abi.REASON_MAX - 1) + 1):
         verdicts.update(ct.c_uint32(i), (abi.Counter * verdicts.ncpu)())
     skips.update(ct.c_uint32(ep_id), (ct.c_uint64 * skips.ncpu)())
-    dp.map("sg_ct_quota").update(ct.c_uint32(ep_id), abi.CtQuota())
+    with dp.ct_removed_lock:  # its connection count starts at zero with it (types.h)
+        dp.map("sg_ct_quota").update(ct.c_uint32(ep_id), abi.CtQuota())
+        dp.map("sg_ct_removed").update(ct.c_uint32(ep_id), ct.c_uint64(0))
+
+
+def count_removed(dp: Dataplane, removed: Mapping[int, int]) -> None:
+    """Add connections the controller deleted (ep_id -> how many) to their
+    endpoints' sg_ct_removed counts. The controller is their one writer;
+    the lock orders its threads."""
+    m = dp.map("sg_ct_removed")
+    with dp.ct_removed_lock:
+        for ep_id, n in removed.items():
+            if 0 < ep_id < abi.COUNTER_SLOTS and n:
+                key = ct.c_uint32(ep_id)
+                had = m.lookup(key)
+                m.update(key, ct.c_uint64((int(had.value) if had is not None else 0) + n))
 
 
 def ct_evicted(dp: Dataplane, ep_id: int) -> int:

@@ -90,6 +90,8 @@ class Dataplane:
         self._covered = 0  # the epoch the last completed barrier covers
         self._retired: Dict[int, int] = {}  # sg_ep_slots slot -> epoch it was retired in
         self._ep_index: Optional[bpfsys.MappedWords] = None
+        # orders the controller's writes of sg_ct_removed (counters.count_removed)
+        self.ct_removed_lock = threading.Lock()
 
     # ------------------------------------------------------------ programs
 

@@ -486,10 +486,13 @@ class Evaluator:
 
     def _open(self, key: TrackKey, direction: str, pkt: Packet, exempt: bool,
               dhcp: bool = False) -> bool:
-        """Start tracking (False: the table is full). The connection first
-        takes the next slot of its interface's half-open ring, deleting the
-        slot's connection if that is still half-open."""
+        """Start tracking (False: the interface holds its limit of
+        connections, or the table is full). The connection first takes the
+        next slot of its interface's half-open ring, deleting the slot's
+        connection if that is still half-open."""
         slot = self._claim_slot(key)
+        if key not in self.ct and sum(k[0] == key[0] for k in self.ct) >= self.limit():
+            return False
         if key not in self.ct and len(self.ct) >= self.ct_max:
             return False
         entry = Tracked(origin=direction, state=CT_NEW, last_seen=self.clock(), exempt=exempt,
@@ -499,6 +502,11 @@ class Evaluator:
         self.ct[key] = entry
         self.ct_update(entry, direction, pkt)
         return True
+
+    def limit(self) -> int:
+        """Connections each interface may hold in all (as plan gives it)."""
+        return self.state.settings.connection_limit(self.ct_max,
+                                                    len(self.state.bound_interfaces()))
 
     def allowance(self) -> int:
         """Half-open connections each interface may hold (as plan.rings gives them)."""

@@ -452,6 +452,16 @@ class Settings:
     # half-open connections each interface may hold (0: the host's half-open
     # share of the table divided among the bound interfaces)
     conntrack_allowance: int = 0
+    # connections each interface may hold in all (0: half the table, the
+    # whole of it for a lone interface)
+    conntrack_limit: int = 0
+
+    def connection_limit(self, ct_max: int, interfaces: int) -> int:
+        """Connections each of ``interfaces`` bound interfaces may hold: no
+        one interface fills the table the others need (never above it)."""
+        if self.conntrack_limit:
+            return min(self.conntrack_limit, ct_max)
+        return ct_max if interfaces <= 1 else ct_max // 2
 
     def half_open_allowance(self, slots: int, interfaces: int) -> int:
         """Each of ``interfaces`` bound interfaces' share of ``slots``

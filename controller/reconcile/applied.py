@@ -21,6 +21,7 @@ class EndpointRecord:
     check: bool  # source/destination check
     xdp_mode: Optional[str] = None  # "drv" or "skb", once attached here
     ring: Tuple[int, int] = (0, 0)  # its half-open allowance: (first slot, slots)
+    ct_limit: int = 0  # connections it may hold in all (0: no limit)
 
     def as_json(self) -> Dict[str, Any]:
         return asdict(self)

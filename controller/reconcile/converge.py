@@ -86,7 +86,7 @@ class Reconciler:
     def kernel_view(self) -> KernelView:
         eps = kernel_endpoints(self.dp)
         return KernelView(images=frozenset(self.dp.written.policies.images),
-                          ct_ring=self.dp.ct_ring,
+                          ct_ring=self.dp.ct_ring, ct_max=self.dp.ct_max,
                           ep_ids=frozenset(int(v.ep_id) for v in eps.values()),
                           max_policy_id=max((int(v.policy_id) for v in eps.values()), default=0))
 
@@ -148,7 +148,8 @@ class Reconciler:
             rec = policies[ep.record.policy]
             values[ep.record.ifindex] = endpoint_value(
                 ep.record.ep_id, rec.active, ep.record.mode, rec.open_all, rec.world,
-                ep.timeouts, ep.record.check, ep.mac, ep.record.ring, ep.inline)
+                ep.timeouts, ep.record.check, ep.mac, ep.record.ring, ep.inline,
+                ep.record.ct_limit)
         add_local(dp, p.local)
         switched = False
         try:
@@ -230,9 +231,12 @@ class Reconciler:
             used |= {int(v.ep_id) for v in kernel_endpoints(dp).values()}
             ep_id = free_ep_id(used)
             counters.reset_counters(dp, ep_id)
+            # the connection limit the others have (the converge that follows sets its own)
+            limit = min((e.ct_limit for e in applied.endpoints.values() if e.ct_limit),
+                        default=0) if ep_id < abi.COUNTER_SLOTS else 0
             val = endpoint_value(ep_id, rec.active, eni.mode, rec.open_all, rec.world,
                                  eni.timeouts, eni.source_dest_check, eni.mac_address,
-                                 inline=inline_addresses(eni))
+                                 inline=inline_addresses(eni), ct_limit=limit)
             add_local(dp, local_keys_of(eni, ep_id))
             write_endpoint(dp, idx, val)
             try:
@@ -244,7 +248,7 @@ class Reconciler:
         applied.endpoints[eni.eni_id] = EndpointRecord(
             ifindex=idx, ep_id=ep_id, device=eni.device, mode=eni.mode,
             policy=",".join(eni.groups), own=sorted(str(a) for a in eni.own_addresses()),
-            check=eni.source_dest_check, xdp_mode=mode)
+            check=eni.source_dest_check, xdp_mode=mode, ct_limit=limit)
         if eni.eni_id in applied.summary:
             applied.summary[eni.eni_id].pending = False
         return True

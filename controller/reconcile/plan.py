@@ -55,6 +55,7 @@ class KernelView:
     ep_ids: FrozenSet[int] = frozenset()  # endpoint ids the kernel's endpoints hold
     max_policy_id: int = 0  # the highest policy id a kernel endpoint names
     ct_ring: int = 0  # half-open slots to share out among the interfaces (sg_ct_ring)
+    ct_max: int = 0  # the conntrack table's size
 
 
 @dataclass
@@ -273,8 +274,10 @@ def plan(state: State, host: HostDevices, applied: Applied,
             cut[ep_id] = {a.packed for a in addrs}  # connections on lost addresses go
 
     ring = rings([ep.record.ep_id for ep in endpoints], kernel.ct_ring, state.settings)
+    limit = state.settings.connection_limit(kernel.ct_max, len(endpoints))
     for ep in endpoints:
         ep.record.ring = ring.get(ep.record.ep_id, (0, 0))
+        ep.record.ct_limit = limit if ep.record.ep_id < abi.COUNTER_SLOTS else 0
 
     # 3. endpoints that went away; 4. policy ids nobody uses any more
     now = {p.eni_id: p.record for p in endpoints}

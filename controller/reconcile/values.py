@@ -17,11 +17,13 @@ def endpoint_value(ep_id: int, policy_id: int, mode: str, open_all: int,
                    world: Dict[WorldKey, int], timeouts: Timeouts,
                    source_dest_check: bool = True, mac: Optional[str] = None,
                    ring: Tuple[int, int] = (0, 0),
-                   inline: Tuple[bytes, bytes] = (b"", b"")) -> abi.Endpoint:
+                   inline: Tuple[bytes, bytes] = (b"", b""), ct_limit: int = 0) -> abi.Endpoint:
     """The sg_endpoints value; ``world``: (dir index, family) -> world class;
     ``ring``: its half-open allowance (first slot, slots); ``inline``: the
-    IPv4 and IPv6 address the value holds (``inline_addresses``)."""
+    IPv4 and IPv6 address the value holds (``inline_addresses``);
+    ``ct_limit``: the connections it may hold in all."""
     val = abi.Endpoint(ep_id=ep_id, policy_id=policy_id, ring_base=ring[0], ring_size=ring[1],
+                       ct_limit=ct_limit,
                        mode=abi.MODE_HOST if mode == MODE_HOST else abi.MODE_WORKLOAD,
                        open_all=open_all, addr_id=ep_id,
                        flags=(abi.EP_SRC_CHECK if source_dest_check else 0) |

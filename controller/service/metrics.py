@@ -7,6 +7,7 @@ custom collector), so there is no second bookkeeping to drift:
   verdict, reason}: every packet of a bound interface, by the named reason
   the datapath gave it (verdict ACCEPT or REJECT);
 - sgctl_conntrack_entries {interface}, sgctl_conntrack_allowance {interface},
+  sgctl_conntrack_limit {interface},
   sgctl_conntrack_allowance_available {interface},
   sgctl_conntrack_allowance_exceeded_total {interface},
   sgctl_conntrack_half_open_evicted_total {interface}: from the last
@@ -112,25 +113,31 @@ class SgctlCollector(Collector):
                                     "pass)", labels=["interface"])
         allowed = GaugeMetricFamily("sgctl_conntrack_allowance", "Half-open connections the "
                                     "interface may hold", labels=["interface"])
+        limits = GaugeMetricFamily("sgctl_conntrack_limit", "Connections the interface may "
+                                   "hold in all (0: no limit)", labels=["interface"])
         avail = GaugeMetricFamily("sgctl_conntrack_allowance_available", "Connections the "
                                   "interface can still open without reclaiming a half-open "
-                                  "one (within the host's shared table)", labels=["interface"])
+                                  "one (within its limit and the host's shared table)",
+                                  labels=["interface"])
         evicted = CounterMetricFamily("sgctl_conntrack_half_open_evicted", "Half-open "
                                       "connections deleted to make room for newer ones of the "
                                       "same interface", labels=["interface"])
         exceeded = CounterMetricFamily("sgctl_conntrack_allowance_exceeded", "Packets of new "
-                                       "flows dropped because the table was full",
+                                       "flows dropped because its limit or the table was "
+                                       "full",
                                        labels=["interface"])
         live = snap.live or {}
         for eni, ep in sorted(endpoints.items()):
-            fig = allowance(dp, live, snap.half_open, ep.ep_id, ep.ring, counters[eni])
+            fig = allowance(dp, live, snap.half_open, ep.ep_id, ep.ring, counters[eni], ep.ct_limit)
             entries.add_metric([eni], fig["conntrack_entries"])
             allowed.add_metric([eni], fig["conntrack_allowance"])
+            limits.add_metric([eni], fig["conntrack_limit"])
             evicted.add_metric([eni], fig["conntrack_half_open_evicted"])
             avail.add_metric([eni], fig["conntrack_allowance_available"])
             exceeded.add_metric([eni], fig["conntrack_allowance_exceeded"])
         yield entries
         yield allowed
+        yield limits
         yield avail
         yield exceeded
         yield evicted

@@ -29,7 +29,8 @@ def report(dp: Dataplane, applied: Applied, live: Optional[Dict[int, int]] = Non
                "counters": {f"{d}/{r}": {"packets": p, "bytes": b}
                             for (d, r), (p, b) in sorted(counters.items())}}
         if live is not None and ep:
-            row.update(allowance(dp, live, half_open or {}, ep.ep_id, ep.ring, counters))
+            row.update(allowance(dp, live, half_open or {}, ep.ep_id, ep.ring, counters,
+                                 ep.ct_limit))
         rows.append(row)
     desired = applied.desired or {}
     return {"interfaces": rows,

@@ -199,6 +199,57 @@ def test_a_flood_of_first_fragments_displaces_only_its_own_interfaces(kernel, te
     assert both("eni-a", later(flood[0])) == R.DROP_FRAG_UNKNOWN
 
 
+def test_an_interface_holds_at_most_its_limit_of_connections(kernel, test_devs) -> None:
+    """types.h, sg_ct_quota: A's two-way connections stop at its limit (new
+    ones dropped and counted, B unaffected); every way they are deleted
+    (flush, GC) gives the room back; at the limit, a half-open connection
+    makes way for a new one. The evaluator agrees step by step."""
+    from controller.kernel import conntrack
+
+    limit = 8
+    state = one_interface(device=test_devs[0], ingress=[
+        {"proto": "tcp", "ports": 80, "from": "198.18.0.0/15"}], egress=[
+        {"proto": "udp", "ports": "1-65535", "to": "198.18.1.0/24"}],
+        others={"eni-b": {"groups": ["sg-a"], "ipv4": ["198.18.0.11"], "device": test_devs[1]}},
+        settings={"conntrack_limit": limit, "conntrack_allowance": limit})
+    kernel.apply(state)
+    clock = {"now": 1000}
+    kernel.set_clock(clock["now"])
+    oracle = Evaluator(state, clock=lambda: clock["now"])
+    ep_a = kernel.endpoints["eni-a"].ep_id
+    b_local = ipaddress.ip_address("198.18.0.11")
+
+    def both(eni: str, direction: str, pkt: P) -> R:
+        got = kernel.run(eni, direction, pkt)
+        assert oracle.packet(eni, direction, pkt).reason == got, (eni, direction, pkt)
+        return got
+
+    def two_way(port: int) -> R:
+        got = both("eni-a", "egress", uout(10000, port))
+        if got == R.ALLOW_NEW:
+            assert both("eni-a", "ingress", uin(port, 10000)) == R.ALLOW_ESTABLISHED
+        return got
+
+    assert [two_way(p) for p in range(1, limit + 1)] == [R.ALLOW_NEW] * limit
+    assert two_way(limit + 1) == R.DROP_CT_FULL
+    assert both("eni-a", "ingress", uin(1, 10000)) == R.ALLOW_ESTABLISHED  # none evicted
+    assert both("eni-b", "egress", uout(7, 7, src=b_local)) == R.ALLOW_NEW
+    # a flush gives the room back (the controller counts what it deletes)
+    assert conntrack.flush(kernel.dp, [ep_a]) == limit
+    oracle.ct = {k: e for k, e in oracle.ct.items() if k[0] != "eni-a"}
+    assert [two_way(p) for p in range(1, limit + 1)] == [R.ALLOW_NEW] * limit
+    assert two_way(limit + 1) == R.DROP_CT_FULL
+    # ... and so does the GC, once they expired
+    clock["now"] += 181
+    kernel.set_clock(clock["now"])
+    assert conntrack.gc(kernel.dp).removed >= limit
+    oracle.ct = {k: e for k, e in oracle.ct.items() if k[0] != "eni-a"}
+    # half-open ones: the ring reclaims the oldest, so a new one still gets in
+    for i in range(limit + 3):
+        assert both("eni-a", "ingress", tin(20000 + i, 80)) == R.ALLOW_NEW
+    assert half_open(kernel, ep_a) == list(range(20003, 20000 + limit + 3))
+
+
 def test_policy_change_keeps_tracked_cuts_untracked(kernel, test_devs) -> None:
     """1.4: rule removal -- tracked connections survive, untracked flows stop."""
     dev = test_devs[0]

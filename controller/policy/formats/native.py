@@ -100,7 +100,7 @@ def load(doc: Dict[str, Any]) -> State:
     sets = mapping(doc.get("settings"), "settings", "settings")
     _check_keys(sets, ("exempt", "exempt_dhcp", "dhcp_servers", "exempt_force",
                        "max_groups_per_interface", "max_rules_per_interface",
-                       "conntrack_allowance"), "settings")
+                       "conntrack_allowance", "conntrack_limit"), "settings")
     settings = Settings()
     if "exempt" in sets:
         settings.exempt = [parse_cidr(c, "settings", f"exempt[{i}]")
@@ -116,7 +116,7 @@ def load(doc: Dict[str, Any]) -> State:
     if "exempt_force" in sets:
         settings.exempt_force = parse_bool(sets["exempt_force"], "settings", "exempt_force")
     for k, least in (("max_groups_per_interface", 1), ("max_rules_per_interface", 1),
-                     ("conntrack_allowance", 0)):  # (conntrack_allowance 0: automatic)
+                     ("conntrack_allowance", 0), ("conntrack_limit", 0)):  # (0: automatic)
         if k in sets:
             if not isinstance(sets[k], int) or isinstance(sets[k], bool) or sets[k] < least:
                 raise ValidationError("settings", k, f"{sets[k]!r} must be a positive integer"
@@ -293,6 +293,7 @@ def dump(state: State, cache: Optional[SpecCache] = None) -> Dict[str, Any]:
                        "exempt_force": state.settings.exempt_force,
                        "max_groups_per_interface": state.settings.max_groups_per_interface,
                        "max_rules_per_interface": state.settings.max_rules_per_interface,
-                       "conntrack_allowance": state.settings.conntrack_allowance}
+                       "conntrack_allowance": state.settings.conntrack_allowance,
+                       "conntrack_limit": state.settings.conntrack_limit}
     return out
 

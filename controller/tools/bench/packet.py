@@ -31,7 +31,7 @@ import tempfile
 from typing import Any, Dict, List
 
 from controller import abi
-from controller.kernel import bpfsys
+from controller.kernel import bpfsys, conntrack
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.frames import frame, tcp4_variant
 from controller.policy.evaluator import TCP_ACK, TCP_SYN, Packet, addr
@@ -123,8 +123,7 @@ class PacketBench:
         self.dp.set_clock(1000)
 
     def flush(self) -> None:
-        m = self.dp.map("sg_conntrack")
-        m.delete_many([k for k, _ in m.batch_items()])
+        conntrack.flush(self.dp)
 
     def allowed_packet(self, sport: int, flags: int = TCP_SYN) -> bytes:
         r = self.rules[len(self.rules) // 2]
