@@ -6,8 +6,8 @@
 
 static __always_inline void count_verdict(__u32 ep_id, __u8 dir, int reason, __u32 bytes)
 {
-	__u32 slot = ep_id < SG_COUNTER_SLOTS ? ep_id : 0;
-	__u32 idx = (slot * 2 + (dir & 1)) * SG_REASON_MAX + (reason & (SG_REASON_MAX - 1));
+	__u32 idx = (sg_counter_slot(ep_id) * 2 + (dir & 1)) * SG_REASON_MAX +
+		    (reason & (SG_REASON_MAX - 1));
 	struct sg_counter *c = sg_verdicts.lookup(&idx);
 	if (c) {
 		c->packets += 1;

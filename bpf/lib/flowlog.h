@@ -71,14 +71,14 @@ static __always_inline int flow_take(__u32 slot, __u64 cost, __u64 burst, __u64 
  * budget first: an endpoint over its share never draws on the host's. */
 static __always_inline int flow_budget(struct sg_config *cfg, __u32 ep_id, __u64 now)
 {
-	__u32 slot = ep_id < SG_COUNTER_SLOTS ? ep_id : 0;
-	return flow_take(slot, cfg->flow_ep_cost_ns, cfg->flow_ep_burst_ns, now) &&
+	return flow_take(sg_counter_slot(ep_id), cfg->flow_ep_cost_ns, cfg->flow_ep_burst_ns,
+			 now) &&
 	       flow_take(SG_FLOW_HOST_BUDGET, cfg->flow_cost_ns, cfg->flow_burst_ns, now);
 }
 
 static __always_inline void flow_skip(__u32 ep_id)
 {
-	__u32 slot = ep_id < SG_COUNTER_SLOTS ? ep_id : 0;
+	__u32 slot = sg_counter_slot(ep_id);
 	__u64 *n = sg_flow_skips.lookup(&slot);
 	if (n)
 		*n += 1;

@@ -36,8 +36,7 @@ static __always_inline __u32 frag_index(struct sg_frag_key *k)
 		h = (h ^ k->dst[i]) * SG_FRAG_HASH_MUL;
 	}
 	h ^= h >> 16;
-	__u32 ep = k->ep_id < SG_COUNTER_SLOTS ? k->ep_id : 0;
-	return ep * SG_FRAG_PER_EP + (h & (SG_FRAG_PER_EP - 1));
+	return sg_counter_slot(k->ep_id) * SG_FRAG_PER_EP + (h & (SG_FRAG_PER_EP - 1));
 }
 
 /* Was this later fragment's first one allowed, recently enough? */

@@ -35,6 +35,12 @@
 #define SG_EP_INDEX_TRIES 8     /* ... for k < TRIES (endpoint.h) */
 #define SG_EP_SLOTS (2 * (SG_ENDPOINTS_MAX + 2)) /* two per endpoint id (ids 1..MAX + 1) */
 #define SG_COUNTER_SLOTS 1024 /* endpoint ids 1..1023 get their own counters; 0 = other */
+
+/* An endpoint's slot of the per-endpoint arrays (as counters.py's counter_slot) */
+static __always_inline __u32 sg_counter_slot(__u32 ep_id)
+{
+	return ep_id < SG_COUNTER_SLOTS ? ep_id : 0;
+}
 #define SG_RULE_SLOTS 65536   /* rule numbers 1..65535 get their own hit counters; 0 = other */
 #define SG_EXEMPT_MAX 1024
 #ifndef SG_LOCAL_MAX
