@@ -9,7 +9,7 @@ from typing import Dict, Optional
 from controller import abi
 from controller.abi.reasons import Reason
 from controller.kernel import conntrack
-from controller.kernel.counters import reason_packets
+from controller.kernel.counters import counter_slot, reason_packets
 from controller.kernel.dataplane import Dataplane
 from controller.kernel.frames import frame
 from controller.kernel.testrun import run_frame
@@ -39,9 +39,11 @@ class KernelRunner:
 
     def flush(self) -> None:
         conntrack.flush(self.dp)  # (counted: the connection limits count on it)
-        frags = self.dp.map("sg_frags")
-        n = frags.max_entries
-        frags.update_batch([ct.c_uint32(i) for i in range(n)], [abi.FragSlot()] * n)
+        # the fragment entries the last state's endpoints may have written (frags.h)
+        slots = {0, *(counter_slot(ep.ep_id) for ep in self.endpoints.values())}
+        idx = [s * abi.FRAG_PER_EP + i for s in slots for i in range(abi.FRAG_PER_EP)]
+        self.dp.map("sg_frags").update_batch([ct.c_uint32(i) for i in idx],
+                                             [abi.FragSlot()] * len(idx))
 
     def set_clock(self, now: int) -> None:
         self.dp.set_clock(now)
